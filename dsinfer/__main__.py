@@ -1,0 +1,5 @@
+import sys
+
+from dsinfer.cli import main
+
+sys.exit(main())

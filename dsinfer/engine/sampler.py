@@ -1,0 +1,72 @@
+"""Token selection: penalties, temperature, top-k / top-p / min-p, seeded sampling, and logprobs."""
+import torch
+
+from dsinfer.engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """vLLM's rules: repetition over prompt and output tokens, presence and frequency over output tokens."""
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(s.token_ids, device=logits.device).unique()
+            row = logits[i, seen]
+            logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and s.num_outputs:
+            counts = torch.bincount(torch.tensor(s.output_ids, device=logits.device), minlength=logits.shape[1])
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def block_stops(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> torch.Tensor:
+    """Until min_tokens are out, the end-of-sequence and stop tokens cannot be chosen."""
+    for i, s in enumerate(seqs):
+        if s.num_outputs < s.params.min_tokens:
+            banned = s.params.stop_token_ids + ([] if s.params.ignore_eos else eos_ids)
+            logits[i, banned] = float("-inf")
+    return logits
+
+
+def filter_logits(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """x: temperature-scaled logits of sampled rows. Masks what top-k, top-p and min-p exclude."""
+    top_k = [s.params.top_k if s.params.top_k > 0 else x.shape[1] for s in seqs]
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=x.device)
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=x.device)
+    if min(top_k) >= x.shape[1] and bool((top_p >= 1).all()) and not bool(min_p.any()):
+        return x
+    sorted_x, order = x.sort(-1, descending=True)
+    ranks = torch.arange(x.shape[1], device=x.device)[None, :]
+    drop = ranks >= torch.tensor(top_k, device=x.device)[:, None]
+    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    return x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [B, V] fp32 after penalties. Greedy rows take the argmax; others draw by Gumbel-max
+    (argmax of p / Exp(1) noise), each seeded request from its own generator so it is reproducible."""
+    tokens = logits.argmax(-1)
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not rows:
+        return tokens
+    picked = [seqs[i] for i in rows]
+    temp = torch.tensor([s.params.temperature for s in picked], device=logits.device)[:, None]
+    probs = filter_logits(logits[rows] / temp, picked).softmax(-1)
+    noise = torch.empty_like(probs)
+    for j, s in enumerate(picked):
+        noise[j].exponential_(generator=s.generator or generator)
+    tokens[rows] = (probs / noise).argmax(-1)
+    return tokens
+
+
+def token_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict[int, tuple[float, int]]:
+    """The chosen token's logprob and rank, plus the k most likely tokens: {token: (logprob, rank)}."""
+    chosen = logprobs[token]
+    out = {token: (chosen.item(), int((logprobs > chosen).sum().item()) + 1)}
+    if k:
+        values, ids = logprobs.topk(k)
+        for rank, (t, v) in enumerate(zip(ids.tolist(), values.tolist()), 1):
+            out.setdefault(t, (v, rank))
+    return out

@@ -1,0 +1,101 @@
+"""Multi-head latent attention (MLA) over a cache that holds only the latent and the shared roped key."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsinfer.config import ModelConfig
+from dsinfer.layers.linear import Linear
+from dsinfer.layers.norm import RMSNorm
+from dsinfer.layers.rope import RotaryEmbedding, apply_rope, softmax_scale
+
+MLA_MODES = ("auto", "absorbed", "decompressed")
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where a step's tokens go in the cache and what each sequence attends to."""
+    is_prefill: bool
+    query_lens: list[int]      # new tokens per sequence
+    context_lens: list[int]    # cached + new tokens per sequence
+    slot_mapping: torch.Tensor  # [T] cache row written by each new token
+    gather_index: torch.Tensor  # [B, max context] cache rows of each sequence, position by position
+    token_seq: torch.Tensor     # [T] which sequence each token belongs to
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, mode: str = "auto"):
+        super().__init__()
+        self.h, self.dn, self.dr, self.dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.r, self.mode = cfg.kv_lora_rank, mode
+        qk = self.dn + self.dr
+        b = cfg.attention_bias
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=b)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.h * qk, bias=False)
+        else:
+            self.q_proj = Linear(cfg.hidden_size, self.h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.r + self.dr, bias=b)
+        self.kv_a_layernorm = RMSNorm(self.r, cfg.rms_norm_eps)
+        self.kv_b_proj = Linear(self.r, self.h * (self.dn + self.dv), bias=False)
+        self.o_proj = Linear(self.h * self.dv, cfg.hidden_size, bias=b)
+        self.rotary = RotaryEmbedding(self.dr, cfg.rope_theta, cfg.rope_scaling)
+        self.scale = softmax_scale(qk, cfg.rope_scaling)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                cache: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(-1, self.h, self.dn + self.dr)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        q_nope, q_pe = q[..., :self.dn], apply_rope(q[..., self.dn:], cos, sin)
+        cache[meta.slot_mapping] = torch.cat([self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)], -1).to(cache.dtype)
+        decompress = self.mode == "decompressed" or (self.mode == "auto" and meta.is_prefill)
+        if decompress:
+            out = self.decompressed(q_nope, q_pe, meta, cache)
+        else:
+            out = self.absorbed(q_nope, q_pe, positions, meta, cache)
+        return self.o_proj(out.flatten(1))
+
+    def decompressed(self, q_nope, q_pe, meta, cache) -> torch.Tensor:
+        """Prefill: expand each sequence's cached latent into per-head K and V, then ordinary attention."""
+        q = torch.cat([q_nope, q_pe], -1)
+        out, start = [], 0
+        for i, (ql, cl) in enumerate(zip(meta.query_lens, meta.context_lens)):
+            ctx = cache[meta.gather_index[i, :cl]].to(q.dtype)                      # [L, r + dr]
+            kv = F.linear(ctx[:, :self.r], self.kv_b_proj.weight).view(cl, self.h, -1)
+            k = torch.cat([kv[..., :self.dn], ctx[:, None, self.r:].expand(cl, self.h, self.dr)], -1)
+            qi = q[start:start + ql].transpose(0, 1)                                  # [H, ql, dn + dr]
+            mask = None if ql == cl else _causal_mask(ql, cl, q.device)
+            o = F.scaled_dot_product_attention(qi, k.transpose(0, 1), kv[..., self.dn:].transpose(0, 1),
+                                               attn_mask=mask, is_causal=mask is None and ql > 1, scale=self.scale)
+            out.append(o.transpose(0, 1))
+            start += ql
+        return torch.cat(out)
+
+    def absorbed(self, q_nope, q_pe, positions, meta, cache) -> torch.Tensor:
+        """Decode without expanding the cache. With W_kb = [W_uk; W_uv] per head (kv_b_proj),
+        q_nope . (W_uk c) = (W_uk^T q_nope) . c, so scores are taken against the latent c directly,
+        and the output sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j) is formed in latent space first."""
+        w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.dn]).transpose(0, 1)      # [T, H, r]
+        qc = torch.cat([q_lat, q_pe], -1)                                               # [T, H, r + dr]
+        ctx = cache[meta.gather_index].to(qc.dtype)                                     # [B, L, r + dr]
+        if ctx.shape[0] != qc.shape[0]:
+            ctx = ctx[meta.token_seq]
+        scores = torch.bmm(qc, ctx.transpose(1, 2)).float() * self.scale                # [T, H, L]
+        future = torch.arange(ctx.shape[1], device=qc.device)[None, :] > positions[:, None]
+        probs = scores.masked_fill(future[:, None, :], float("-inf")).softmax(-1).to(qc.dtype)
+        o_lat = torch.bmm(probs, ctx[..., :self.r])                                     # [T, H, r]
+        return torch.bmm(o_lat.transpose(0, 1), w[:, self.dn:].transpose(1, 2)).transpose(0, 1)
+
+
+def _causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    """Queries are the last q_len of k_len positions; query i sees keys up to k_len - q_len + i."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    return torch.arange(k_len, device=device)[None, :] <= q_pos

@@ -1,0 +1,27 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP; gate_proj and up_proj are loaded into one [2I, D] matrix so they run as one matmul."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(hidden, inter))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+
+    def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
+        i = self.inter
+        return {f"{prefix}gate_proj.weight": self.gate_up_proj.data[:i],
+                f"{prefix}up_proj.weight": self.gate_up_proj.data[i:],
+                f"{prefix}down_proj.weight": self.down_proj.data}

@@ -1,0 +1,95 @@
+"""DeepSeekMoE: a router picks top-k routed experts per token; shared experts see every token."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsinfer.config import ModelConfig
+from dsinfer.layers.mlp import MLP, silu_and_mul
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.method, self.scoring = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if self.method == "noaux_tc" else None
+        self.register_buffer("e_score_correction_bias", bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights [T, k] fp32, expert ids [T, k]). The correction bias only changes which
+        experts are chosen; weights always come from the unbiased scores. Groups are ranked by their
+        best score (no bias) or the sum of their two best biased scores (noaux_tc)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if self.method != "greedy" and self.n_group > 1:
+            choice = self.limit_groups(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scale, ids
+
+    def limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        grouped = choice.view(choice.shape[0], self.n_group, -1)
+        if self.method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_score = grouped.amax(-1)
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+
+
+class Experts(nn.Module):
+    """Routed experts stacked as [E, 2I, D] and [E, D, I]; work is grouped by expert, one matmul each."""
+
+    def __init__(self, n: int, hidden: int, inter: int):
+        super().__init__()
+        self.n, self.inter = n, inter
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the weighted sum of expert outputs [T, D] and tokens per expert [E]."""
+        k = ids.shape[1]
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n)
+        token = order // k
+        xs = x[token]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                h = silu_and_mul(F.linear(xs[start:start + c], self.gate_up_proj[e]))
+                ys[start:start + c] = F.linear(h, self.down_proj[e])
+                start += c
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys), counts
+
+    def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
+        views, i = {}, self.inter
+        for e in range(self.n):
+            views[f"{prefix}{e}.gate_proj.weight"] = self.gate_up_proj.data[e, :i]
+            views[f"{prefix}{e}.up_proj.weight"] = self.gate_up_proj.data[e, i:]
+            views[f"{prefix}{e}.down_proj.weight"] = self.down_proj.data[e]
+        return views
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, inter) if inter else None
+        self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        y, counts = self.experts(x, weights, ids)
+        self.expert_counts += counts
+        return y if self.shared_experts is None else y + self.shared_experts(x)

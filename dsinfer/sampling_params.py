@@ -1,0 +1,75 @@
+"""SamplingParams with vLLM's names and meanings; invalid values raise ValueError naming the field."""
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_list: list[str] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self):
+        self.stop_list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self):
+        _int("n", self.n, 1)
+        _num("temperature", self.temperature, 0, None, "must be >= 0")
+        _num("top_p", self.top_p, 0, 1, "must be in (0, 1]")
+        if self.top_p == 0:
+            raise ValueError("SamplingParams.top_p must be in (0, 1], got 0")
+        _int("top_k", self.top_k, -1)
+        _num("min_p", self.min_p, 0, 1, "must be in [0, 1]")
+        if self.seed is not None:
+            _int("seed", self.seed, None)
+        if self.max_tokens is not None:
+            _int("max_tokens", self.max_tokens, 1)
+        _int("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"SamplingParams.min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _num(name, getattr(self, name), -2, 2, "must be in [-2, 2]")
+        _num("repetition_penalty", self.repetition_penalty, 0, None, "must be > 0")
+        if self.repetition_penalty == 0:
+            raise ValueError("SamplingParams.repetition_penalty must be > 0, got 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 0)
+        if not all(isinstance(s, str) and s for s in self.stop_list):
+            raise ValueError(f"SamplingParams.stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+
+
+def _int(name, value, low):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"SamplingParams.{name} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"SamplingParams.{name} must be >= {low}, got {value}")
+
+
+def _num(name, value, low, high, rule):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"SamplingParams.{name} {rule}, got {value}")
