@@ -62,7 +62,8 @@ class ModelConfig:
         d = {**_DEFAULTS[mt], **{k: v for k, v in d.items() if v is not None}}
         rope = d.get("rope_scaling") or d.get("rope_parameters")
         if rope:
-            d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            rope = dict(rope)
+            d.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
             kind = rope.get("rope_type", rope.get("type", "default"))
             d["rope_scaling"] = None if kind == "default" else {**rope, "type": kind}
         eos = d.get("eos_token_id", [])

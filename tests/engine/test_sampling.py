@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from dsinfer import SamplingParams
+from dsinfer.engine.sampler import apply_penalties, filter_logits
+from dsinfer.engine.sequence import Sequence
+from tests.conftest import random_prompts
+
+
+def seq(params, prompt=(1, 2), outputs=()):
+    s = Sequence(0, "r", 0, list(prompt), params, 100, None)
+    s.token_ids += list(outputs)
+    return s
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n", 0, "n must be >= 1"), ("temperature", -0.1, "temperature must be >= 0"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]"), ("top_p", 0, "top_p"), ("top_k", -2, "top_k must be >= -1"),
+    ("min_p", 2, "min_p"), ("max_tokens", 0, "max_tokens must be >= 1"), ("presence_penalty", 3, "presence_penalty"),
+    ("repetition_penalty", 0, "repetition_penalty must be > 0"), ("logprobs", -1, "logprobs must be >= 0"),
+    ("stop", [""], "stop must be"), ("stop_token_ids", [-1], "stop_token_ids"), ("n", 1.5, "n must be an int"),
+    ("temperature", float("nan"), "temperature must be a number"),
+])
+def test_invalid_values_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=f"SamplingParams.{message}"):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=5, max_tokens=2)
+
+
+def test_filters_keep_what_they_should():
+    x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
+    seqs = [seq(SamplingParams(top_k=2)), seq(SamplingParams(top_p=0.7)), seq(SamplingParams(min_p=0.4))]
+    kept = torch.isfinite(filter_logits(x.clone(), seqs)).tolist()
+    assert kept == [[True, True, False, False], [True, True, False, False], [True, True, False, False]]
+
+
+def test_penalties_follow_vllm():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 1.0]] * 2)
+    s_rep = seq(SamplingParams(repetition_penalty=2.0), prompt=[0], outputs=[1])
+    s_freq = seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt=[3], outputs=[2, 2, 0])
+    out = apply_penalties(logits.clone(), [s_rep, s_freq])
+    assert out[0].tolist() == [1.0, -4.0, 1.0, 1.0]
+    assert out[1].tolist() == [2.0 - 0.75, -2.0, 1.0 - 1.0, 1.0]  # prompt token 3 is not penalised
+
+
+def gen(llm, prompts, **kw):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**kw))
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(llms):
+    llm = llms("v3")
+    p = random_prompts((6, 20))
+    a = gen(llm, p, temperature=1.0, seed=7, max_tokens=12)
+    b = gen(llm, p[::-1], temperature=1.0, seed=7, max_tokens=12)[::-1]
+    c = gen(llm, p, temperature=1.0, seed=8, max_tokens=12)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert [o.outputs[0].token_ids for o in a] != [o.outputs[0].token_ids for o in c]
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_filters_down_to_one_token_equal_greedy(llms, kw):
+    p = random_prompts((9,))
+    greedy = gen(llms("v3"), p, temperature=0, max_tokens=10, ignore_eos=True)[0].outputs[0].token_ids
+    assert gen(llms("v3"), p, temperature=1.0, max_tokens=10, ignore_eos=True, **kw)[0].outputs[0].token_ids == greedy
+
+
+def test_n_samples(llms):
+    out = gen(llms("v3"), random_prompts((5,)), n=3, temperature=1.0, seed=1, max_tokens=6)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_stop_token_ids_and_min_tokens(llms):
+    p = random_prompts((11,))
+    ids = gen(llms("v3"), p, temperature=0, max_tokens=20, ignore_eos=True)[0].outputs[0].token_ids
+    stop = ids[4]
+    out = gen(llms("v3"), p, temperature=0, max_tokens=20, stop_token_ids=[stop])[0].outputs[0]
+    assert out.token_ids == ids[:ids.index(stop) + 1] and out.finish_reason == "stop" and out.stop_reason == stop
+    out = gen(llms("v3"), p, temperature=0, max_tokens=20, stop_token_ids=[stop], min_tokens=8)[0].outputs[0]
+    assert stop not in out.token_ids[:8]
+
+
+def test_logprobs_per_token(llms):
+    out = gen(llms("v3"), random_prompts((7,)), temperature=1.0, seed=3, max_tokens=5, logprobs=3)[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for tok, entry in zip(out.token_ids, out.logprobs):
+        assert tok in entry and 3 <= len(entry) <= 4
+        ranks = sorted(lp.rank for t, lp in entry.items() if t != tok or lp.rank <= 3)
+        assert ranks[:3] == [1, 2, 3]
+        assert all(lp.logprob <= 0 for lp in entry.values())
+    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))
