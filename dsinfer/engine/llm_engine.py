@@ -53,6 +53,14 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
 
+    def abort(self, request_id: str):
+        """Drops a request wherever it is and frees its cache blocks at once."""
+        _, seqs = self.requests.pop(request_id, (None, []))
+        for s in seqs:
+            self.cache.free(s)
+        self.waiting = [s for s in self.waiting if s.request_id != request_id]
+        self.running = [s for s in self.running if s.request_id != request_id]
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -28,3 +28,14 @@ def test_cache_grows_when_full(llms):
     assert cache.num_blocks >= before + 3 and len(seq.block_table) == before + 3
     cache.free(seq)
     assert len(cache.free_blocks) == cache.num_blocks and cache.layers[0].dtype == torch.float32
+
+
+def test_abort_frees_blocks_at_once(llms):
+    llm = llms("v2")
+    engine, cache = llm.engine, llm.engine.cache
+    (rid,) = llm.add_requests([{"prompt_token_ids": [4] * 50}], SamplingParams(max_tokens=30, n=2))
+    engine.step()
+    engine.step()
+    assert len(cache.free_blocks) < cache.num_blocks
+    engine.abort(rid)
+    assert not engine.has_unfinished() and len(cache.free_blocks) == cache.num_blocks

@@ -1,0 +1,35 @@
+"""dsinfer behind the shared peer-benchmark protocol (../shared/bench/harness.py: prefill / decode by token ids).
+
+    cd ../peers-bench && .venv/bin/python harness.py --engine peer_engine:Engine --model models/v2lite-4L \
+        --dtype fp32   # with PYTHONPATH=<dsinfer checkout>/benchmarks
+"""
+import torch
+
+from dsinfer import LLM, SamplingParams
+
+
+class Engine:
+    def __init__(self, model, dtype="fp32", threads=2, max_batch=8, max_ctx=1024, **extra):
+        torch.set_num_threads(threads)
+        self.llm = LLM(model, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype),
+                       max_model_len=max_ctx, max_num_seqs=max_batch, **extra)
+        self.engine = self.llm.engine
+        self.vocab_size = self.llm.model.config.vocab_size
+        self.rids = []
+
+    def prefill(self, ids: list[list[int]]) -> list[int]:
+        for rid in self.rids:
+            self.engine.abort(rid)
+        sp = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+        self.rids = self.llm.add_requests([{"prompt_token_ids": p} for p in ids], sp)
+        return self.step()
+
+    def decode(self, ids: list[int]) -> list[int]:
+        return self.step()  # the engine feeds back its own greedy tokens, which are these ids
+
+    def step(self) -> list[int]:
+        outs = {o.request_id: o for o in self.engine.step()}
+        return [outs[r].outputs[0].token_ids[-1] for r in self.rids]
+
+    def info(self):
+        return {"engine": "dsinfer", "torch": torch.__version__, "threads": torch.get_num_threads()}
