@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dsinfer.engine.llm_engine import LLMEngine
 from dsinfer.layers.attention import MLA_MODES
@@ -72,13 +73,15 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         ids = self.add_requests(prompts, sampling_params)
         finished = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
+        with tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update()
         return [finished[i] for i in ids]
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -1,4 +1,5 @@
 """Tokenizer from tokenizer.json (the `tokenizers` library) and chat templates from tokenizer_config.json."""
+import functools
 import json
 from pathlib import Path
 
@@ -13,6 +14,14 @@ def _token_str(tok) -> str | None:
 
 def _raise(message):
     raise TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    return env.from_string(template)
 
 
 class Tokenizer:
@@ -46,11 +55,8 @@ class Tokenizer:
         template = chat_template or self.chat_template
         if not template:
             raise ValueError("this model's tokenizer_config.json has no chat_template; pass chat_template=...")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise
-        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         try:
-            return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from None

@@ -71,7 +71,7 @@ def checkpoint_views(module: torch.nn.Module, prefix: str = "") -> dict[str, tor
     else:
         views = {prefix + n: p.data for n, p in module.named_parameters(recurse=False)}
     for n, b in module.named_buffers(recurse=False):
-        if b is not None and n in module._buffers and n not in module._non_persistent_buffers_set:
+        if n not in module._non_persistent_buffers_set:
             views[prefix + n] = b
     for n, child in module.named_children():
         views.update(checkpoint_views(child, f"{prefix}{n}."))
