@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.llm_engine import LLMEngine
 from dsinfer.layers.attention import MLA_MODES
 from dsinfer.models import build_model
@@ -42,6 +43,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str = "auto", device: str = "auto",
                  seed: int = 0, max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, kv_cache_memory: int | None = None,
+                 kv_cache_memory_fraction: float = 0.2, block_size: int = 16, length_bucketing: bool = True,
                  mla_mode: str = "auto", tokenizer: str | None = None):
         if model is None:
             from dsinfer import default_model_path
@@ -59,7 +63,12 @@ class LLM:
         if max_model_len is not None and not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be in 2..{limit} (the model's max_position_embeddings), got {max_model_len}")
         self.max_model_len = max_model_len or limit
-        self.engine = LLMEngine(self.model, self.tokenizer, self.max_model_len, self.dtype, self.device, seed, max_num_seqs)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, self.max_model_len)
+        self.engine_config = EngineConfig(self.max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
+                                          enable_prefix_caching, enable_chunked_prefill, kv_cache_memory,
+                                          kv_cache_memory_fraction, length_bucketing)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.dtype, self.device, seed)
         self.request_counter = 0
 
     @staticmethod

@@ -1,6 +1,8 @@
 """SamplingParams with vLLM's names and meanings; invalid values raise ValueError naming the field."""
 from dataclasses import dataclass, field
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -21,6 +23,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"  # vLLM's RequestOutputKind: cumulative, delta (new text only) or final_only
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
@@ -55,6 +58,8 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 0)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"SamplingParams.output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if not all(isinstance(s, str) and s for s in self.stop_list):
             raise ValueError(f"SamplingParams.stop must be a non-empty string or a list of them, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):

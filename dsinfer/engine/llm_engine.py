@@ -1,34 +1,54 @@
-"""Runs requests step by step: new sequences are prefilled together, then all running ones decode."""
+"""Runs requests step by step: the scheduler picks prefill chunks and decodes under a token budget, the
+runner computes them in one forward pass, and sequences that reached their end sample a token."""
 import itertools
 
 import torch
 
-from dsinfer.engine.kv_cache import KVCache
+from dsinfer.engine.block_manager import BlockManager
+from dsinfer.engine.config import EngineConfig
+from dsinfer.engine.kv_cache import KVCache, plan_blocks
 from dsinfer.engine.model_runner import ModelRunner
+from dsinfer.engine.output_processor import OutputProcessor
 from dsinfer.engine.sampler import apply_penalties, block_stops, sample, token_logprobs
-from dsinfer.engine.sequence import Sequence, SequenceStatus
-from dsinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from dsinfer.engine.scheduler import Scheduler
+from dsinfer.engine.sequence import Sequence
+from dsinfer.engine.stats import EngineStats, collect_stats
+from dsinfer.outputs import RequestOutput
 from dsinfer.sampling_params import SamplingParams
 from dsinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer: Tokenizer | None, max_model_len: int, dtype, device, seed: int = 0,
-                 max_num_seqs: int = 256):
-        cfg = model.config
-        self.model, self.tokenizer, self.max_model_len, self.max_num_seqs = model, tokenizer, max_model_len, max_num_seqs
-        self.device = torch.device(device)
-        self.cache = KVCache(cfg, dtype, device)
+    def __init__(self, model, tokenizer: Tokenizer | None, cfg: EngineConfig, dtype, device, seed: int = 0):
+        cfg.check()
+        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, torch.device(device)
+        self.max_model_len = cfg.max_model_len
+        self.cache = self.make_cache(model.config, dtype)
+        self.blocks = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(model, self.cache)
-        self.eos_ids = sorted(set(cfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
+        self.outputs = OutputProcessor(tokenizer)
+        mcfg = model.config
+        self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.waiting: list[Sequence] = []
-        self.running: list[Sequence] = []
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
+        self.num_generated = self.num_prompt_computed = 0
+
+    def make_cache(self, mcfg, dtype) -> KVCache:
+        """Fixed-size cache from the memory budget; it must hold at least one sequence of max_model_len."""
+        cfg = self.cfg
+        blocks = plan_blocks(mcfg, dtype, self.device, cfg.block_size, cfg.kv_cache_memory,
+                             cfg.kv_cache_memory_fraction, cfg.max_num_seqs * cfg.max_model_len)
+        if blocks * cfg.block_size < cfg.max_model_len:
+            raise ValueError(f"the KV cache budget holds {blocks * cfg.block_size} tokens, fewer than max_model_len "
+                             f"({cfg.max_model_len}); raise kv_cache_memory or lower max_model_len")
+        return KVCache(mcfg, dtype, self.device, blocks, cfg.block_size)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
         self.check_prompt(prompt_ids)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
         max_tokens = self.max_model_len - len(prompt_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -38,9 +58,11 @@ class LLMEngine:
             seq = Sequence(next(self.seq_counter), request_id, i, prompt_ids, params, max_tokens, gen)
             if self.tokenizer:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, len(prompt_ids), params.skip_special_tokens)
+            seq.first = seqs[0] if seqs else None
             seqs.append(seq)
         self.requests[request_id] = (prompt, seqs)
-        self.waiting += seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
 
     def check_prompt(self, ids: list[int]):
         vocab = self.model.config.vocab_size
@@ -57,46 +79,51 @@ class LLMEngine:
         """Drops a request wherever it is and frees its cache blocks at once."""
         _, seqs = self.requests.pop(request_id, (None, []))
         for s in seqs:
-            self.cache.free(s)
-        self.waiting = [s for s in self.waiting if s.request_id != request_id]
-        self.running = [s for s in self.running if s.request_id != request_id]
+            self.scheduler.remove(s)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return collect_stats(self)
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass. Returns the current state of every request that it advanced."""
-        if self.waiting:
-            seqs, self.waiting = self.waiting[:self.max_num_seqs], self.waiting[self.max_num_seqs:]
-            want = [s.params.prompt_logprobs is not None and s.index == 0 for s in seqs]
-            logits = self.runner.run(seqs, True, want)
-            for s, lg, w in zip(seqs, logits, want):
-                if w:
-                    s.prompt_logprobs = self.prompt_logprobs(s, lg)
-                s.status = SequenceStatus.RUNNING
-            self.running += seqs
-            last = torch.stack([lg[-1] for lg in logits])
-        else:
-            seqs = self.running[:self.max_num_seqs]
-            last = torch.cat(self.runner.run(seqs, False))
-        self.postprocess(seqs, last)
-        self.running = [s for s in self.running if not s.is_finished]
-        return [self.request_output(rid) for rid in dict.fromkeys(s.request_id for s in seqs)]
+        """One forward pass. Returns the state of every request that produced a token in it."""
+        batch = sorted(self.scheduler.schedule(), key=lambda entry: entry[1] == 1)  # prefill chunks first
+        if not batch:
+            return []
+        want = [s.index == 0 and s.params.prompt_logprobs is not None and s.num_cached < s.num_prompt_tokens
+                for s, _ in batch]
+        logits = self.runner.run(batch, want)
+        ready, rows = [], []
+        for (s, n), lg, w in zip(batch, logits, want):
+            start, s.num_cached = s.num_cached, s.num_cached + n
+            self.num_prompt_computed += n if start < s.num_prompt_tokens else 0
+            self.blocks.commit(s)
+            if w:
+                self.outputs.add_prompt_logprobs(s, lg, start)
+            if s.num_cached == len(s):
+                ready.append(s)
+                rows.append(lg[-1])
+        if ready:
+            self.postprocess(ready, torch.stack(rows))
+        return [out for rid in dict.fromkeys(s.request_id for s in ready) if (out := self.request_output(rid))]
 
     def postprocess(self, seqs: list[Sequence], logits: torch.Tensor):
         want_lp = any(s.params.logprobs is not None for s in seqs)
         raw = logits.log_softmax(-1) if want_lp else None
         logits = block_stops(apply_penalties(logits.clone(), seqs), seqs, self.eos_ids)
         tokens = sample(logits, seqs, self.generator).tolist()
+        self.num_generated += len(tokens)
         for i, (s, t) in enumerate(zip(seqs, tokens)):
             s.token_ids.append(t)
             if s.params.logprobs is not None:
-                entry = self.make_logprobs(token_logprobs(raw[i], t, s.params.logprobs))
+                entry = self.outputs.make_logprobs(token_logprobs(raw[i], t, s.params.logprobs))
                 s.logprobs.append(entry)
                 s.cumulative_logprob += entry[t].logprob
             self.check_stop(s, t)
             if s.is_finished:
-                self.cache.free(s)
+                self.scheduler.finish(s)
 
     def check_stop(self, s: Sequence, token: int):
         p = s.params
@@ -123,23 +150,11 @@ class LLMEngine:
             s.text = s.text[:i]
             s.finish("stop", x)
 
-    def make_logprobs(self, entry: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
-        text = (lambda t: self.tokenizer.decode([t], False)) if self.tokenizer else (lambda t: None)
-        return {t: Logprob(lp, rank, text(t)) for t, (lp, rank) in entry.items()}
-
-    def prompt_logprobs(self, s: Sequence, logits: torch.Tensor) -> list:
-        """Position 0 has no logprob; position j > 0 gets the logprob of prompt token j given tokens < j."""
-        lp = logits.log_softmax(-1)
-        k = s.params.prompt_logprobs
-        return [None] + [self.make_logprobs(token_logprobs(lp[j - 1], s.token_ids[j], k))
-                         for j in range(1, s.num_prompt_tokens)]
-
-    def request_output(self, request_id: str) -> RequestOutput:
+    def request_output(self, request_id: str) -> RequestOutput | None:
         prompt, seqs = self.requests[request_id]
-        outs = [CompletionOutput(s.index, s.text, s.output_ids, s.cumulative_logprob, s.logprobs,
-                                 s.finish_reason, s.stop_reason) for s in seqs]
         done = all(s.is_finished for s in seqs)
         if done:
             del self.requests[request_id]
-        return RequestOutput(request_id, prompt, seqs[0].token_ids[:seqs[0].num_prompt_tokens],
-                             seqs[0].prompt_logprobs, outs, done)
+        elif seqs[0].params.output_kind == "final_only":
+            return None
+        return self.outputs.request_output(request_id, prompt, seqs)

@@ -1,4 +1,4 @@
-"""Turns a batch of sequences into the model's flat inputs, runs it, and returns logits."""
+"""Turns a scheduled batch into the model's flat inputs, runs it, and returns the logits each sequence needs."""
 import torch
 
 from dsinfer.engine.kv_cache import KVCache
@@ -10,36 +10,41 @@ class ModelRunner:
     def __init__(self, model, cache: KVCache):
         self.model, self.cache, self.device = model, cache, cache.device
 
-    def prepare(self, seqs: list[Sequence], is_prefill: bool):
+    def prepare(self, batch: list[tuple[Sequence, int]]):
+        """batch: (seq, new tokens) with prefill chunks (more than one new token) before single-token decodes.
+        New tokens of seq are positions num_cached .. num_cached + n - 1; its blocks are already reserved."""
         bs = self.cache.block_size
-        starts = [s.num_cached if is_prefill else len(s) - 1 for s in seqs]
-        ends = [len(s) for s in seqs]
-        for s, end in zip(seqs, ends):
-            self.cache.reserve(s, end)
-        tables = _pad([s.block_table for s in seqs])
+        starts = [s.num_cached for s, _ in batch]
+        ends = [s.num_cached + n for s, n in batch]
+        lens = [n for _, n in batch]
+        tables = _pad([s.block_table for s, _ in batch])
         positions = torch.cat([torch.arange(a, b) for a, b in zip(starts, ends)])
-        token_seq = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([b - a for a, b in zip(starts, ends)]))
+        token_seq = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lens))
         slots = tables[token_seq, positions // bs] * bs + positions % bs
         cols = torch.arange(max(ends))
         gather = tables[:, cols // bs] * bs + cols % bs
-        ids = [t for s, a in zip(seqs, starts) for t in s.token_ids[a:]]
+        ids = [t for (s, n), a in zip(batch, starts) for t in s.token_ids[a:a + n]]
+        prefills = sum(1 for n in lens if n > 1)
         to = lambda t: t.to(self.device, non_blocking=True)
-        meta = AttentionMetadata(is_prefill, [b - a for a, b in zip(starts, ends)], ends, to(slots), to(gather),
-                                 to(token_seq))
+        meta = AttentionMetadata(prefills, sum(lens[:prefills]), lens, ends, to(slots), to(gather), to(token_seq))
         return to(torch.tensor(ids)), to(positions), meta
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, all_positions: list[bool] | None = None) -> list[torch.Tensor]:
-        """Logits [n, vocab] per sequence: every new position where `all_positions` asks, else the last one."""
-        input_ids, positions, meta = self.prepare(seqs, is_prefill)
+    def run(self, batch: list[tuple[Sequence, int]], all_positions: list[bool]) -> list[torch.Tensor | None]:
+        """Logits per batch entry: [n, vocab] for every new position where all_positions asks, [1, vocab] for
+        the last one when the entry reaches the end of its sequence (it will sample), else None."""
+        input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.cache.layers)
-        ends = torch.tensor(meta.query_lens).cumsum(0).tolist()
-        rows = [torch.arange(e - q, e) if all_positions and all_positions[i] else torch.tensor([e - 1])
-                for i, (q, e) in enumerate(zip(meta.query_lens, ends))]
-        logits = self.model.compute_logits(hidden[torch.cat(rows).to(self.device)])
-        for s in seqs:
-            s.num_cached = len(s)
-        return list(logits.split([len(r) for r in rows]))
+        rows, end = [], 0
+        for (seq, n), every in zip(batch, all_positions):
+            end += n
+            last = seq.num_cached + n == len(seq)
+            rows.append(torch.arange(end - n, end) if every else torch.arange(end - 1, end) if last else None)
+        wanted = [r for r in rows if r is not None]
+        if not wanted:
+            return [None] * len(batch)
+        logits = iter(self.model.compute_logits(hidden[torch.cat(wanted).to(self.device)]).split([len(r) for r in wanted]))
+        return [None if r is None else next(logits) for r in rows]
 
 
 def _pad(tables: list[list[int]]) -> torch.Tensor:

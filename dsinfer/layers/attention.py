@@ -15,8 +15,10 @@ MLA_MODES = ("auto", "absorbed", "decompressed")
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Where a step's tokens go in the cache and what each sequence attends to."""
-    is_prefill: bool
+    """Where a step's tokens go in the cache and what each sequence attends to. Sequences with several new
+    tokens (prefill chunks) come first; the rest have one new token each (decodes)."""
+    num_prefills: int          # leading sequences with more than one new token
+    num_prefill_tokens: int
     query_lens: list[int]      # new tokens per sequence
     context_lens: list[int]    # cached + new tokens per sequence
     slot_mapping: torch.Tensor  # [T] cache row written by each new token
@@ -55,18 +57,30 @@ class MLA(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         q_nope, q_pe = q[..., :self.dn], apply_rope(q[..., self.dn:], cos, sin)
         cache[meta.slot_mapping] = torch.cat([self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)], -1).to(cache.dtype)
-        decompress = self.mode == "decompressed" or (self.mode == "auto" and meta.is_prefill)
-        if decompress:
-            out = self.decompressed(q_nope, q_pe, meta, cache)
+        if self.mode == "decompressed":
+            out = self.decompressed(q_nope, q_pe, meta, cache, len(meta.query_lens))
+        elif self.mode == "absorbed":
+            out = self.absorbed(q_nope, q_pe, positions, meta.gather_index, meta.token_seq, cache)
         else:
-            out = self.absorbed(q_nope, q_pe, positions, meta, cache)
+            out = self.mixed(q_nope, q_pe, positions, meta, cache)
         return self.o_proj(out.flatten(1))
 
-    def decompressed(self, q_nope, q_pe, meta, cache) -> torch.Tensor:
+    def mixed(self, q_nope, q_pe, positions, meta, cache) -> torch.Tensor:
+        """Prefill chunks decompress (cheaper for many queries), decodes run absorbed (reads only the latent)."""
+        p, t = meta.num_prefills, meta.num_prefill_tokens
+        parts = []
+        if p:
+            parts.append(self.decompressed(q_nope[:t], q_pe[:t], meta, cache, p))
+        if t < q_nope.shape[0]:
+            parts.append(self.absorbed(q_nope[t:], q_pe[t:], positions[t:], meta.gather_index[p:],
+                                       meta.token_seq[t:] - p, cache))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def decompressed(self, q_nope, q_pe, meta, cache, num_seqs: int) -> torch.Tensor:
         """Prefill: expand each sequence's cached latent into per-head K and V, then ordinary attention."""
         q = torch.cat([q_nope, q_pe], -1)
         out, start = [], 0
-        for i, (ql, cl) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        for i, (ql, cl) in enumerate(zip(meta.query_lens[:num_seqs], meta.context_lens)):
             ctx = cache[meta.gather_index[i, :cl]].to(q.dtype)                      # [L, r + dr]
             kv = F.linear(ctx[:, :self.r], self.kv_b_proj.weight).view(cl, self.h, -1)
             k = torch.cat([kv[..., :self.dn], ctx[:, None, self.r:].expand(cl, self.h, self.dr)], -1)
@@ -78,16 +92,16 @@ class MLA(nn.Module):
             start += ql
         return torch.cat(out)
 
-    def absorbed(self, q_nope, q_pe, positions, meta, cache) -> torch.Tensor:
+    def absorbed(self, q_nope, q_pe, positions, gather_index, token_seq, cache) -> torch.Tensor:
         """Decode without expanding the cache. With W_kb = [W_uk; W_uv] per head (kv_b_proj),
         q_nope . (W_uk c) = (W_uk^T q_nope) . c, so scores are taken against the latent c directly,
         and the output sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j) is formed in latent space first."""
         w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.dn]).transpose(0, 1)      # [T, H, r]
         qc = torch.cat([q_lat, q_pe], -1)                                               # [T, H, r + dr]
-        ctx = cache[meta.gather_index].to(qc.dtype)                                     # [B, L, r + dr]
+        ctx = cache[gather_index].to(qc.dtype)                                          # [B, L, r + dr]
         if ctx.shape[0] != qc.shape[0]:
-            ctx = ctx[meta.token_seq]
+            ctx = ctx[token_seq]
         scores = torch.bmm(qc, ctx.transpose(1, 2)).float() * self.scale                # [T, H, L]
         future = torch.arange(ctx.shape[1], device=qc.device)[None, :] > positions[:, None]
         probs = scores.masked_fill(future[:, None, :], float("-inf")).softmax(-1).to(qc.dtype)

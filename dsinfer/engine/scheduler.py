@@ -1,0 +1,107 @@
+"""Chooses each step's work under a token budget: running sequences first (a decode token, or their next
+prefill chunk), then waiting ones as far as budget, sequence limit and free blocks allow. When a running
+sequence needs a block and none is free, the newest running sequence is preempted: its blocks are freed and
+it goes back to the front of the queue to be recomputed (mostly from the prefix cache) later."""
+from collections import deque
+from itertools import islice
+
+from dsinfer.engine.block_manager import BlockManager
+from dsinfer.engine.config import EngineConfig
+from dsinfer.engine.sequence import Sequence, SequenceStatus
+
+Batch = list[tuple[Sequence, int]]  # (sequence, number of its tokens computed this step)
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager):
+        self.cfg, self.blocks = cfg, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        budget = self.cfg.max_num_batched_tokens
+        batch, budget, preempted = self.schedule_running(budget)
+        if not preempted:
+            batch += self.schedule_waiting(budget)
+        return batch
+
+    def schedule_running(self, budget: int) -> tuple[Batch, int, bool]:
+        batch, preempted, i = [], False, 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq) - seq.num_cached, budget)
+            while not self.blocks.can_reserve(seq, seq.num_cached + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    return batch, budget, preempted
+            self.blocks.reserve(seq, seq.num_cached + n)
+            batch.append((seq, n))
+            budget -= n
+            i += 1
+        return batch, budget, preempted
+
+    def schedule_waiting(self, budget: int) -> Batch:
+        batch = []
+        for seq in self.admission_order():
+            if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+                break
+            if self.waits_for_sibling(seq):
+                continue
+            hits = self.blocks.cached_prefix(seq)
+            cached = len(hits) * self.blocks.block_size
+            n = len(seq) - cached
+            if n > budget and not self.cfg.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.blocks.can_allocate(seq, cached + n, hits):
+                break
+            self.blocks.allocate(seq, hits)
+            self.blocks.reserve(seq, cached + n)
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def admission_order(self) -> list[Sequence]:
+        """The head of the queue first (no request waits forever), then the next ones nearest its length."""
+        if not self.cfg.length_bucketing or len(self.waiting) < 3:
+            return list(self.waiting)
+        head, window = self.waiting[0], self.cfg.bucket_window
+        near = sorted(islice(self.waiting, 1, window), key=lambda s: abs(len(s) - len(head)))
+        return [head, *near, *islice(self.waiting, window, None)]
+
+    def waits_for_sibling(self, seq: Sequence) -> bool:
+        """With prefix caching, samples 2..n of a request start once sample 1 has its prompt cached."""
+        first = seq.first
+        return (self.blocks.enable_prefix_caching and first is not None and not first.is_finished
+                and first.num_cached < first.num_prompt_tokens)
+
+    def preempt(self, seq: Sequence):
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence):
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+
+    def remove(self, seq: Sequence):
+        """Takes a sequence out wherever it is (abort), freeing its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
