@@ -12,7 +12,8 @@ class Engine:
     def __init__(self, model, dtype="fp32", threads=2, max_batch=8, max_ctx=1024, **extra):
         torch.set_num_threads(threads)
         self.llm = LLM(model, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype),
-                       max_model_len=max_ctx, max_num_seqs=max_batch, **extra)
+                       max_model_len=max_ctx, max_num_seqs=max_batch, max_num_batched_tokens=max_batch * max_ctx,
+                       enable_prefix_caching=False, **extra)  # the protocol times whole prefills, uncached
         self.engine = self.llm.engine
         self.vocab_size = self.llm.model.config.vocab_size
         self.rids = []

@@ -1,4 +1,4 @@
-"""Command line: `dsinfer generate` (streams to the terminal) and `dsinfer chat` (multi-turn)."""
+"""Command line: `dsinfer generate` (streams to the terminal), `dsinfer chat` (multi-turn), `dsinfer bench`."""
 import argparse
 import logging
 import sys
@@ -29,7 +29,38 @@ def parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat using the checkpoint's chat template")
     add_model_args(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation")
+    add_bench_args(sub.add_parser("bench", help="throughput, latency, decode and prefix-cache figures"))
     return p
+
+
+def length_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo, hi = int(lo), int(hi or lo)
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected LO:HI with 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def add_bench_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default=None, help="checkpoint directory; default: the built-in model")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--input-len", type=length_range, default=(32, 256), help="LO:HI prompt tokens")
+    p.add_argument("--output-len", type=length_range, default=(16, 128), help="LO:HI generated tokens")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight for the latency figures")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens for the single-stream decode figure")
+    p.add_argument("--prefix-len", type=int, default=2000, help="shared prefix for the prefix-cache figure")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", choices=["transformers"], default=None,
+                   help="also run Hugging Face transformers' generate on the same model and prompts")
 
 
 def load(args):
@@ -76,11 +107,50 @@ def chat(args):
         history.append({"role": "assistant", "content": reply})
 
 
+def bench(args):
+    import torch
+
+    from dsinfer import LLM, bench as dsbench, default_model_path
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+              enable_chunked_prefill=not args.no_chunked_prefill)
+    print(f"dsinfer bench: {args.model or default_model_path()}, {llm.dtype}, {llm.device}, "
+          f"{torch.get_num_threads()} threads, {args.num_requests} requests, input {args.input_len}, "
+          f"output {args.output_len}, concurrency {args.concurrency}")
+    ours = dsbench.run(llm, args)
+    peer = {}
+    if args.compare:
+        from dsinfer.bench_hf import run as run_hf
+        dtype, path = llm.dtype, args.model or default_model_path()
+        del llm
+        peer = run_hf(path, dtype, args, ours["_vocab"], ours["_max_model_len"])
+    print_report(ours, peer)
+
+
+def print_report(ours: dict, peer: dict):
+    """ratio = dsinfer / transformers: above 1 is better for rates, below 1 is better for times (ms)."""
+    ours = {k: v for k, v in ours.items() if not k.startswith("_")}
+    header = f"{'figure':<34}{'dsinfer':>12}" + (f"{'transformers':>14}{'ratio':>9}" if peer else "")
+    for section, figures in ours.items():
+        print(f"\n[{section}]\n{header}")
+        for name, value in figures.items():
+            line = f"{name:<34}{value:>12.2f}"
+            other = peer.get(section, {}).get(name)
+            if other is not None:
+                line += f"{other:>14.2f}{value / other:>9.2f}"
+            print(line)
+    if peer:
+        print("\nratio = dsinfer / transformers: higher is better for rates, lower is better for times (ms)")
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = parser().parse_args(argv)
     try:
-        {"generate": generate, "chat": chat}[args.command](args)
+        {"generate": generate, "chat": chat, "bench": bench}[args.command](args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"dsinfer: error: {e}", file=sys.stderr)
         return 2

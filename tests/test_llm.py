@@ -108,3 +108,14 @@ def test_cli_errors_are_one_line(args, message, ckpts):
         args = args + ["--model", str(ckpts["v3"])]
     r = run_cli(*args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bench_prints_every_figure(ckpts):
+    args = ["bench", "--model", str(ckpts["v3"]), "--num-requests", "4", "--input-len", "4:20", "--output-len",
+            "2:6", "--concurrency", "2", "--decode-tokens", "4", "--prefix-len", "64", "--compare", "transformers"]
+    r = subprocess.run([sys.executable, "-m", "dsinfer", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for figure in ("requests/s", "output tok/s", "TTFT ms p99", "TPOT ms p50", "decode tok/s (1 stream)",
+                   "prefix TTFT ms (warm)", "warm/cold"):
+        assert figure in r.stdout
+    assert "transformers" in r.stdout and "ratio" in r.stdout
