@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsinfer import kernels
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.llm_engine import LLMEngine
 from dsinfer.layers.attention import MLA_MODES
@@ -46,13 +47,14 @@ class LLM:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, kv_cache_memory: int | None = None,
                  kv_cache_memory_fraction: float = 0.2, block_size: int = 16, length_bucketing: bool = True,
-                 mla_mode: str = "auto", tokenizer: str | None = None):
+                 mla_mode: str = "auto", cpu_kernels: bool = True, tokenizer: str | None = None):
         if model is None:
             from dsinfer import default_model_path
             model = default_model_path()
         if mla_mode not in MLA_MODES:
             raise ValueError(f"mla_mode must be one of {MLA_MODES}, got {mla_mode!r}")
         torch.manual_seed(seed)
+        kernels.set_enabled(cpu_kernels)  # process-wide: the weight-streaming CPU matmul for decode batches
         cfg = read_config(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsinfer.layers.linear import linear
+
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
@@ -18,7 +20,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(hidden, inter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return linear(silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj)
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         i = self.inter

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsinfer.config import ModelConfig
+from dsinfer.layers.linear import linear
 from dsinfer.layers.mlp import MLP, silu_and_mul
 
 
@@ -64,8 +65,8 @@ class Experts(nn.Module):
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                h = silu_and_mul(F.linear(xs[start:start + c], self.gate_up_proj[e]))
-                ys[start:start + c] = F.linear(h, self.down_proj[e])
+                h = silu_and_mul(linear(xs[start:start + c], self.gate_up_proj[e]))
+                ys[start:start + c] = linear(h, self.down_proj[e])
                 start += c
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys), counts

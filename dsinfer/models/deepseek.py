@@ -5,7 +5,7 @@ from torch import nn
 
 from dsinfer.config import ModelConfig
 from dsinfer.layers.attention import MLA, AttentionMetadata
-from dsinfer.layers.linear import Linear
+from dsinfer.layers.linear import Linear, linear
 from dsinfer.layers.mlp import MLP
 from dsinfer.layers.moe import MoE
 from dsinfer.layers.norm import RMSNorm
@@ -53,4 +53,4 @@ class DeepseekForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        return linear(hidden, w).float()

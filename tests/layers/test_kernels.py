@@ -1,0 +1,46 @@
+"""dsinfer's CPU weight-streaming kernel against torch's matmul (the plain path it replaces)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsinfer import LLM, SamplingParams, kernels
+from tests.conftest import random_prompts
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernel cannot be built on this machine")
+
+
+@pytest.mark.parametrize("m", range(1, kernels.MAX_M + 1))
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 5), (33, 40), (64, 100), (130, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_equals_torch(m, n, k, dtype):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
+    torch.testing.assert_close(kernels.gemv(x, w), F.linear(x, w.float()), rtol=1e-5, atol=1e-5 + 1e-6 * k)  # fp32 sum order
+
+
+def test_only_decode_sized_fp32_cpu_inputs_take_the_kernel():
+    w = torch.randn(16, 32)
+    assert kernels.usable(torch.randn(kernels.MAX_M, 32), w)
+    assert not kernels.usable(torch.randn(kernels.MAX_M + 1, 32), w)
+    assert not kernels.usable(torch.randn(2, 32, dtype=torch.bfloat16), w)
+    assert not kernels.usable(torch.randn(2, 32), w.t())  # not contiguous
+
+
+def test_switch_off_gives_the_plain_path(monkeypatch):
+    monkeypatch.setitem(kernels._state, "enabled", False)
+    assert not kernels.usable(torch.randn(2, 32), torch.randn(16, 32))
+
+
+@pytest.mark.parametrize("name", ["v2-lite", "v3"])
+def test_generation_is_the_same_with_and_without_the_kernel(name, ckpts):
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([5, 17, 40])]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    results = []
+    for on in (True, False):
+        llm = LLM(ckpts[name], cpu_kernels=on)
+        results.append(llm.generate(prompts, sp, use_tqdm=False))
+    kernels.set_enabled(True)
+    for a, b in zip(*results):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
