@@ -30,7 +30,26 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation")
     add_bench_args(sub.add_parser("bench", help="throughput, latency, decode and prefix-cache figures"))
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server"))
     return p
+
+
+def add_serve_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default=None, help="checkpoint directory; default: the built-in model")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set DSINFER_API_KEY)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued sequences past which requests get 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-tokens-cap", type=int, default=4096)
+    p.add_argument("--response-cache-size", type=int, default=512, help="0 turns the response cache off")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -146,11 +165,28 @@ def print_report(ours: dict, peer: dict):
         print("\nratio = dsinfer / transformers: higher is better for rates, lower is better for times (ms)")
 
 
+def serve(args):
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from dsinfer import LLM
+    from dsinfer.engine.async_engine import AsyncLLM
+    from dsinfer.server.app import ServerConfig, build_app
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+    name = args.served_model_name or (Path(args.model).name if args.model else "dsinfer-default")
+    cfg = ServerConfig(name, args.api_key or os.environ.get("DSINFER_API_KEY"), args.max_waiting,
+                       args.max_body_bytes, args.max_tokens_cap, args.response_cache_size)
+    uvicorn.run(build_app(AsyncLLM(llm), cfg), host=args.host, port=args.port, timeout_graceful_shutdown=30)
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = parser().parse_args(argv)
     try:
-        {"generate": generate, "chat": chat, "bench": bench}[args.command](args)
+        {"generate": generate, "chat": chat, "bench": bench, "serve": serve}[args.command](args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"dsinfer: error: {e}", file=sys.stderr)
         return 2

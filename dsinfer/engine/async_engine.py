@@ -55,6 +55,10 @@ class AsyncLLM:
             self.engine.abort(request_id)
             self.queues.pop(request_id, None)
 
+    def stats(self):
+        with self.lock:
+            return self.engine.stats()
+
     @property
     def num_requests(self) -> int:
         return len(self.queues)
@@ -75,8 +79,9 @@ class AsyncLLM:
                     self.deliver(out.request_id, out, out.finished)
 
     def deliver(self, rid: str, item, last: bool):
-        loop, queue = self.queues.pop(rid) if last else self.queues[rid]
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        entry = self.queues.pop(rid, None) if last else self.queues.get(rid)
+        if entry:  # None: aborted by its client while this step ran
+            entry[0].call_soon_threadsafe(entry[1].put_nowait, item)
 
     def fail_all(self, exc: Exception):
         for rid in list(self.queues):

@@ -1,0 +1,153 @@
+"""What /v1/completions and /v1/chat/completions do: check the request against the model, run its prompts
+through the async engine, and shape the results as OpenAI answers or stream chunks."""
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from dsinfer.server.errors import ApiError
+from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass(slots=True)
+class Choice:
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    logprobs: list | None = None
+    finish_reason: str | None = None
+
+
+class Handler:
+    def __init__(self, async_llm, model_name: str, max_tokens_cap: int, metrics=None):
+        self.llm, self.model_name, self.cap, self.metrics = async_llm, model_name, max_tokens_cap, metrics
+        self.tokenizer = async_llm.llm.tokenizer
+        self.max_model_len = async_llm.llm.max_model_len
+
+    def check_model(self, name: str | None):
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+
+    def completion_prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        for name in ("echo", "suffix"):
+            if getattr(req, name):
+                raise ApiError(400, f"{name} is not supported by this server", name, "unsupported")
+        if req.best_of not in (None, req.n):
+            raise ApiError(400, "best_of is not supported by this server (leave it out or equal to n)", "best_of")
+        p = req.prompt
+        items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not items:
+            raise ApiError(400, "prompt is empty", "prompt")
+        return [self.encode(item, "prompt") for item in items]
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        conv = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt = self.llm.llm.chat_prompt(conv, add_generation_prompt=req.add_generation_prompt)
+        except Exception as exc:  # a template error is the request's problem, not the server's
+            raise ApiError(400, f"messages could not be formatted by the chat template: {exc}", "messages")
+        return prompt["prompt"], prompt["prompt_token_ids"]
+
+    def encode(self, item, param: str) -> tuple[str | None, list[int]]:
+        if isinstance(item, str):
+            if self.tokenizer is None:
+                raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", param)
+            return item, self.tokenizer.encode(item)
+        return None, list(item)
+
+    def max_tokens(self, requested: int | None, prompts: list[list[int]], param: str) -> int:
+        """The completion budget: what was asked for, capped by the server; it must fit the context."""
+        longest = max(len(ids) for ids in prompts)
+        if longest >= self.max_model_len:
+            raise ApiError(400, f"the prompt has {longest} tokens, but this model's maximum context length is "
+                           f"{self.max_model_len} tokens", "messages" if param == "max_completion_tokens" else "prompt",
+                           "context_length_exceeded")
+        if requested is None:
+            return min(self.cap, self.max_model_len - longest)
+        if requested > self.cap:
+            raise ApiError(400, f"{param} is {requested}, above this server's cap of {self.cap}", param)
+        if longest + requested > self.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {self.max_model_len} tokens, but "
+                           f"{longest + requested} were requested ({longest} in the prompt, {requested} for the "
+                           f"completion)", param, "context_length_exceeded")
+        return requested
+
+    def check_prompts(self, prompts):
+        for _, ids in prompts:
+            try:
+                self.llm.engine.check_prompt(ids)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), "prompt")
+
+    async def run(self, prompts, params) -> AsyncIterator[tuple[int, object]]:
+        """Outputs of all prompts' requests as they come, tagged with the prompt's index; leaving early (a
+        disconnect) cancels them all, which aborts them in the engine."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, text, ids):
+            try:
+                async for out in self.llm.generate({"prompt": text, "prompt_token_ids": ids}, params):
+                    await queue.put((i, out))
+            except Exception as exc:
+                await queue.put((i, exc))
+            await queue.put((i, None))
+        tasks = [asyncio.create_task(pump(i, t, ids)) for i, (t, ids) in enumerate(prompts)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise ApiError(500, f"generation failed: {item}")
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self, prompts, params, timer) -> tuple[dict[int, Choice], int]:
+        choices: dict[int, Choice] = {}
+        async for i, out in self.run(prompts, params):
+            for c in out.outputs:
+                timer.token(len(c.token_ids))
+                ch = choices.setdefault(i * params.n + c.index, Choice())
+                ch.text += c.text
+                ch.token_ids += c.token_ids
+                if c.logprobs is not None:
+                    ch.logprobs = (ch.logprobs or []) + c.logprobs
+                ch.finish_reason = c.finish_reason
+        return dict(sorted(choices.items())), sum(len(ids) for _, ids in prompts)
+
+    async def stream(self, prompts, params, timer) -> AsyncIterator[tuple[int, object, bool]]:
+        """(choice index, delta CompletionOutput, first chunk of this choice?) as they come; a choice's finish
+        is reported once."""
+        started, ended = set(), set()
+        async for i, out in self.run(prompts, params):
+            for c in out.outputs:
+                index = i * params.n + c.index
+                if index in ended or not (c.text or c.token_ids or c.finish_reason):
+                    continue
+                timer.token(len(c.token_ids))
+                yield index, c, index not in started
+                started.add(index)
+                if c.finish_reason:
+                    ended.add(index)
+
+
+class Timer:
+    """Time to first token and time per output token of one HTTP request, for the metrics."""
+
+    def __init__(self, metrics):
+        self.metrics, self.start, self.first, self.tokens = metrics, time.perf_counter(), None, 0
+
+    def token(self, n: int):
+        if n and self.first is None:
+            self.first = time.perf_counter()
+            if self.metrics:
+                self.metrics.ttft.observe(self.first - self.start)
+        self.tokens += n
+
+    def done(self):
+        if self.metrics and self.first is not None and self.tokens > 1:
+            self.metrics.tpot.observe((time.perf_counter() - self.first) / (self.tokens - 1))

@@ -1,0 +1,150 @@
+"""The server through the official openai client against a real server on a loopback port."""
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from dsinfer import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def server(make_server):
+    return make_server()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def ref(llms):
+    """An offline LLM on the same checkpoint (the server's own engine belongs to its thread)."""
+    return llms("v3", max_model_len=256)
+
+
+def offline(ref, prompt, **kw):
+    sp = SamplingParams(temperature=0, ignore_eos=True, **kw)
+    return ref.generate(prompt, sp, use_tqdm=False)[0].outputs[0]
+
+
+def wait_until_idle(server, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = server.llm.engine.stats()
+        if stats.kv_blocks_used == 0 and not server.llm.engine.has_unfinished():
+            return stats
+        time.sleep(0.05)
+    raise AssertionError("blocks still in use")
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-v3"]
+
+
+def test_completion(client, server, ref):
+    r = client.completions.create(model="tiny-v3", prompt="def f(x):", max_tokens=10, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == offline(ref, "def f(x):", max_tokens=10).text
+    assert r.usage.completion_tokens == 10 and r.usage.prompt_tokens == len(server.llm.get_tokenizer().encode("def f(x):"))
+
+
+def test_streamed_completion_with_usage(client, ref):
+    stream = client.completions.create(model="tiny-v3", prompt="import os", max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == offline(ref, "import os", max_tokens=12).text
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_completion_logprobs_and_stop(client, ref):
+    full = offline(ref, "class A:", max_tokens=16).text
+    stop = full[4:6]
+    r = client.completions.create(model="tiny-v3", prompt="class A:", max_tokens=16, temperature=0, logprobs=2,
+                                  stop=[stop], extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert c.text == full[:full.index(stop)] and c.finish_reason == "stop"
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) >= 1
+    assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+
+
+def test_n_samples_and_prompt_lists(client):
+    r = client.completions.create(model="tiny-v3", prompt=["a", "b"], n=3, max_tokens=4, seed=5)
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    ids = client.completions.create(model="tiny-v3", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_chat(client, ref):
+    messages = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    prompt = ref.chat_prompt(messages)
+    expected = offline(ref, prompt, max_tokens=8).text
+    assert r.choices[0].message.content == expected and r.choices[0].message.role == "assistant"
+    assert len(r.choices[0].logprobs.content) == 8 and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+    stream = client.chat.completions.create(model="tiny-v3", messages=messages, max_completion_tokens=8,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sixteen_concurrent_streams(server, ref):
+    prompts = [f"def f{i}(x):" for i in range(16)]
+
+    async def one(client, p):
+        stream = await client.completions.create(model="tiny-v3", prompt=p, max_tokens=10, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(client, p) for p in prompts))
+    texts = asyncio.run(run())
+    expected = [o.outputs[0].text for o in ref.generate(prompts, SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)]
+    assert texts == expected
+    wait_until_idle(server)
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    body = {"model": "tiny-v3", "prompt": "def f(x):", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert server.llm.engine.stats().kv_blocks_used > 0
+    stats = wait_until_idle(server)
+    assert stats.kv_blocks_used == 0
+
+
+def test_response_cache_serves_repeated_deterministic_requests(client, server):
+    body = dict(model="tiny-v3", prompt="while True:", max_tokens=6, temperature=0)
+    a = client.completions.create(**body)
+    before = metric(server, "dsinfer_response_cache_hits_total")
+    b = client.completions.create(**body)
+    assert a.choices[0].text == b.choices[0].text and metric(server, "dsinfer_response_cache_hits_total") == before + 1
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_exposes_engine_and_latency(client, server):
+    client.completions.create(model="tiny-v3", prompt="x = ", max_tokens=3)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("dsinfer_requests_total{", "dsinfer_time_to_first_token_seconds_bucket",
+                 "dsinfer_time_per_output_token_seconds_count", "dsinfer_running_requests", "dsinfer_waiting_requests",
+                 "dsinfer_kv_cache_usage", "dsinfer_prefix_cache_hit_rate", "dsinfer_expert_tokens_total{"):
+        assert name in text
+
+
+def test_openapi_description(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
