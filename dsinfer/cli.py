@@ -167,6 +167,7 @@ def print_report(ours: dict, peer: dict):
 
 def serve(args):
     import os
+    import signal
     from pathlib import Path
 
     import uvicorn
@@ -179,6 +180,9 @@ def serve(args):
     name = args.served_model_name or (Path(args.model).name if args.model else "dsinfer-default")
     cfg = ServerConfig(name, args.api_key or os.environ.get("DSINFER_API_KEY"), args.max_waiting,
                        args.max_body_bytes, args.max_tokens_cap, args.response_cache_size)
+    # uvicorn stops taking requests on SIGTERM/SIGINT, lets the ones in flight finish (up to 30 s), then
+    # re-raises the signal; this handler turns SIGTERM's re-raise into a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(build_app(AsyncLLM(llm), cfg), host=args.host, port=args.port, timeout_graceful_shutdown=30)
 
 
