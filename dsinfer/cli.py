@@ -77,6 +77,8 @@ def add_bench_args(p: argparse.ArgumentParser):
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--semantic-cache-threshold", type=float, default=None,
+                   help="answer near-duplicate deterministic prompts from the cache (cosine similarity, e.g. 0.98)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", choices=["transformers"], default=None,
                    help="also run Hugging Face transformers' generate on the same model and prompts")
@@ -179,7 +181,8 @@ def serve(args):
               max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
     name = args.served_model_name or (Path(args.model).name if args.model else "dsinfer-default")
     cfg = ServerConfig(name, args.api_key or os.environ.get("DSINFER_API_KEY"), args.max_waiting,
-                       args.max_body_bytes, args.max_tokens_cap, args.response_cache_size)
+                       args.max_body_bytes, args.max_tokens_cap, args.response_cache_size,
+                       args.semantic_cache_threshold)
     # uvicorn stops taking requests on SIGTERM/SIGINT, lets the ones in flight finish (up to 30 s), then
     # re-raises the signal; this handler turns SIGTERM's re-raise into a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

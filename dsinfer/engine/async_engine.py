@@ -55,6 +55,12 @@ class AsyncLLM:
             self.engine.abort(request_id)
             self.queues.pop(request_id, None)
 
+    def embed(self, ids: list[int]):
+        """The prompt's embedding from the model itself (for the server's semantic cache)."""
+        from dsinfer.engine.model_runner import embed
+        with self.lock:
+            return embed(self.engine.model, ids, self.engine.model.config.kv_cache_dim)
+
     def stats(self):
         with self.lock:
             return self.engine.stats()

@@ -50,3 +50,17 @@ class ModelRunner:
 def _pad(tables: list[list[int]]) -> torch.Tensor:
     width = max(len(t) for t in tables)
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+
+
+@torch.inference_mode()
+def embed(model, ids: list[int], kv_dim: int) -> torch.Tensor:
+    """A prompt's embedding: the model's final hidden states, mean-pooled and L2-normalised [hidden]. Uses its
+    own scratch cache, so the engine's blocks are untouched."""
+    device = next(model.parameters()).device
+    n = len(ids)
+    rows = torch.arange(n, device=device)
+    caches = [torch.zeros(n, kv_dim, dtype=next(model.parameters()).dtype, device=device)
+              for _ in model.model.layers]
+    meta = AttentionMetadata(1, n, [n], [n], rows, rows[None, :], torch.zeros(n, dtype=torch.long, device=device))
+    hidden = model(torch.tensor(ids, device=device), rows, meta, caches)
+    return torch.nn.functional.normalize(hidden.float().mean(0), dim=0)

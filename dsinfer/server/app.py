@@ -30,11 +30,16 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_tokens_cap: int = 4096
     response_cache_size: int = 512  # 0 turns the response cache off
+    semantic_cache_threshold: float | None = None  # cosine similarity for a semantic hit; None: off
 
 
 def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
     cache = ResponseCache(cfg.response_cache_size)
-    metrics = Metrics(async_llm, cache)
+    semantic = None
+    if cfg.semantic_cache_threshold is not None:
+        from dsinfer.server.semantic_cache import SemanticCache
+        semantic = SemanticCache(async_llm.llm.model.config.hidden_size, cfg.semantic_cache_threshold)
+    metrics = Metrics(async_llm, cache, semantic)
     handler = Handler(async_llm, cfg.model_name, cfg.max_tokens_cap, metrics)
 
     @asynccontextmanager
@@ -93,6 +98,9 @@ def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
         key = cache.key(endpoint, req) if req.deterministic else None
         if key and (hit := cache.get(key)):
             return {**hit, "id": R.new_id("cmpl" if endpoint == "completions" else "chatcmpl")}
+        near = semantic_lookup(endpoint, req, prompts) if key and semantic and len(prompts) == 1 else None
+        if near and near[0]:
+            return {**near[0], "id": R.new_id("cmpl" if endpoint == "completions" else "chatcmpl")}
         timer = Timer(metrics)
         choices, prompt_tokens = await handler.collect(prompts, params, timer)
         timer.done()
@@ -102,7 +110,16 @@ def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
             body = formats.chat_answer(handler, R.new_id("chatcmpl"), choices, prompt_tokens, req.top_logprobs or 0)
         if key:
             cache.put(key, body)
+        if near:
+            semantic.put(near[1], near[2], body)
         return body
+
+    def semantic_lookup(endpoint, req, prompts):
+        """(cached answer or None, embedding, key of the non-prompt fields)."""
+        vector = async_llm.embed(prompts[0][1]).numpy()
+        fields = cache.key(endpoint, req.model_copy(update={"prompt": "", "messages": []}
+                                                    if endpoint == "chat" else {"prompt": ""}))
+        return semantic.get(vector, fields), vector, fields
 
     def chunks(endpoint: str, req, prompts, params):
         timer = Timer(metrics)

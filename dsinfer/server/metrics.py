@@ -6,8 +6,8 @@ ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/ws", "/h
 
 
 class EngineCollector:
-    def __init__(self, async_llm, cache):
-        self.llm, self.cache = async_llm, cache
+    def __init__(self, async_llm, cache, semantic=None):
+        self.llm, self.cache, self.semantic = async_llm, cache, semantic
 
     def collect(self):
         s = self.llm.stats()
@@ -28,12 +28,16 @@ class EngineCollector:
         yield experts
         yield CounterMetricFamily("dsinfer_response_cache_hits", "response cache hits", value=self.cache.hits)
         yield CounterMetricFamily("dsinfer_response_cache_misses", "response cache misses", value=self.cache.misses)
+        if self.semantic:
+            yield CounterMetricFamily("dsinfer_semantic_cache_hits", "semantic cache hits", value=self.semantic.hits)
+            yield CounterMetricFamily("dsinfer_semantic_cache_misses", "semantic cache misses",
+                                      value=self.semantic.misses)
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, async_llm, cache):
+    def __init__(self, async_llm, cache, semantic=None):
         self.registry = CollectorRegistry()
         self.requests = Counter("dsinfer_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -41,7 +45,7 @@ class Metrics:
                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=self.registry)
         self.tpot = Histogram("dsinfer_time_per_output_token_seconds", "mean gap between output tokens",
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1), registry=self.registry)
-        self.registry.register(EngineCollector(async_llm, cache))
+        self.registry.register(EngineCollector(async_llm, cache, semantic))
 
     def count(self, path: str, status: int):
         self.requests.labels(path if path in ROUTES else "other", str(status)).inc()

@@ -148,3 +148,16 @@ def test_metrics_exposes_engine_and_latency(client, server):
 def test_openapi_description(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+
+
+def test_semantic_cache_answers_a_near_duplicate(make_server):
+    server = make_server(semantic_cache_threshold=0.95)  # the two parse_args prompts: 0.96 on this model
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    body = dict(model="tiny-v3", max_tokens=6, temperature=0)
+    first = client.completions.create(prompt="def parse_args(argv):\n    parser = ", **body)
+    near = client.completions.create(prompt="def parse_args(argv):\n    parser  = ", **body)
+    other = client.completions.create(prompt="class Stack:\n    def push(self, x):", **body)
+    hot = client.completions.create(prompt="def parse_args(argv):\n    parser = ", **dict(body, max_tokens=5))
+    assert near.choices[0].text == first.choices[0].text  # served from the semantic cache
+    assert metric(server, "dsinfer_semantic_cache_hits_total") == 1
+    assert other.choices[0].text != first.choices[0].text and len(hot.choices[0].text) <= len(first.choices[0].text)
