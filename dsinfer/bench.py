@@ -64,7 +64,7 @@ def percentiles(name: str, values: list[float]) -> dict:
 def decode_one_stream(llm, prompt_len: int, tokens: int, vocab: int) -> dict:
     prompt = torch.randint(3, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     stamps = [time.perf_counter() for _ in llm.stream({"prompt_token_ids": prompt}, fixed(tokens))]
-    return {"decode tok/s (1 stream)": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+    return {f"decode tok/s (1 stream, {prompt_len}-token context)": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
 def prefix_ttft(llm, prefix_len: int, vocab: int) -> dict:
@@ -86,6 +86,7 @@ def run(llm, args) -> dict[str, dict]:
     reqs = random_requests(args.num_requests, args.input_len, args.output_len, vocab, args.seed)
     prefix = min(args.prefix_len, llm.max_model_len - 32)
     return {"throughput": throughput(llm, reqs), "latency": latency(llm, reqs, args.concurrency),
-            "single stream": decode_one_stream(llm, args.input_len[0], args.decode_tokens, vocab),
+            "single stream": {**decode_one_stream(llm, args.input_len[0], args.decode_tokens, vocab),
+                              **decode_one_stream(llm, prefix, args.decode_tokens, vocab)},
             f"prefix cache ({prefix} tokens)": prefix_ttft(llm, prefix, vocab),
             "_vocab": vocab, "_max_model_len": llm.max_model_len}

@@ -40,7 +40,8 @@ class HFPeer:
         first = time.perf_counter() - start
         start = time.perf_counter()
         self.generate([prompt], tokens)
-        return {"decode tok/s (1 stream)": (tokens - 1) / (time.perf_counter() - start - first)}
+        return {f"decode tok/s (1 stream, {prompt_len}-token context)":
+                (tokens - 1) / (time.perf_counter() - start - first)}
 
     def prefix_ttft(self, prefix_len: int, vocab: int) -> dict:
         g = torch.Generator().manual_seed(2)
@@ -60,5 +61,6 @@ def run(path, dtype, args, vocab: int, max_model_len: int) -> dict[str, dict]:
     reqs = random_requests(args.num_requests, args.input_len, args.output_len, vocab, args.seed)
     prefix = min(args.prefix_len, max_model_len - 32)
     return {"throughput": peer.throughput(reqs, args.concurrency),
-            "single stream": peer.decode_one_stream(args.input_len[0], args.decode_tokens, vocab),
+            "single stream": {**peer.decode_one_stream(args.input_len[0], args.decode_tokens, vocab),
+                              **peer.decode_one_stream(prefix, args.decode_tokens, vocab)},
             f"prefix cache ({prefix} tokens)": peer.prefix_ttft(prefix, vocab)}

@@ -49,6 +49,8 @@ def add_serve_args(p: argparse.ArgumentParser):
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens-cap", type=int, default=4096)
     p.add_argument("--response-cache-size", type=int, default=512, help="0 turns the response cache off")
+    p.add_argument("--semantic-cache-threshold", type=float, default=None,
+                   help="answer near-duplicate deterministic prompts from the cache (cosine similarity, e.g. 0.95)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -77,8 +79,6 @@ def add_bench_args(p: argparse.ArgumentParser):
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--semantic-cache-threshold", type=float, default=None,
-                   help="answer near-duplicate deterministic prompts from the cache (cosine similarity, e.g. 0.98)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", choices=["transformers"], default=None,
                    help="also run Hugging Face transformers' generate on the same model and prompts")

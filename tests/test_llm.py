@@ -113,7 +113,7 @@ def test_cli_bench_prints_every_figure(ckpts):
             "2:6", "--concurrency", "2", "--decode-tokens", "4", "--prefix-len", "64", "--compare", "transformers"]
     r = subprocess.run([sys.executable, "-m", "dsinfer", *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    for figure in ("requests/s", "output tok/s", "TTFT ms p99", "TPOT ms p50", "decode tok/s (1 stream)",
+    for figure in ("requests/s", "output tok/s", "TTFT ms p99", "TPOT ms p50", "decode tok/s (1 stream, 4-token context)",
                    "prefix TTFT ms (warm)", "warm/cold"):
         assert figure in r.stdout
     assert "transformers" in r.stdout and "ratio" in r.stdout

@@ -1,14 +1,12 @@
 """The FastAPI application: OpenAI routes, a WebSocket stream, health and Prometheus metrics, with API-key,
 body-size and queue-length guards in front."""
-import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from dsinfer.server import errors, formats
 from dsinfer.server import responses as R
@@ -18,6 +16,7 @@ from dsinfer.server.guards import Guards
 from dsinfer.server.handlers import Handler, Timer
 from dsinfer.server.metrics import Metrics
 from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
+from dsinfer.server.websocket import WebSocketRoute
 
 log = logging.getLogger("dsinfer.server")
 
@@ -33,14 +32,116 @@ class ServerConfig:
     semantic_cache_threshold: float | None = None  # cosine similarity for a semantic hit; None: off
 
 
+class OpenAIServer:
+    def __init__(self, async_llm, cfg: ServerConfig):
+        self.llm, self.cfg = async_llm, cfg
+        self.cache = ResponseCache(cfg.response_cache_size)
+        self.semantic = None
+        if cfg.semantic_cache_threshold is not None:
+            from dsinfer.server.semantic_cache import SemanticCache
+            self.semantic = SemanticCache(async_llm.llm.model.config.hidden_size, cfg.semantic_cache_threshold)
+        self.metrics = Metrics(async_llm, self.cache, self.semantic)
+        self.handler = Handler(async_llm, cfg.model_name, cfg.max_tokens_cap, self.metrics)
+
+    async def health(self):
+        return {"status": "ok"}
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "dsinfer", "max_model_len": self.handler.max_model_len}]}
+
+    async def metrics_text(self):
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    async def completions(self, req: CompletionRequest):
+        return await self.serve("completions", req)
+
+    async def chat_completions(self, req: ChatCompletionRequest):
+        return await self.serve("chat", req)
+
+    def admit(self):
+        waiting = len(self.llm.engine.scheduler.waiting)
+        if waiting >= self.cfg.max_waiting:
+            raise ApiError(429, f"the server is busy ({waiting} sequences waiting); retry shortly",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+    def prepare(self, endpoint: str, req):
+        """Checks the request against the model and the limits; returns (prompts, SamplingParams)."""
+        h = self.handler
+        h.check_model(req.model)
+        if req.unknown_fields():
+            log.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields()))
+        if endpoint == "completions":
+            prompts = h.completion_prompts(req)
+            param, logprobs = "max_tokens", req.logprobs
+        else:
+            prompts = [h.chat_prompt(req)]
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        h.check_prompts(prompts)
+        max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param)
+        return prompts, req.sampling_params(max_tokens, logprobs)
+
+    async def serve(self, endpoint: str, req):
+        self.admit()
+        prompts, params = self.prepare(endpoint, req)
+        if req.stream:
+            return StreamingResponse(self.sse(self.chunks(endpoint, req, prompts, params)),
+                                     media_type="text/event-stream")
+        return JSONResponse(await self.answer(endpoint, req, prompts, params))
+
+    async def answer(self, endpoint: str, req, prompts, params) -> dict:
+        """A whole answer, from the response cache when the request is deterministic and was seen before."""
+        prefix = "cmpl" if endpoint == "completions" else "chatcmpl"
+        key = self.cache.key(endpoint, req) if req.deterministic else None
+        if key and (hit := self.cache.get(key)):
+            return {**hit, "id": R.new_id(prefix)}
+        near = self.semantic_lookup(endpoint, req, prompts) if key and self.semantic and len(prompts) == 1 else None
+        if near and near[0]:
+            return {**near[0], "id": R.new_id(prefix)}
+        timer = Timer(self.metrics)
+        choices, prompt_tokens = await self.handler.collect(prompts, params, timer)
+        timer.done()
+        if endpoint == "completions":
+            body = formats.completion_answer(self.handler, R.new_id(prefix), choices, prompt_tokens)
+        else:
+            body = formats.chat_answer(self.handler, R.new_id(prefix), choices, prompt_tokens, req.top_logprobs or 0)
+        if key:
+            self.cache.put(key, body)
+        if near:
+            self.semantic.put(near[1], near[2], body)
+        return body
+
+    def semantic_lookup(self, endpoint: str, req, prompts):
+        """(cached answer or None, the prompt's embedding, the key of the request's other fields)."""
+        vector = self.llm.embed(prompts[0][1]).numpy()
+        blank = {"prompt": "", "messages": []} if endpoint == "chat" else {"prompt": ""}
+        fields = self.cache.key(endpoint, req.model_copy(update=blank))
+        return self.semantic.get(vector, fields), vector, fields
+
+    def chunks(self, endpoint: str, req, prompts, params):
+        """The request's stream chunks as dicts (the SSE and WebSocket routes both send these)."""
+        timer = Timer(self.metrics)
+        deltas = self.handler.stream(prompts, params, timer)
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        if endpoint == "completions":
+            return formats.completion_chunks(self.handler, R.new_id("cmpl"), deltas, prompt_tokens,
+                                             req.include_usage, timer)
+        return formats.chat_chunks(self.handler, R.new_id("chatcmpl"), deltas, prompt_tokens, req.include_usage,
+                                   req.top_logprobs or 0, timer)
+
+    @staticmethod
+    async def sse(gen):
+        try:
+            async for chunk in gen:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except ApiError as exc:
+            yield f"data: {json.dumps(errors.error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"
+        yield "data: [DONE]\n\n"
+
+
 def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
-    cache = ResponseCache(cfg.response_cache_size)
-    semantic = None
-    if cfg.semantic_cache_threshold is not None:
-        from dsinfer.server.semantic_cache import SemanticCache
-        semantic = SemanticCache(async_llm.llm.model.config.hidden_size, cfg.semantic_cache_threshold)
-    metrics = Metrics(async_llm, cache, semantic)
-    handler = Handler(async_llm, cfg.model_name, cfg.max_tokens_cap, metrics)
+    server = OpenAIServer(async_llm, cfg)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -50,160 +151,12 @@ def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
     app = FastAPI(title="dsinfer", description="OpenAI-compatible API for DeepSeek-architecture models",
                   lifespan=lifespan)
     errors.install(app)
-    app.add_middleware(Guards, api_key=cfg.api_key, max_body=cfg.max_body_bytes, metrics=metrics)
-    app.state.handler, app.state.cache, app.state.cfg = handler, cache, cfg
-
-    def admit():
-        waiting = len(async_llm.engine.scheduler.waiting)
-        if waiting >= cfg.max_waiting:
-            raise ApiError(429, f"the server is busy ({waiting} sequences waiting); retry shortly",
-                           code="queue_full", headers={"Retry-After": "1"})
-
-    def warn_unknown(body):
-        if body.unknown_fields():
-            log.warning("ignoring unknown request fields: %s", ", ".join(body.unknown_fields()))
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
-                                            "owned_by": "dsinfer", "max_model_len": handler.max_model_len}]}
-
-    @app.get("/metrics")
-    async def metrics_route():
-        return Response(metrics.render(), media_type=metrics.content_type)
-
-    async def completion_work(req: CompletionRequest):
-        handler.check_model(req.model)
-        warn_unknown(req)
-        prompts = handler.completion_prompts(req)
-        handler.check_prompts(prompts)
-        max_tokens = handler.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], "max_tokens")
-        return prompts, req.sampling_params(max_tokens, req.logprobs)
-
-    async def chat_work(req: ChatCompletionRequest):
-        handler.check_model(req.model)
-        warn_unknown(req)
-        prompts = [handler.chat_prompt(req)]
-        handler.check_prompts(prompts)
-        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        max_tokens = handler.max_tokens(req.requested_max_tokens(), [prompts[0][1]], param)
-        top = req.top_logprobs or 0
-        return prompts, req.sampling_params(max_tokens, top if req.logprobs else None)
-
-    async def answer(endpoint: str, req, prompts, params):
-        key = cache.key(endpoint, req) if req.deterministic else None
-        if key and (hit := cache.get(key)):
-            return {**hit, "id": R.new_id("cmpl" if endpoint == "completions" else "chatcmpl")}
-        near = semantic_lookup(endpoint, req, prompts) if key and semantic and len(prompts) == 1 else None
-        if near and near[0]:
-            return {**near[0], "id": R.new_id("cmpl" if endpoint == "completions" else "chatcmpl")}
-        timer = Timer(metrics)
-        choices, prompt_tokens = await handler.collect(prompts, params, timer)
-        timer.done()
-        if endpoint == "completions":
-            body = formats.completion_answer(handler, R.new_id("cmpl"), choices, prompt_tokens)
-        else:
-            body = formats.chat_answer(handler, R.new_id("chatcmpl"), choices, prompt_tokens, req.top_logprobs or 0)
-        if key:
-            cache.put(key, body)
-        if near:
-            semantic.put(near[1], near[2], body)
-        return body
-
-    def semantic_lookup(endpoint, req, prompts):
-        """(cached answer or None, embedding, key of the non-prompt fields)."""
-        vector = async_llm.embed(prompts[0][1]).numpy()
-        fields = cache.key(endpoint, req.model_copy(update={"prompt": "", "messages": []}
-                                                    if endpoint == "chat" else {"prompt": ""}))
-        return semantic.get(vector, fields), vector, fields
-
-    def chunks(endpoint: str, req, prompts, params):
-        timer = Timer(metrics)
-        deltas = handler.stream(prompts, params, timer)
-        prompt_tokens = sum(len(ids) for _, ids in prompts)
-        if endpoint == "completions":
-            return formats.completion_chunks(handler, R.new_id("cmpl"), deltas, prompt_tokens, req.include_usage,
-                                             timer)
-        return formats.chat_chunks(handler, R.new_id("chatcmpl"), deltas, prompt_tokens, req.include_usage,
-                                   req.top_logprobs or 0, timer)
-
-    async def sse(gen):
-        try:
-            async for chunk in gen:
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except ApiError as exc:
-            yield f"data: {json.dumps(errors.error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    async def serve(endpoint, req, work):
-        admit()
-        prompts, params = await work(req)
-        if req.stream:
-            return StreamingResponse(sse(chunks(endpoint, req, prompts, params)), media_type="text/event-stream")
-        return JSONResponse(await answer(endpoint, req, prompts, params))
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await serve("completions", req, completion_work)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await serve("chat", req, chat_work)
-
-    @app.websocket("/v1/ws")
-    async def websocket(ws: WebSocket):
-        await ws.accept()
-        try:
-            while True:
-                await ws_request(ws, await ws.receive_text())
-        except WebSocketDisconnect:
-            return
-
-    async def ws_request(ws: WebSocket, text: str):
-        """One request on the socket: its chunks, then [DONE]. {"type": "cancel"} stops it mid-way."""
-        try:
-            body = json.loads(text)
-            endpoint = body.pop("endpoint", "chat" if "messages" in body else "completions")
-            model, work = ((ChatCompletionRequest, chat_work) if endpoint == "chat"
-                           else (CompletionRequest, completion_work))
-            req = model.model_validate(body)
-            admit()
-            prompts, params = await work(req)
-        except (ValueError, ValidationError, ApiError) as exc:
-            await ws.send_json(ws_error(exc))
-            return
-        task = asyncio.create_task(ws_pump(ws, chunks(endpoint, req, prompts, params)))
-        listener = asyncio.create_task(ws.receive_text())
-        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
-        if listener in done:
-            task.cancel()
-            message = listener.result() if not listener.exception() else None
-            await asyncio.gather(task, return_exceptions=True)
-            if message is None:
-                raise WebSocketDisconnect()
-            await ws.send_json({"object": "cancelled"} if "cancel" in message else ws_error(ValueError(
-                "one request at a time on a socket; send {\"type\": \"cancel\"} to stop the current one")))
-        else:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
-        await ws.send_text("[DONE]")
-
-    async def ws_pump(ws: WebSocket, gen):
-        async for chunk in gen:
-            await ws.send_json(chunk)
-
+    app.add_middleware(Guards, api_key=cfg.api_key, max_body=cfg.max_body_bytes, metrics=server.metrics)
+    app.get("/health")(server.health)
+    app.get("/v1/models")(server.models)
+    app.get("/metrics")(server.metrics_text)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
+    app.websocket("/v1/ws")(WebSocketRoute(server))
+    app.state.server = server
     return app
-
-
-def ws_error(exc: Exception) -> dict:
-    if isinstance(exc, ApiError):
-        return errors.error_body(exc.status, exc.message, exc.param, exc.code)
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ()))
-        return errors.error_body(400, f"{param}: {err.get('msg')}", param or None, "invalid_value")
-    return errors.error_body(400, str(exc))
