@@ -154,11 +154,11 @@ def bench(args):
 def print_report(ours: dict, peer: dict):
     """ratio = dsinfer / transformers: above 1 is better for rates, below 1 is better for times (ms)."""
     ours = {k: v for k, v in ours.items() if not k.startswith("_")}
-    header = f"{'figure':<34}{'dsinfer':>12}" + (f"{'transformers':>14}{'ratio':>9}" if peer else "")
+    header = f"{'figure':<46}{'dsinfer':>12}" + (f"{'transformers':>14}{'ratio':>9}" if peer else "")
     for section, figures in ours.items():
         print(f"\n[{section}]\n{header}")
         for name, value in figures.items():
-            line = f"{name:<34}{value:>12.2f}"
+            line = f"{name:<46}{value:>12.2f}"
             other = peer.get(section, {}).get(name)
             if other is not None:
                 line += f"{other:>14.2f}{value / other:>9.2f}"
