@@ -81,7 +81,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], -1)
         out, start = [], 0
         for i, (ql, cl) in enumerate(zip(meta.query_lens[:num_seqs], meta.context_lens)):
-            ctx = cache[meta.gather_index[i, :cl]].to(q.dtype)                      # [L, r + dr]
+            ctx = rows(cache, meta.gather_index[i, :cl]).to(q.dtype)                 # [L, r + dr]
             kv = F.linear(ctx[:, :self.r], self.kv_b_proj.weight).view(cl, self.h, -1)
             k = torch.cat([kv[..., :self.dn], ctx[:, None, self.r:].expand(cl, self.h, self.dr)], -1)
             qi = q[start:start + ql].transpose(0, 1)                                  # [H, ql, dn + dr]
@@ -99,14 +99,19 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.dn]).transpose(0, 1)      # [T, H, r]
         qc = torch.cat([q_lat, q_pe], -1)                                               # [T, H, r + dr]
-        ctx = cache[gather_index].to(qc.dtype)                                          # [B, L, r + dr]
+        ctx = rows(cache, gather_index).to(qc.dtype)                                    # [B, L, r + dr]
         if ctx.shape[0] != qc.shape[0]:
             ctx = ctx[token_seq]
-        scores = torch.bmm(qc, ctx.transpose(1, 2)).float() * self.scale                # [T, H, L]
+        scores = torch.bmm(ctx, qc.transpose(1, 2)).transpose(1, 2).float() * self.scale  # [T, H, L]
         future = torch.arange(ctx.shape[1], device=qc.device)[None, :] > positions[:, None]
         probs = scores.masked_fill(future[:, None, :], float("-inf")).softmax(-1).to(qc.dtype)
         o_lat = torch.bmm(probs, ctx[..., :self.r])                                     # [T, H, r]
         return torch.bmm(o_lat.transpose(0, 1), w[:, self.dn:].transpose(1, 2)).transpose(0, 1)
+
+
+def rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache[index] for an index of any shape; index_select is several times faster than advanced indexing."""
+    return cache.index_select(0, index.reshape(-1)).view(*index.shape, cache.shape[1])
 
 
 def _causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
