@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from dsinfer.bench import random_requests
+from dsinfer.bench import prefix_ttft, random_requests
 
 
 class HFPeer:
@@ -43,18 +43,6 @@ class HFPeer:
         return {f"decode tok/s (1 stream, {prompt_len}-token context)":
                 (tokens - 1) / (time.perf_counter() - start - first)}
 
-    def prefix_ttft(self, prefix_len: int, vocab: int) -> dict:
-        g = torch.Generator().manual_seed(2)
-        prefix = torch.randint(3, vocab, (prefix_len,), generator=g).tolist()
-        result = {}
-        for label in ("cold", "warm"):
-            tail = torch.randint(3, vocab, (16,), generator=g).tolist()
-            start = time.perf_counter()
-            self.generate([prefix + tail], 1)
-            result[f"prefix TTFT ms ({label})"] = (time.perf_counter() - start) * 1e3
-        result["warm/cold"] = result["prefix TTFT ms (warm)"] / result["prefix TTFT ms (cold)"]
-        return result
-
 
 def run(path, dtype, args, vocab: int, max_model_len: int) -> dict[str, dict]:
     peer = HFPeer(path, dtype)
@@ -63,4 +51,4 @@ def run(path, dtype, args, vocab: int, max_model_len: int) -> dict[str, dict]:
     return {"throughput": peer.throughput(reqs, args.concurrency),
             "single stream": {**peer.decode_one_stream(args.input_len[0], args.decode_tokens, vocab),
                               **peer.decode_one_stream(prefix, args.decode_tokens, vocab)},
-            f"prefix cache ({prefix} tokens)": peer.prefix_ttft(prefix, vocab)}
+            f"prefix cache ({prefix} tokens)": prefix_ttft(lambda ids: peer.generate([ids], 1), prefix, vocab)}

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import dsinfer
 from dsinfer import DEFAULT_MODEL, LLM, SamplingParams

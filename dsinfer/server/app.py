@@ -73,13 +73,13 @@ class OpenAIServer:
             log.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields()))
         if endpoint == "completions":
             prompts = h.completion_prompts(req)
-            param, logprobs = "max_tokens", req.logprobs
+            param, prompt_param, logprobs = "max_tokens", "prompt", req.logprobs
         else:
             prompts = [h.chat_prompt(req)]
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        h.check_prompts(prompts)
-        max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param)
+            prompt_param, logprobs = "messages", (req.top_logprobs or 0) if req.logprobs else None
+        h.check_prompts(prompts, prompt_param)
+        max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param, prompt_param)
         return prompts, req.sampling_params(max_tokens, logprobs)
 
     async def serve(self, endpoint: str, req):

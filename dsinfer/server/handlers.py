@@ -55,13 +55,12 @@ class Handler:
             return item, self.tokenizer.encode(item)
         return None, list(item)
 
-    def max_tokens(self, requested: int | None, prompts: list[list[int]], param: str) -> int:
+    def max_tokens(self, requested: int | None, prompts: list[list[int]], param: str, prompt_param: str) -> int:
         """The completion budget: what was asked for, capped by the server; it must fit the context."""
         longest = max(len(ids) for ids in prompts)
         if longest >= self.max_model_len:
             raise ApiError(400, f"the prompt has {longest} tokens, but this model's maximum context length is "
-                           f"{self.max_model_len} tokens", "messages" if param == "max_completion_tokens" else "prompt",
-                           "context_length_exceeded")
+                           f"{self.max_model_len} tokens", prompt_param, "context_length_exceeded")
         if requested is None:
             return min(self.cap, self.max_model_len - longest)
         if requested > self.cap:
@@ -72,12 +71,13 @@ class Handler:
                            f"completion)", param, "context_length_exceeded")
         return requested
 
-    def check_prompts(self, prompts):
+    def check_prompts(self, prompts, param: str):
         for _, ids in prompts:
             try:
                 self.llm.engine.check_prompt(ids)
             except ValueError as exc:
-                raise ApiError(400, str(exc), "prompt")
+                code = "context_length_exceeded" if len(ids) >= self.max_model_len else "invalid_value"
+                raise ApiError(400, str(exc), param, code)
 
     async def run(self, prompts, params) -> AsyncIterator[tuple[int, object]]:
         """Outputs of all prompts' requests as they come, tagged with the prompt's index; leaving early (a

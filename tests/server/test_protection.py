@@ -135,3 +135,10 @@ def test_websocket_bad_request_gets_an_error_and_the_socket_stays_open(server):
             return err, msgs
     err, msgs = asyncio.run(run())
     assert err["error"]["param"] == "top_p" and msgs
+
+
+def test_chat_longer_than_the_context_names_messages(server):
+    body = {"model": "tiny-v3", "messages": [{"role": "user", "content": "a " * 400}]}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert r.json()["error"]["code"] == "context_length_exceeded"
