@@ -6,7 +6,7 @@ from dsinfer.server import responses as R
 
 def completion_answer(h, rid, choices, prompt_tokens) -> dict:
     out = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-            "logprobs": R.completion_logprobs(c, h.tokenizer, 0) if c.logprobs is not None else None}
+            "logprobs": R.completion_logprobs(c, 0) if c.logprobs is not None else None}
            for i, c in choices.items()]
     completion_tokens = sum(len(c.token_ids) for c in choices.values())
     return R.completion_body(rid, h.model_name, out, R.usage(prompt_tokens, completion_tokens))
@@ -14,7 +14,7 @@ def completion_answer(h, rid, choices, prompt_tokens) -> dict:
 
 def chat_answer(h, rid, choices, prompt_tokens, top_logprobs) -> dict:
     out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-            "logprobs": R.chat_logprobs(c, h.tokenizer, top_logprobs) if c.logprobs is not None else None}
+            "logprobs": R.chat_logprobs(c, top_logprobs) if c.logprobs is not None else None}
            for i, c in choices.items()]
     completion_tokens = sum(len(c.token_ids) for c in choices.values())
     return R.chat_body(rid, h.model_name, out, R.usage(prompt_tokens, completion_tokens))
@@ -24,7 +24,7 @@ async def completion_chunks(h, rid, deltas, prompt_tokens, include_usage, timer)
     completion_tokens, offsets = 0, {}
     async for index, c, _first in deltas:
         completion_tokens += len(c.token_ids)
-        logprobs = R.completion_logprobs(c, h.tokenizer, offsets.get(index, 0)) if c.logprobs is not None else None
+        logprobs = R.completion_logprobs(c, offsets.get(index, 0)) if c.logprobs is not None else None
         offsets[index] = offsets.get(index, 0) + len(c.text)
         yield R.completion_body(rid, h.model_name, [{"index": index, "text": c.text, "logprobs": logprobs,
                                                      "finish_reason": c.finish_reason}], None, chunk=True)
@@ -42,7 +42,7 @@ async def chat_chunks(h, rid, deltas, prompt_tokens, include_usage, top_logprobs
             yield R.chat_body(rid, h.model_name, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}], None, chunk=True)
         if c.text or c.token_ids:
-            logprobs = R.chat_logprobs(c, h.tokenizer, top_logprobs) if c.logprobs is not None else None
+            logprobs = R.chat_logprobs(c, top_logprobs) if c.logprobs is not None else None
             yield R.chat_body(rid, h.model_name, [{"index": index, "delta": {"content": c.text},
                                                    "logprobs": logprobs, "finish_reason": None}], None, chunk=True)
         if c.finish_reason:

@@ -14,32 +14,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(out: CompletionOutput, tokenizer, offset: int) -> dict | None:
-    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(out: CompletionOutput, offset: int) -> dict | None:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs (the top k and the chosen token),
+    text_offset."""
     if out.logprobs is None:
         return None
     tokens, lps, tops, offsets = [], [], [], []
     for tid, entry in zip(out.token_ids, out.logprobs):
-        text = tokenizer.decode([tid], False) if tokenizer else str(tid)
+        text = entry[tid].decoded_token or str(tid)
         offsets.append(offset)
         offset += len(text)
         tokens.append(text)
         lps.append(entry[tid].logprob)
-        tops.append({lp.decoded_token or str(t): lp.logprob for t, lp in entry.items() if lp.rank > 0 or t != tid}
-                    or {text: entry[tid].logprob})
+        tops.append({lp.decoded_token or str(t): lp.logprob for t, lp in entry.items()})
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(out: CompletionOutput, tokenizer, top: int) -> dict | None:
+def chat_logprobs(out: CompletionOutput, top: int) -> dict | None:
     if out.logprobs is None:
         return None
     content = []
     for tid, entry in zip(out.token_ids, out.logprobs):
-        text = tokenizer.decode([tid], False) if tokenizer else str(tid)
-        ranked = sorted(((lp.rank, t, lp) for t, lp in entry.items() if lp.rank > 0), key=lambda r: r[0])[:top]
+        text = entry[tid].decoded_token or str(tid)
+        ranked = sorted(entry.values(), key=lambda lp: lp.rank)[:top]
         content.append({"token": text, "logprob": entry[tid].logprob, "bytes": list(text.encode()),
                         "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob,
-                                          "bytes": list((lp.decoded_token or "").encode())} for _, _, lp in ranked]})
+                                          "bytes": list((lp.decoded_token or "").encode())} for lp in ranked]})
     return {"content": content}
 
 
