@@ -1,9 +1,11 @@
 """Small CPU kernels built on first use with the system C compiler (AVX2 + FMA), loaded with ctypes.
 
 `gemv` computes x @ W.T for decode-sized batches (at most MAX_M rows), reading each weight row once for all
-rows; torch's own matmul reads the weights at a fraction of memory bandwidth for such shapes. Where the
-kernel cannot be built (no compiler, no AVX2) or is switched off (DSINFER_CPU_KERNELS=0, or
-dsinfer.kernels.set_enabled(False)), callers use torch's path, which is also what the tests compare against."""
+rows; torch's own matmul reads the weights at a fraction of memory bandwidth for such shapes. `qgemv` does the
+same for weight-only quantized weights (int8 / int4 codes in groups, see dsinfer/quant/qtensor.py), and
+`dequant` expands a range of their rows to fp32 for prefill. Where the kernels cannot be built (no compiler,
+no AVX2) or are switched off (DSINFER_CPU_KERNELS=0, or dsinfer.kernels.set_enabled(False)), callers use
+torch's path, which is also what the tests compare against."""
 import ctypes
 import hashlib
 import logging
@@ -16,7 +18,7 @@ import torch
 
 log = logging.getLogger("dsinfer")
 MAX_M = 8
-SOURCE = Path(__file__).with_name("gemv_avx2.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c")]
 _state = {"enabled": os.environ.get("DSINFER_CPU_KERNELS", "1") != "0", "lib": None, "tried": False}
 
 
@@ -33,8 +35,8 @@ def cpu_has_avx2() -> bool:
 
 
 def build() -> ctypes.CDLL | None:
-    """Compiles the kernel once per source version into a user cache directory; None if it cannot."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """Compiles the kernels once per source version into a user cache directory; None if it cannot."""
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES)).hexdigest()[:16]
     cache = Path(os.environ.get("DSINFER_CACHE", Path.home() / ".cache" / "dsinfer"))
     target = cache / f"gemv_avx2-{digest}.so"
     if not target.exists():
@@ -42,13 +44,21 @@ def build() -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / target.name
             cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
-                   str(SOURCE), "-o", str(out)]
+                   *map(str, SOURCES), "-o", str(out)]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             out.replace(target)
     lib = ctypes.CDLL(str(target))
     for name in ("gemv_f32", "gemv_bf16"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.restype = None
+    for name in ("qgemv_i8", "qgemv_i4"):  # x, q, scales, mins, y, m, n, k, group size, threads
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        fn.restype = None
+    for name in ("dequant_i8", "dequant_i4"):  # q, scales, mins, out, k, group size, n0, n1, threads
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None
     return lib
 
@@ -79,3 +89,62 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     fn = library().gemv_f32 if w.dtype == torch.float32 else library().gemv_bf16
     fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
     return y
+
+
+def q_usable(x: torch.Tensor) -> bool:
+    """Whether `qgemv` takes x: decode-sized fp32 on CPU, kernels on and built."""
+    return (_state["enabled"] and x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= MAX_M
+            and x.dtype == torch.float32 and library() is not None)
+
+
+def dequant_usable(q: torch.Tensor) -> bool:
+    return _state["enabled"] and q.device.type == "cpu" and library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _quantized(q, scales, mins, bits: int, k: int, group_size: int):
+    """The codes and per-group tensors, contiguous, after checking that they describe an [N, K] matrix."""
+    n, ng = q.shape[0], -(-k // group_size) if group_size > 0 else 0
+    qtype, qcols = (torch.int8, k) if bits == 8 else (torch.uint8, k // 2)
+    fine = (bits in (4, 8) and k > 0 and k % 2 == 0 and group_size > 0 and q.device.type == "cpu"
+            and (bits == 8 or group_size % 2 == 0 or group_size >= k)  # int4 groups split in halves
+            and q.dtype == qtype and q.shape == (n, qcols) and scales.dtype == torch.float32
+            and scales.shape == (n, ng) and (mins is None or (mins.dtype == torch.float32 and mins.shape == (n, ng))))
+    if not fine:
+        raise ValueError(f"not int{bits} codes of a [{n}, {k}] matrix in groups of {group_size}: codes {q.dtype} "
+                         f"{tuple(q.shape)} on {q.device}, scales {scales.dtype} {tuple(scales.shape)}")
+    return q.contiguous(), scales.contiguous(), None if mins is None else mins.contiguous()
+
+
+def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
+          group_size: int) -> torch.Tensor:
+    """x [M, K] fp32 (M <= MAX_M) @ W.T for a quantized W [N, K] (codes q, scales / mins [N, groups]) -> fp32."""
+    if x.dtype != torch.float32 or x.dim() != 2 or not 0 < x.shape[0] <= MAX_M:
+        raise ValueError(f"qgemv takes fp32 [M <= {MAX_M}, K] activations, not {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    m, k = x.shape
+    q, scales, mins = _quantized(q, scales, mins, bits, k, group_size)
+    y = torch.empty(m, q.shape[0], dtype=torch.float32)
+    fn = library().qgemv_i8 if bits == 8 else library().qgemv_i4
+    fn(x.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(mins), y.data_ptr(), m, q.shape[0], k, group_size,
+       torch.get_num_threads())
+    return y
+
+
+def dequant(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group_size: int, k: int,
+            n0: int = 0, n1: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows n0..n1 of the quantized W [N, K] in fp32, [n1 - n0, K] (into `out` if given, contiguous fp32)."""
+    q, scales, mins = _quantized(q, scales, mins, bits, k, group_size)
+    n1 = q.shape[0] if n1 is None else n1
+    if not 0 <= n0 <= n1 <= q.shape[0]:
+        raise ValueError(f"rows {n0}..{n1} of a matrix with {q.shape[0]}")
+    if out is None:
+        out = torch.empty(n1 - n0, k, dtype=torch.float32)
+    elif out.shape != (n1 - n0, k) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous fp32 [{n1 - n0}, {k}]")
+    fn = library().dequant_i8 if bits == 8 else library().dequant_i4
+    fn(q.data_ptr(), scales.data_ptr(), _ptr(mins), out.data_ptr(), k, group_size, n0, n1, torch.get_num_threads())
+    return out

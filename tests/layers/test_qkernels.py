@@ -1,0 +1,103 @@
+"""dsinfer's quantized-weight CPU kernels (qgemv, dequant) against a plain torch reference of the format."""
+import pytest
+import torch
+
+from dsinfer import kernels
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
+
+# (N, K, G): per-channel (G = K, also K not a multiple of 8), groups of 32 / 128, a partial last group, a group
+# size above K (one group of 64), rows spanning several row blocks, and K large enough to be walked in chunks.
+SHAPES = [(1, 64, 64), (5, 10, 10), (3, 1026, 1026), (37, 2048, 2048), (7, 200, 128), (8, 64, 128), (16, 96, 32),
+          (6, 200, 32), (33, 10944, 128), (2, 10944, 10944), (20, 2048, 128)]
+
+
+def ref_dequant(q, scales, mins, bits, g, k):
+    """W [N, K] in fp64 from the stored format, written out with plain torch ops."""
+    if bits == 8:
+        codes = q.double()
+    else:
+        parts = []
+        for chunk in q.split(g // 2, dim=1):  # one group's bytes: low nibbles, then high nibbles
+            parts += [chunk & 15, chunk >> 4]
+        codes = torch.cat(parts, dim=1).double() - 8
+    w = codes * scales.double().repeat_interleave(g, dim=1)[:, :k]
+    return w if mins is None else w + mins.double().repeat_interleave(g, dim=1)[:, :k]
+
+
+def random_quantized(n, k, g, bits, with_mins, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ng = -(-k // g)
+    if bits == 8:
+        q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    else:
+        q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    scales = (0.5 + torch.rand(n, ng, generator=gen)) / (127 if bits == 8 else 8)
+    mins = 0.1 * torch.randn(n, ng, generator=gen) if with_mins else None
+    return q, scales, mins
+
+
+@pytest.mark.parametrize("n,k,g", SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("with_mins", [False, True])
+def test_qgemv_equals_dequantize_then_matmul(n, k, g, bits, with_mins):
+    q, scales, mins = random_quantized(n, k, g, bits, with_mins, seed=n * 7 + k + g + bits)
+    w = ref_dequant(q, scales, mins, bits, g, k)
+    x = torch.randn(kernels.MAX_M, k, generator=torch.Generator().manual_seed(k))
+    for m in range(1, kernels.MAX_M + 1):
+        ref = (x[:m].double() @ w.T).float()
+        torch.testing.assert_close(kernels.qgemv(x[:m], q, scales, mins, bits, g), ref,
+                                   rtol=1e-5, atol=1e-5 + 1e-6 * k)  # fp32 sum order
+
+
+@pytest.mark.parametrize("bits,g", [(8, 2048), (4, 128), (4, 2048)])
+def test_activations_far_from_zero_mean(bits, g):
+    """int4 sums the stored nibbles (code + 8) and takes 8 * scale * sum(x) off per group: still fp32-close."""
+    q, scales, mins = random_quantized(24, 2048, g, bits, True, seed=4)
+    x = torch.randn(kernels.MAX_M, 2048, generator=torch.Generator().manual_seed(5)) + 3
+    ref = (x.double() @ ref_dequant(q, scales, mins, bits, g, 2048).T).float()
+    torch.testing.assert_close(kernels.qgemv(x, q, scales, mins, bits, g), ref, rtol=1e-5, atol=1e-5 + 1e-6 * 2048)
+
+
+@pytest.mark.parametrize("n,k,g", SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("with_mins", [False, True])
+def test_dequant_row_ranges(n, k, g, bits, with_mins):
+    q, scales, mins = random_quantized(n, k, g, bits, with_mins, seed=n + k + g + bits)
+    w = ref_dequant(q, scales, mins, bits, g, k).float()
+    for n0, n1 in {(0, n), (0, 1), (n // 2, n), (n - 1, n), (n // 3, (2 * n) // 3)}:
+        torch.testing.assert_close(kernels.dequant(q, scales, mins, bits, g, k, n0, n1), w[n0:n1],
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_dequant_into_a_given_buffer():
+    q, scales, mins = random_quantized(12, 256, 128, 4, True, seed=1)
+    out = torch.empty(5, 256)
+    assert kernels.dequant(q, scales, mins, 4, 128, 256, 3, 8, out=out) is out
+    torch.testing.assert_close(out, ref_dequant(q, scales, mins, 4, 128, 256)[3:8].float(), rtol=1e-6, atol=1e-6)
+
+
+def test_strided_inputs_are_copied_not_misread():
+    q, scales, _ = random_quantized(9, 128, 32, 8, False, seed=2)
+    x = torch.randn(128, 3).T  # not contiguous
+    ref = (x.double() @ ref_dequant(q, scales, None, 8, 32, 128).T).float()
+    torch.testing.assert_close(kernels.qgemv(x, q, scales, None, 8, 32), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mismatched_format_is_refused():
+    q, scales, _ = random_quantized(4, 64, 32, 4, False, seed=3)
+    with pytest.raises(ValueError):
+        kernels.qgemv(torch.randn(1, 64), q, scales, None, 8, 32)  # int4 codes called as int8
+    with pytest.raises(ValueError):
+        kernels.qgemv(torch.randn(1, 64), q, scales, None, 4, 64)  # wrong number of groups
+
+
+def test_only_decode_sized_fp32_cpu_inputs_take_the_kernel(monkeypatch):
+    assert kernels.q_usable(torch.randn(kernels.MAX_M, 32))
+    assert not kernels.q_usable(torch.randn(kernels.MAX_M + 1, 32))
+    assert not kernels.q_usable(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert not kernels.q_usable(torch.randn(1, 2, 32))
+    assert kernels.dequant_usable(torch.zeros(4, 8, dtype=torch.int8))
+    monkeypatch.setitem(kernels._state, "enabled", False)
+    assert not kernels.q_usable(torch.randn(2, 32))
+    assert not kernels.dequant_usable(torch.zeros(4, 8, dtype=torch.int8))
