@@ -2,6 +2,8 @@
 
     cd ../peers-bench && .venv/bin/python harness.py --engine peer_engine:Engine --model models/v2lite-4L \
         --dtype fp32   # with PYTHONPATH=<dsinfer checkout>/benchmarks
+
+--dtype int8 or int4 quantizes the weights on load (fp32 activations); a GPTQ checkpoint loads as it is.
 """
 import torch
 
@@ -11,7 +13,9 @@ from dsinfer import LLM, SamplingParams
 class Engine:
     def __init__(self, model, dtype="fp32", threads=2, max_batch=8, max_ctx=1024, **extra):
         torch.set_num_threads(threads)
-        self.llm = LLM(model, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype),
+        quantization = dtype if dtype in ("int8", "int4") else None
+        dtype = "float32" if quantization else dtype
+        self.llm = LLM(model, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype), quantization=quantization,
                        max_model_len=max_ctx, max_num_seqs=max_batch, max_num_batched_tokens=max_batch * max_ctx,
                        enable_prefix_caching=False, **extra)  # the protocol times whole prefills, uncached
         self.engine = self.llm.engine

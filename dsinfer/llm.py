@@ -12,8 +12,9 @@ from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.llm_engine import LLMEngine
 from dsinfer.layers.attention import MLA_MODES
 from dsinfer.models import build_model
-from dsinfer.models.loader import read_config, load_weights
+from dsinfer.models.loader import load_weights, read_config
 from dsinfer.outputs import RequestOutput
+from dsinfer.quant import plan as quant_plan
 from dsinfer.sampling_params import SamplingParams
 from dsinfer.tokenizer import Tokenizer
 
@@ -47,7 +48,8 @@ class LLM:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, kv_cache_memory: int | None = None,
                  kv_cache_memory_fraction: float = 0.2, block_size: int = 16, length_bucketing: bool = True,
-                 mla_mode: str = "auto", cpu_kernels: bool = True, tokenizer: str | None = None):
+                 mla_mode: str = "auto", cpu_kernels: bool = True, tokenizer: str | None = None,
+                 quantization: str | None = None, quant_group_size: int | None = None, map_embeddings: bool = True):
         if model is None:
             from dsinfer import default_model_path
             model = default_model_path()
@@ -59,6 +61,8 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = build_model(cfg, self.dtype, self.device, mla_mode)
+        # bits per quantized unit (None: full precision); weights become empty QTensors for the loader to fill
+        self.quantization = quant_plan.prepare(self.model, model, quantization, quant_group_size, map_embeddings)
         self.mtp_tensors = load_weights(self.model, model)
         self.tokenizer = self._load_tokenizer(Path(tokenizer or model))
         limit = cfg.max_position_embeddings

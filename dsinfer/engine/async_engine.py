@@ -59,7 +59,7 @@ class AsyncLLM:
         """The prompt's embedding from the model itself (for the server's semantic cache)."""
         from dsinfer.engine.model_runner import embed
         with self.lock:
-            return embed(self.engine.model, ids, self.engine.model.config.kv_cache_dim)
+            return embed(self.engine.model, ids)
 
     def stats(self):
         with self.lock:

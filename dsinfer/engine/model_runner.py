@@ -52,15 +52,25 @@ def _pad(tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-@torch.inference_mode()
-def embed(model, ids: list[int], kv_dim: int) -> torch.Tensor:
-    """A prompt's embedding: the model's final hidden states, mean-pooled and L2-normalised [hidden]. Uses its
-    own scratch cache, so the engine's blocks are untouched."""
-    device = next(model.parameters()).device
+def scratch_forward(model, ids: list[int]) -> torch.Tensor:
+    """Final hidden states [n, hidden] of one sequence through a scratch cache of its own, so that no engine
+    blocks are touched (embeddings, calibration, scoring)."""
+    device = model.model.norm.weight.device
+    dtype = model.model.norm.weight.dtype
     n = len(ids)
     rows = torch.arange(n, device=device)
-    caches = [torch.zeros(n, kv_dim, dtype=next(model.parameters()).dtype, device=device)
-              for _ in model.model.layers]
+    caches = [torch.zeros(n, model.config.kv_cache_dim, dtype=dtype, device=device) for _ in model.model.layers]
     meta = AttentionMetadata(1, n, [n], [n], rows, rows[None, :], torch.zeros(n, dtype=torch.long, device=device))
-    hidden = model(torch.tensor(ids, device=device), rows, meta, caches)
-    return torch.nn.functional.normalize(hidden.float().mean(0), dim=0)
+    return model(torch.tensor(ids, device=device), rows, meta, caches)
+
+
+@torch.inference_mode()
+def embed(model, ids: list[int]) -> torch.Tensor:
+    """A prompt's embedding: the model's final hidden states, mean-pooled and L2-normalised [hidden]."""
+    return torch.nn.functional.normalize(scratch_forward(model, ids).float().mean(0), dim=0)
+
+
+@torch.inference_mode()
+def score(model, ids: list[int]) -> torch.Tensor:
+    """Next-token logits [n, vocab] at every position of one sequence."""
+    return model.compute_logits(scratch_forward(model, ids))

@@ -3,15 +3,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsinfer import kernels
+from dsinfer.layers.quant_linear import qlinear
+from dsinfer.quant.qtensor import QTensor
+
+RECORDERS = []  # calibration hooks (dsinfer.quant.calibrate), called with (x, w) before each matmul
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias). Decode-sized fp32 batches on CPU go through dsinfer's weight-streaming kernel when it
-    is available and switched on; everything else through torch."""
+def linear(x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias). Quantized weights go through qlinear; decode-sized fp32 batches on CPU go through
+    dsinfer's weight-streaming kernel when it is available and switched on; everything else through torch."""
+    for record in RECORDERS:
+        record(x, w)
+    if isinstance(w, QTensor):
+        return qlinear(x, w, bias)
     if kernels.usable(x, w):
         y = kernels.gemv(x, w)
         return y if bias is None else y + bias
-    return F.linear(x, w, bias)
+    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), bias)
 
 
 class Linear(nn.Module):

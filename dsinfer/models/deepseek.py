@@ -32,12 +32,14 @@ class DeepseekModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, caches: list[torch.Tensor]) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = F.embedding(input_ids, self.embed_tokens).to(self.norm.weight.dtype)  # bf16 table when quantized
         for layer, cache in zip(self.layers, caches):
             x = layer(x, positions, meta, cache)
         return self.norm(x)
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
+        if getattr(self, "embed_mapped", False):  # already backed by the checkpoint file itself
+            return {}
         return {f"{prefix}embed_tokens.weight": self.embed_tokens.data}
 
 

@@ -1,8 +1,10 @@
 """Reads a Hugging Face checkpoint directory: config.json and safetensors, one tensor at a time."""
 import json
+import mmap
 import os
 import re
-from contextlib import ExitStack
+import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,7 +12,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsinfer.config import ModelConfig
+from dsinfer.quant import gptq_format
 from dsinfer.quant.fp8 import FP8_DTYPES, check_fp8_config, dequantize_fp8
+from dsinfer.quant.qtensor import QTensor, expand_groups
 
 
 class CheckpointError(ValueError):
@@ -34,10 +38,20 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{file}: {e}") from None
     if cfg.quantization_config:
         try:
-            check_fp8_config(cfg.quantization_config)
+            check_quant_config(cfg.quantization_config)
         except ValueError as e:
             raise CheckpointError(f"{file}: {e}") from None
     return cfg
+
+
+def check_quant_config(qc: dict):
+    if qc.get("quant_method") == "gptq":
+        gptq_format.check_gptq_config(qc)
+    elif qc.get("quant_method") == "fp8":
+        check_fp8_config(qc)
+    else:
+        raise ValueError(f"unsupported quantization_config.quant_method {qc.get('quant_method')!r}; "
+                         "dsinfer loads 'fp8' and 'gptq' checkpoints")
 
 
 def tensor_files(path: Path) -> dict[str, list[str]]:
@@ -56,6 +70,39 @@ def tensor_files(path: Path) -> dict[str, list[str]]:
     return {f: _keys(path / f) for f in files}
 
 
+def tensor_info(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+    """Tensor name -> (shape, dtype name) from the safetensors headers, without reading any data."""
+    path, info = Path(path), {}
+    for file, names in tensor_files(path).items():
+        with safe_open(path / file, "pt") as f:
+            for n in names:
+                s = f.get_slice(n)
+                info[n] = (s.get_shape(), s.get_dtype())
+    return info
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def mapped_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
+    """A read-only tensor backed by the checkpoint file's pages: only the parts that are read ever become
+    resident (the embedding table, of which a step reads a few rows). Reads the safetensors header itself to
+    find the tensor's bytes; the mapping lives as long as the tensor."""
+    path = Path(path)
+    file = next(f for f, names in tensor_files(path).items() if name in names)
+    with open(path / file, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        meta = json.loads(f.read(size))[name]
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if meta["dtype"] not in _ST_DTYPES:
+        raise CheckpointError(f"tensor {name} is {meta['dtype']}; only 16- and 32-bit floats can be mapped")
+    start, end = meta["data_offsets"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the buffer is read-only; nothing writes to it
+        raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=8 + size + start)
+    return raw.view(_ST_DTYPES[meta["dtype"]]).view(meta["shape"])
+
+
 def _keys(file: Path) -> list[str]:
     try:
         with safe_open(file, "pt") as f:
@@ -70,6 +117,7 @@ def checkpoint_views(module: torch.nn.Module, prefix: str = "") -> dict[str, tor
         views = module.checkpoint_views(prefix)
     else:
         views = {prefix + n: p.data for n, p in module.named_parameters(recurse=False)}
+        views.update({prefix + n: v for n, v in vars(module).items() if isinstance(v, QTensor)})
     for n, b in module.named_buffers(recurse=False):
         if n not in module._non_persistent_buffers_set:
             views[prefix + n] = b
@@ -86,19 +134,23 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, s
     which are recognised and kept aside, not loaded."""
     path, cfg = Path(path), model.config
     views = checkpoint_views(model)
-    block = check_fp8_config(cfg.quantization_config) if cfg.quantization_config else None
+    qc = cfg.quantization_config or {}
+    block = check_fp8_config(qc) if qc.get("quant_method") == "fp8" else None
     where = {name: file for file, names in tensor_files(path).items() for name in names}
     size = sum((path / f).stat().st_size for f in set(where.values()))
     mtp, loaded = {}, set()
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(path / f, "pt")) for f in sorted(set(where.values()))}
-        for name in tqdm(where, desc="loading weights", unit="tensor", disable=size < 1 << 30):
-            m = _LAYER.match(name)
-            if m and int(m.group(1)) >= cfg.num_hidden_layers:
-                mtp[name] = where[name]
-            elif name in views:
-                _copy(views[name], _read(handles, where, name, block), name)
-                loaded.add(name)
+    handles = ShardReader(path)
+    for name in tqdm(where, desc="loading weights", unit="tensor", disable=size < 1 << 30):
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            mtp[name] = where[name]
+        elif name.endswith(".qweight") and name[:-7] + "weight" in views:
+            target = name[:-7] + "weight"
+            _load_gptq(views[target], _gptq_tensors(handles, where, name[:-8]), qc, target)
+            loaded.add(target)
+        elif name in views:
+            _copy(views[name], _read(handles, where, name, block), name)
+            loaded.add(name)
     missing = [n for n in views if n not in loaded]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -106,9 +158,29 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, s
     return mtp
 
 
-def _get(handles, where, name: str) -> torch.Tensor:
+class ShardReader:
+    """Opens safetensors files as tensors are asked for, and re-opens a file after REMAP_BYTES have been read
+    from it: the mapped pages a read touches count as resident memory until the file is unmapped, so loading
+    never holds more than that much of the checkpoint on top of the model (which matters when quantizing on
+    load, where the model is a fraction of the file)."""
+    REMAP_BYTES = 64 << 20
+
+    def __init__(self, path: Path):
+        self.path, self.files, self.read = path, {}, {}
+
+    def get(self, file: str, name: str) -> torch.Tensor:
+        if file not in self.files:
+            self.files[file], self.read[file] = safe_open(self.path / file, "pt"), 0
+        t = self.files[file].get_tensor(name)
+        self.read[file] += t.numel() * t.element_size()
+        if self.read[file] > self.REMAP_BYTES:
+            del self.files[file]
+        return t
+
+
+def _get(handles: ShardReader, where, name: str) -> torch.Tensor:
     try:
-        return handles[where[name]].get_tensor(name)
+        return handles.get(where[name], name)
     except Exception as e:
         raise CheckpointError(f"cannot read tensor {name} from {where[name]}: {e}") from None
 
@@ -128,7 +200,58 @@ def _read(handles, where, name: str, block) -> torch.Tensor:
         raise CheckpointError(str(e)) from None
 
 
-def _copy(dest: torch.Tensor, src: torch.Tensor, name: str):
+def _copy(dest: torch.Tensor | QTensor, src: torch.Tensor, name: str):
     if tuple(src.shape) != tuple(dest.shape):
         raise CheckpointError(f"tensor {name} has shape {tuple(src.shape)}, expected {tuple(dest.shape)}")
-    dest.copy_(src)
+    if isinstance(dest, QTensor):
+        dest.store(src)  # quantize on load, one tensor at a time
+    else:
+        dest.copy_(src)
+
+
+def _gptq_tensors(handles, where, base: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for suffix in gptq_format.SUFFIXES:
+        name = f"{base}.{suffix}"
+        if name in where:
+            out[suffix] = _get(handles, where, name)
+        elif suffix != "g_idx":
+            raise CheckpointError(f"GPTQ tensor {base}.qweight has no {name} beside it")
+    return out
+
+
+def _load_gptq(dest: torch.Tensor | QTensor, t: dict[str, torch.Tensor], qc: dict, name: str):
+    """Repacks one GPTQ layer into a QTensor (exactly), or dequantizes it for a full-precision destination."""
+    n, k = dest.shape[-2:]
+    bits = gptq_format.bits_of(t["qweight"].shape, k)
+    group = k if qc.get("group_size", -1) == -1 else min(qc["group_size"], k)
+    ng = -(-k // group)
+    for key, shape in (("qweight", (k * bits // 32, n)), ("scales", (ng, n))):
+        if tuple(t[key].shape) != shape or bits not in (4, 8):
+            raise CheckpointError(f"{name[:-7]}.{key} has shape {tuple(t[key].shape)}, expected {shape} for a "
+                                  f"{n}x{k} weight in {qc.get('bits')}-bit groups of {group}")
+    try:
+        codes, scales, mins, perm = gptq_format.unpack(t, bits, group, n, k, qc.get("checkpoint_format") == "gptq_v2", name[:-7])
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(dest, QTensor):
+        w = codes.float() * expand_groups(scales, k, group) + (0 if mins is None else expand_groups(mins, k, group))
+        dest.copy_(w if perm is None else torch.empty_like(w).index_copy_(1, perm, w))
+        return
+    if dest.bits != bits or dest.group_size != group:
+        raise CheckpointError(f"{name[:-7]} is {bits}-bit in groups of {group}, but its sibling tensors are "
+                              f"{dest.bits}-bit in groups of {dest.group_size}")
+    if dest.perm is not None:
+        perm = _check_perm(dest.perm, torch.arange(k) if perm is None else perm, name)
+    elif perm is not None:
+        raise CheckpointError(f"{name[:-7]}.g_idx is in activation order but the config does not say desc_act")
+    if mins is not None and dest.mins is None:
+        raise CheckpointError(f"{name[:-7]} has asymmetric zero points but the config says sym")
+    dest.store_codes(codes, scales, mins if dest.mins is not None else None, perm)
+
+
+def _check_perm(current: torch.Tensor, perm: torch.Tensor, name: str) -> torch.Tensor:
+    """gate_proj and up_proj share one fused matrix and so one column order."""
+    if not torch.equal(current, torch.arange(len(current))) and not torch.equal(current, perm):
+        raise CheckpointError(f"{name[:-7]}.g_idx orders the input differently from the tensor fused with it")
+    return perm

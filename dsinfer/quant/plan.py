@@ -1,0 +1,145 @@
+"""Which weights are quantized, and swapping them for empty QTensors before the loader fills them.
+
+A unit is one weight matrix of the model as dsinfer stores it: a linear layer's weight, an MLP's fused
+gate/up or its down matrix, or one layer's stack of routed-expert matrices. Every unit is quantized except
+kv_b_proj (MLA's absorbed decode reads it per head; 2 M values a layer in V2-Lite), the routers, the norms
+and the embeddings, which stay in full precision."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsinfer.layers.linear import Linear
+from dsinfer.layers.mlp import MLP
+from dsinfer.layers.moe import Experts
+from dsinfer.quant.qtensor import QTensor
+
+KEEP = ("kv_b_proj",)
+DEFAULT_GROUP = {8: -1, 4: 128}  # -1: one group per row (per-channel)
+
+
+@dataclass(slots=True)
+class Unit:
+    name: str              # e.g. model.layers.1.mlp.experts.gate_up_proj
+    module: nn.Module
+    attr: str
+    checkpoint_names: list[str]
+
+    @property
+    def weight(self):
+        return getattr(self.module, self.attr)
+
+    @property
+    def numel(self) -> int:
+        shape = self.weight.shape
+        return int(torch.Size(shape).numel())
+
+
+def units(model: nn.Module) -> list[Unit]:
+    """Every quantizable weight of the model, in module order."""
+    found = []
+    for path, module in model.named_modules():
+        if any(path.endswith(k) for k in KEEP):
+            continue
+        attrs = ["weight"] if isinstance(module, Linear) else ["gate_up_proj", "down_proj"] \
+            if isinstance(module, (MLP, Experts)) else []
+        for attr in attrs:
+            found.append(Unit(f"{path}.{attr}", module, attr, _checkpoint_names(module, path, attr)))
+    return found
+
+
+def _checkpoint_names(module: nn.Module, path: str, attr: str) -> list[str]:
+    from dsinfer.models.loader import checkpoint_views
+    target = getattr(module, attr)
+    views = checkpoint_views(module, f"{path}.")
+    return [n for n, v in views.items() if _shares(v, target)]
+
+
+def _shares(view, target) -> bool:
+    if isinstance(target, QTensor):
+        return isinstance(view, QTensor) and view.q.untyped_storage().data_ptr() == target.q.untyped_storage().data_ptr()
+    return isinstance(view, torch.Tensor) and view.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
+
+
+def group_size_for(bits: int, group_size: int | None, k: int) -> int:
+    g = DEFAULT_GROUP[bits] if group_size is None else group_size
+    return k if g in (-1, 0) or g > k else g
+
+
+def quantize_unit(unit: Unit, bits: int, group_size: int | None, with_mins: bool = False, with_perm: bool = False):
+    """Replaces the unit's full-precision parameter by an empty QTensor of the same logical shape."""
+    shape = tuple(unit.weight.shape)
+    device = unit.weight.device
+    qt = QTensor.empty(shape, bits, group_size_for(bits, group_size, shape[-1]), device, with_mins)
+    if with_perm:
+        qt.perm = torch.arange(shape[-1], device=device).expand(*shape[:-2], shape[-1]).contiguous()
+    unit.module._parameters.pop(unit.attr, None)
+    setattr(unit.module, unit.attr, qt)
+
+
+def keep_embedding(model: nn.Module, path, dtype: torch.dtype, mapped: bool):
+    """Embeddings stay as they are in the checkpoint (bf16 or fp16: exact), not widened to fp32. `mapped`:
+    the table is read straight from the checkpoint file's pages, so only the rows looked up become resident
+    (what llama.cpp's mmap does); else it is copied in at load."""
+    from dsinfer.models.loader import mapped_tensor
+    inner = model.model
+    if mapped and model.lm_head is not None:
+        inner.embed_tokens = nn.Parameter(mapped_tensor(path, "model.embed_tokens.weight"), requires_grad=False)
+        inner.embed_mapped = True
+    elif inner.embed_tokens.dtype != dtype:
+        inner.embed_tokens = nn.Parameter(torch.empty_like(inner.embed_tokens, dtype=dtype), requires_grad=False)
+
+
+def summary(model: nn.Module) -> dict[str, int]:
+    """Unit name -> bits (16 for a unit left in full precision), as written into a checkpoint's config."""
+    return {u.name: u.weight.bits if isinstance(u.weight, QTensor) else 16 for u in units(model)}
+
+
+MODES = ("int8", "int4", "gptq")
+_HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def prepare(model: nn.Module, path, quantization: str | None, group_size: int | None = None,
+            map_embeddings: bool = True) -> dict[str, int] | None:
+    """Swaps weights for empty QTensors, as a GPTQ checkpoint's tensors or `quantization` (quantize on load)
+    say, before the loader fills them. Returns bits per unit, or None for a full-precision model."""
+    from dsinfer.models.loader import tensor_info
+    qc = model.config.quantization_config or {}
+    if quantization is not None and quantization not in MODES:
+        raise ValueError(f"quantization must be one of {MODES} or None, got {quantization!r}")
+    if qc.get("quant_method") == "gptq":
+        if quantization not in (None, "gptq"):
+            raise ValueError(f"{path} is a GPTQ checkpoint already; load it with quantization=None or 'gptq'")
+        info = tensor_info(path)
+        for u in units(model):
+            _prepare_gptq_unit(u, qc, info)
+    elif quantization == "gptq":
+        raise ValueError(f"quantization='gptq' needs a GPTQ checkpoint; {path} has no GPTQ quantization_config")
+    elif quantization is None:
+        return None
+    else:
+        info = tensor_info(path)
+        for u in units(model):
+            quantize_unit(u, 8 if quantization == "int8" else 4, group_size)
+    shape_dtype = info.get("model.embed_tokens.weight")
+    if shape_dtype and shape_dtype[1] in _HALF and model.model.embed_tokens.device.type == "cpu":
+        keep_embedding(model, path, _HALF[shape_dtype[1]], map_embeddings)
+    return summary(model)
+
+
+def _prepare_gptq_unit(unit: Unit, qc: dict, info: dict):
+    from dsinfer.models.loader import CheckpointError
+    from dsinfer.quant.gptq_format import bits_of
+    qnames = [n[:-6] + "qweight" for n in unit.checkpoint_names]
+    present = [n for n in qnames if n in info]
+    if not present:
+        return
+    if len(present) != len(qnames):
+        missing = next(n for n in qnames if n not in info)
+        raise CheckpointError(f"{unit.name} is GPTQ-quantized in part: {missing} is missing")
+    k = unit.weight.shape[-1]
+    bits = {bits_of(info[n][0], k) for n in present}
+    if len(bits) != 1 or not bits <= {4, 8}:
+        raise CheckpointError(f"{present[0]} and the tensors fused with it must share 4 or 8 bits; found {sorted(bits)}")
+    quantize_unit(unit, bits.pop(), qc.get("group_size", -1), with_mins=not qc.get("sym", True),
+                  with_perm=bool(qc.get("desc_act")))

@@ -1,0 +1,70 @@
+"""The quantized weight container: packing, views, and quantized matmul against dequantize-then-matmul."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsinfer import kernels
+from dsinfer.layers.quant_linear import qlinear
+from dsinfer.quant.qtensor import QTensor, pack_int4, unpack_int4
+
+
+@pytest.mark.parametrize("k,group", [(256, 128), (200, 128), (64, 64), (48, 16)])
+def test_int4_pack_unpack_round_trip(k, group):
+    codes = torch.randint(-8, 8, (3, 5, k), dtype=torch.int8)
+    packed = pack_int4(codes, group)
+    assert packed.shape == (3, 5, k // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, group), codes)
+
+
+def test_int4_layout_is_half_split_per_group():
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(2)[None]  # one row, K=32, one group
+    packed = pack_int4(codes, 32)
+    assert int(packed[0, 0]) == (codes[0, 0] + 8) | ((codes[0, 16] + 8) << 4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 96), (4, 32), (4, 128)])
+def test_rtn_error_is_within_half_a_step(bits, group):
+    w = torch.randn(40, 96)
+    qt = QTensor.empty(w.shape, bits, group)
+    qt.store(w)
+    scale = qt.scales.repeat_interleave(qt.group_size, -1)[:, :96]
+    err = (qt.dequantize() - w).abs()
+    inside = (w / scale) <= (1 << (bits - 1)) - 0.5  # int4's grid is -8..7: the far positive end clamps
+    assert (err[inside] <= scale.abs()[inside] / 2 + 1e-6).all()
+    assert (err <= scale.abs() + 1e-6).all()
+
+
+def test_views_share_storage_with_the_stack():
+    qt = QTensor.empty((4, 6, 64), 4, 32)
+    qt.store(torch.randn(4, 6, 64))
+    w = torch.randn(3, 64)
+    qt[2, 3:].store(w)
+    assert torch.equal(qt[2].dequantize()[3:], qt[2, 3:].dequantize())
+    assert (qt[2].dequantize()[3:] - w).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mins,perm", [(False, False), (True, True)])
+def test_quantized_linear_equals_dequantize_then_matmul(m, bits, mins, perm, monkeypatch):
+    monkeypatch.setattr("dsinfer.layers.quant_linear.TILE_VALUES", 64 * 40)  # several tiles
+    n, k = 70, 200
+    qt = QTensor.empty((n, k), bits, 128, with_mins=mins)
+    qt.store(torch.randn(n, k))
+    if mins:
+        qt.mins.normal_()
+    if perm:
+        qt.perm = torch.randperm(k)
+    x = torch.randn(m, k)
+    want = F.linear(x, qt.to_dense())
+    for on in (True, False):
+        kernels.set_enabled(on)
+        torch.testing.assert_close(qlinear(x, qt), want, rtol=1e-4, atol=1e-4)
+    kernels.set_enabled(True)
+
+
+def test_bad_bits_are_refused():
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        QTensor.empty((4, 8), 3, 8)
+    with pytest.raises(ValueError, match="even"):
+        QTensor.empty((4, 7), 4, 8)
