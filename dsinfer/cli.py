@@ -1,4 +1,5 @@
-"""Command line: `dsinfer generate` (streams to the terminal), `dsinfer chat` (multi-turn), `dsinfer bench`."""
+"""Command line: `dsinfer generate` (streams to the terminal), `dsinfer chat` (multi-turn), `dsinfer bench`,
+`dsinfer serve`, `dsinfer quantize`."""
 import argparse
 import logging
 import sys
@@ -10,6 +11,7 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None, help="checkpoint directory (HF layout); default: the built-in model")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_quant_arg(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -18,6 +20,27 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def add_quant_arg(p: argparse.ArgumentParser):
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="quantize weights on load (int8 per channel, int4 in groups of 128); GPTQ checkpoints "
+                        "load quantized without it")
+
+
+def add_quantize_args(p: argparse.ArgumentParser):
+    p.add_argument("src", help="full-precision (or fp8) checkpoint directory")
+    p.add_argument("dst", help="where to write the GPTQ-layout checkpoint")
+    p.add_argument("--method", choices=["gptq", "rtn", "mixed"], default="gptq")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1: one group per output row")
+    p.add_argument("--calibration", default="default",
+                   help="a text file, or 'default' (Python standard-library sources, offline)")
+    p.add_argument("--target-bits", type=float, default=4.5, help="--method mixed: bits per weight, scales included")
+    p.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of the mean Hessian diagonal")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ columns in natural order")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message to start the conversation")
     add_bench_args(sub.add_parser("bench", help="throughput, latency, decode and prefix-cache figures"))
     add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server"))
+    add_quantize_args(sub.add_parser("quantize", help="write an int4/int8 GPTQ-layout checkpoint (GPTQ, RTN or mixed)"))
     return p
 
 
@@ -41,6 +65,7 @@ def add_serve_args(p: argparse.ArgumentParser):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    add_quant_arg(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
@@ -66,6 +91,7 @@ def add_bench_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None, help="checkpoint directory; default: the built-in model")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    add_quant_arg(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--input-len", type=length_range, default=(32, 256), help="LO:HI prompt tokens")
@@ -86,7 +112,8 @@ def add_bench_args(p: argparse.ArgumentParser):
 
 def load(args):
     from dsinfer import LLM, SamplingParams
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+              quantization=args.quantization)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
     return llm, params
@@ -131,13 +158,14 @@ def chat(args):
 def bench(args):
     import torch
 
-    from dsinfer import LLM, bench as dsbench, default_model_path
+    from dsinfer import LLM, default_model_path
+    from dsinfer import bench as dsbench
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-              enable_chunked_prefill=not args.no_chunked_prefill)
+              enable_chunked_prefill=not args.no_chunked_prefill, quantization=args.quantization)
     print(f"dsinfer bench: {args.model or default_model_path()}, {llm.dtype}, {llm.device}, "
           f"{torch.get_num_threads()} threads, {args.num_requests} requests, input {args.input_len}, "
           f"output {args.output_len}, concurrency {args.concurrency}")
@@ -178,7 +206,7 @@ def serve(args):
     from dsinfer.engine.async_engine import AsyncLLM
     from dsinfer.server.app import ServerConfig, build_app
     llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
     name = args.served_model_name or (Path(args.model).name if args.model else "dsinfer-default")
     cfg = ServerConfig(name, args.api_key or os.environ.get("DSINFER_API_KEY"), args.max_waiting,
                        args.max_body_bytes, args.max_tokens_cap, args.response_cache_size,
@@ -189,11 +217,20 @@ def serve(args):
     uvicorn.run(build_app(AsyncLLM(llm), cfg), host=args.host, port=args.port, timeout_graceful_shutdown=30)
 
 
+def quantize(args):
+    from dsinfer.quant.export import QuantizeArgs, quantize_checkpoint
+    qargs = QuantizeArgs(args.method, args.bits, args.group_size, args.calibration, args.target_bits, args.samples,
+                         args.seq_len, args.damp, not args.no_act_order)
+    modules = quantize_checkpoint(args.src, args.dst, qargs)
+    counts = {b: sum(1 for v in modules.values() if v == b) for b in (4, 8, 16)}
+    print(f"wrote {args.dst}: {counts[4]} matrices in 4 bits, {counts[8]} in 8, {counts[16]} kept in 16")
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = parser().parse_args(argv)
     try:
-        {"generate": generate, "chat": chat, "bench": bench, "serve": serve}[args.command](args)
+        {"generate": generate, "chat": chat, "bench": bench, "serve": serve, "quantize": quantize}[args.command](args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"dsinfer: error: {e}", file=sys.stderr)
         return 2
