@@ -11,6 +11,7 @@ from dsinfer import kernels
 from dsinfer.quant.qtensor import QTensor
 
 TILE_VALUES = 1 << 20  # weights per dequantized tile on CPU (4 MiB in fp32: stays in cache)
+GPU_TILE_VALUES = 1 << 24  # on other devices larger tiles keep kernel launches few (64 MiB in fp32)
 
 
 def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,7 +26,7 @@ def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> to
 
 def tiled(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     n, k = w.shape
-    rows = n if x.device.type != "cpu" else max(16, TILE_VALUES // k)
+    rows = max(16, (TILE_VALUES if x.device.type == "cpu" else GPU_TILE_VALUES) // k)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     fast = kernels.dequant_usable(w.q)
     for r0 in range(0, n, rows):
