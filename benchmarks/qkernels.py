@@ -1,8 +1,12 @@
 """Micro-benchmark of dsinfer's decode matmul kernels on CPU: fp32 `kernels.gemv` against `kernels.qgemv` on
 int8 (per-channel) and int4 (groups of 128) weights, with and without mins, and torch's own int8 kernel.
+Kinds ending in "x8" run qgemv's int8-activation path (x quantized to int8 in blocks of 32, integer dot
+products; the time includes quantizing x); their last column compares with the same weights' fp32-activation
+path in the same run.
 
     python benchmarks/qkernels.py                 # all shapes, M in 1 2 4 8, torch's thread count
     python benchmarks/qkernels.py --shapes 10944x2048 --m 1 8 --threads 2
+    python benchmarks/qkernels.py --shapes 2816x2048 2048x1408 102400x2048 --m 1 8 --kinds int8 "int8 x8" int4 "int4 x8"
 
 Each kernel walks over enough copies of its weights (--min-mib, 256 MiB by default) that they stream from
 memory rather than cache. GB/s counts the weight bytes a call reads: codes plus scales (and mins).
@@ -19,6 +23,7 @@ def random_weights(kind: str, n: int, k: int) -> dict:
     if kind == "fp32":
         return {"w": torch.randn(n, k)}
     bits, g = (8, k) if kind.startswith("int8") else (4, 128)
+    kind = kind.removesuffix(" x8")
     ng = -(-k // g)
     q = torch.randint(-128, 128, (n, k if bits == 8 else k // 2), dtype=torch.int8)
     return {"q": q if bits == 8 else q.view(torch.uint8), "scales": torch.rand(n, ng) / 64,
@@ -34,7 +39,8 @@ def call(kind: str, x: torch.Tensor, w: dict):
         return kernels.gemv(x, w["w"])
     if kind.startswith("aten"):
         return torch.ops.aten._weight_int8pack_mm(x, w["q"], w["s"])
-    return kernels.qgemv(x, w["q"], w["scales"], w["mins"], w["bits"], w["group_size"])
+    return kernels.qgemv(x, w["q"], w["scales"], w["mins"], w["bits"], w["group_size"],
+                         int8_activations=kind.endswith("x8"))
 
 
 def seconds_per_call(kind: str, x: torch.Tensor, copies: list, min_seconds: float, repeat: int) -> float:
@@ -73,16 +79,19 @@ def main():
     ap.add_argument("--seconds", type=float, default=0.1, help="minimum time per measurement")
     ap.add_argument("--repeat", type=int, default=5, help="measurements per entry; the best is shown")
     ap.add_argument("--no-aten", action="store_true", help="skip torch's _weight_int8pack_mm")
+    ap.add_argument("--kinds", nargs="+", help="only these kernels (fp32, int8, int4 x8, ...; fp32 is the base)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if kernels.library() is None:
         raise SystemExit("dsinfer's CPU kernels cannot be built here")
-    kinds = ["fp32", "int8", "int4", "int8+mins", "int4+mins"]
+    kinds = ["fp32", "int8", "int8 x8", "int4", "int4 x8", "int8+mins", "int8+mins x8", "int4+mins", "int4+mins x8"]
     extra = [] if args.no_aten else ["aten int8 fp32-x", "aten int8 bf16-x"]
+    if args.kinds:
+        kinds, extra = [kind for kind in kinds + extra if kind in args.kinds or kind == "fp32"], []
     print(f"threads {args.threads}; weights rotate over >= {args.min_mib} MiB per kernel; "
           "GB/s = weight bytes read per call (codes + scales + mins) / time")
-    fp32_us = {}
-    print(f"{'N x K':>12} {'M':>2} {'kernel':>17} {'us':>9} {'GB/s':>6} {'x fp32':>7}")
+    fp32_us, us = {}, {}
+    print(f"{'N x K':>12} {'M':>2} {'kernel':>17} {'us':>9} {'GB/s':>6} {'x fp32':>7} {'x fp32-x':>8}")
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
         for kind in kinds + extra:
@@ -106,7 +115,10 @@ def main():
                 if kind == "fp32":
                     fp32_us[(shape, m)] = secs * 1e6
                 ratio = f"{base / (secs * 1e6):6.2f}x" if base else ""
-                print(f"{shape:>12} {m:>2} {kind:>17} {secs * 1e6:9.1f} {gbs:6.1f} {ratio:>7}", flush=True)
+                us[(shape, m, kind)] = secs * 1e6
+                old = us.get((shape, m, kind.removesuffix(" x8"))) if kind.endswith(" x8") else None
+                gain = f"{old / (secs * 1e6):6.2f}x" if old else ""
+                print(f"{shape:>12} {m:>2} {kind:>17} {secs * 1e6:9.1f} {gbs:6.1f} {ratio:>7} {gain:>8}", flush=True)
             del copies
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ rows; torch's own matmul reads the weights at a fraction of memory bandwidth for
 same for weight-only quantized weights (int8 / int4 codes in groups, see dsinfer/quant/qtensor.py), and
 `dequant` expands a range of their rows to fp32 for prefill. Where the kernels cannot be built (no compiler,
 no AVX2) or are switched off (DSINFER_CPU_KERNELS=0, or dsinfer.kernels.set_enabled(False)), callers use
-torch's path, which is also what the tests compare against."""
+torch's path, which is also what the tests compare against.
+
+With int8 activations on (DSINFER_INT8_ACTIVATIONS=1 at import, or set_int8_activations(True); off by default),
+`qgemv` first quantizes x to int8 (per row, one fp32 scale per block of 32 columns: d = max|x| / 127) and runs
+the dot products in integers, as llama.cpp does for Q4_0 x Q8_0: faster, at the cost of x's rounding error.
+Shapes where a block of 32 columns would straddle a group (int8) or a half-group (int4) take the fp32 path."""
 import ctypes
 import hashlib
 import logging
@@ -19,11 +24,32 @@ import torch
 log = logging.getLogger("dsinfer")
 MAX_M = 8
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c")]
-_state = {"enabled": os.environ.get("DSINFER_CPU_KERNELS", "1") != "0", "lib": None, "tried": False}
+
+
+def int8_activations_from_env() -> bool:
+    """DSINFER_INT8_ACTIVATIONS: 0 turns the int8-activation path off at import; 1 or unset leaves it on (it is
+    used for int4 weights only, see dsinfer.layers.quant_linear)."""
+    value = os.environ.get("DSINFER_INT8_ACTIVATIONS", "1").strip()
+    if value not in ("0", "1"):
+        log.warning("DSINFER_INT8_ACTIVATIONS=%r is neither 0 nor 1; int8 activations stay on", value)
+    return value != "0"
+
+
+_state = {"enabled": os.environ.get("DSINFER_CPU_KERNELS", "1") != "0", "lib": None, "tried": False,
+          "int8_activations": int8_activations_from_env()}
 
 
 def set_enabled(on: bool):
     _state["enabled"] = on
+
+
+def set_int8_activations(on: bool):
+    """Whether `qgemv` quantizes x to int8 and multiplies in integers where the shape allows (see above)."""
+    _state["int8_activations"] = bool(on)
+
+
+def int8_activations_enabled() -> bool:
+    return _state["int8_activations"]
 
 
 def cpu_has_avx2() -> bool:
@@ -52,10 +78,13 @@ def build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         fn.restype = None
-    for name in ("qgemv_i8", "qgemv_i4"):  # x, q, scales, mins, y, m, n, k, group size, threads
+    # x, q, scales, mins, y, m, n, k, group size, threads; _x8: int8 activations
+    for name in ("qgemv_i8", "qgemv_i4", "qgemv_i8_x8", "qgemv_i4_x8"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None
+    lib.round_x_i8.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.round_x_i8.restype = None
     for name in ("dequant_i8", "dequant_i4"):  # q, scales, mins, out, k, group size, n0, n1, threads
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
@@ -119,16 +148,31 @@ def _quantized(q, scales, mins, bits: int, k: int, group_size: int):
     return q.contiguous(), scales.contiguous(), None if mins is None else mins.contiguous()
 
 
+def int8_activations_fit(bits: int, k: int, group_size: int) -> bool:
+    """Whether the int8-activation path takes these shapes: every group's length (int8 codes) or half-length
+    (int4) a multiple of 32, so that no block of 32 columns of x straddles two of them."""
+    unit, g = (64 if bits == 4 else 32), min(group_size, k)
+    return k > 0 and g > 0 and g % unit == 0 and k % g % unit == 0
+
+
 def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
-          group_size: int) -> torch.Tensor:
-    """x [M, K] fp32 (M <= MAX_M) @ W.T for a quantized W [N, K] (codes q, scales / mins [N, groups]) -> fp32."""
+          group_size: int, int8_activations: bool | None = None) -> torch.Tensor:
+    """x [M, K] fp32 (M <= MAX_M) @ W.T for a quantized W [N, K] (codes q, scales / mins [N, groups]) -> fp32.
+    int8_activations: None follows set_int8_activations; True / False forces the integer path (where the shape
+    allows it) or the fp32 one."""
     if x.dtype != torch.float32 or x.dim() != 2 or not 0 < x.shape[0] <= MAX_M:
         raise ValueError(f"qgemv takes fp32 [M <= {MAX_M}, K] activations, not {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
     m, k = x.shape
     q, scales, mins = _quantized(q, scales, mins, bits, k, group_size)
     y = torch.empty(m, q.shape[0], dtype=torch.float32)
-    fn = library().qgemv_i8 if bits == 8 else library().qgemv_i4
+    if int8_activations is None:
+        int8_activations = _state["int8_activations"]
+    lib = library()
+    if int8_activations and int8_activations_fit(bits, k, group_size):
+        fn = lib.qgemv_i8_x8 if bits == 8 else lib.qgemv_i4_x8
+    else:
+        fn = lib.qgemv_i8 if bits == 8 else lib.qgemv_i4
     fn(x.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(mins), y.data_ptr(), m, q.shape[0], k, group_size,
        torch.get_num_threads())
     return y
@@ -147,4 +191,13 @@ def dequant(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bi
         raise ValueError(f"out must be contiguous fp32 [{n1 - n0}, {k}]")
     fn = library().dequant_i8 if bits == 8 else library().dequant_i4
     fn(q.data_ptr(), scales.data_ptr(), _ptr(mins), out.data_ptr(), k, group_size, n0, n1, torch.get_num_threads())
+    return out
+
+
+def round_to_int8(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 (K a multiple of 32) rounded exactly as the integer path quantizes it: d * xq per block of
+    32 values, d = max|x| / 127."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().round_x_i8(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
     return out
