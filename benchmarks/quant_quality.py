@@ -4,7 +4,10 @@ load), int4 GPTQ and mixed precision (written by `dsinfer quantize`).
 
     python benchmarks/quant_quality.py [--model DIR] [--eval-tokens 32768] [--samples 128]
 
-Held-out text: the standard-library files the built-in model never trained on (dsinfer.train's split)."""
+Held-out text: the standard-library files the built-in model never trained on (dsinfer.train's split).
+Quantized matmuls are run 8 rows at a time, so every one goes through the decode kernel (whose numerics are
+what generation sees; whole-prompt scoring would take the prefill path instead). --int8-activations adds int4
+variants with the kernel's int8 activations."""
 import argparse
 import math
 import tempfile
@@ -12,7 +15,8 @@ import time
 
 import torch
 
-from dsinfer import LLM
+import dsinfer.layers.linear as linear_mod
+from dsinfer import LLM, kernels
 from dsinfer.engine.model_runner import score
 from dsinfer.quant.export import QuantizeArgs, quantize_checkpoint
 from dsinfer.train.corpus import read, split, stdlib_files
@@ -43,6 +47,11 @@ def compare(ref: list[torch.Tensor], test: list[torch.Tensor], seqs) -> dict:
     return {"ppl": math.exp(nll / n), "top1": agree / positions, "kl": kl / positions}
 
 
+def through_decode_kernel(qlinear):
+    """qlinear, 8 rows at a time (the decode kernel's batch), whatever the number of rows."""
+    return lambda x, w, bias=None: torch.cat([qlinear(part, w, bias) for part in x.split(kernels.MAX_M)])
+
+
 def variants(model: str, args, tmp: str):
     yield "fp32", lambda: LLM(model, dtype="float32")
     yield "int8 (RTN, per channel)", lambda: LLM(model, dtype="float32", quantization="int8")
@@ -52,6 +61,9 @@ def variants(model: str, args, tmp: str):
                                                                           samples=args.samples, seq_len=args.seq_len))):
         out = f"{tmp}/{qa.method}"
         yield name, lambda qa=qa, out=out: (quantize_checkpoint(model, out, qa, log=lambda *_: None), LLM(out))[1]
+    if args.int8_activations:
+        yield "int4 (RTN) + int8 activations", lambda: LLM(model, dtype="float32", quantization="int4")
+        yield "int4 (GPTQ) + int8 activations", lambda: LLM(f"{tmp}/gptq")
 
 
 def main():
@@ -62,13 +74,16 @@ def main():
     p.add_argument("--samples", type=int, default=128, help="calibration sequences for GPTQ and mixed")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--target-bits", type=float, default=4.5)
+    p.add_argument("--int8-activations", action="store_true", help="also int4 with the kernel's int8 activations")
     args = p.parse_args()
+    linear_mod.qlinear = through_decode_kernel(linear_mod.qlinear)
     from dsinfer import default_model_path
     model = args.model or str(default_model_path())
     ref, seqs, rows = None, None, []
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in variants(model, args, tmp):
             t0 = time.time()
+            kernels.set_int8_activations("int8 activations" in name)
             llm = make()
             seqs = seqs or eval_sequences(llm.tokenizer, args.eval_tokens, args.length)
             lp = logprobs(llm, seqs)
