@@ -7,7 +7,7 @@ load), int4 GPTQ and mixed precision (written by `dsinfer quantize`).
 Held-out text: the standard-library files the built-in model never trained on (dsinfer.train's split).
 Quantized matmuls are run 8 rows at a time, so every one goes through the decode kernel (whose numerics are
 what generation sees; whole-prompt scoring would take the prefill path instead). --int8-activations adds int4
-variants with the kernel's int8 activations."""
+and int8 variants with the kernel's int8 activations."""
 import argparse
 import math
 import tempfile
@@ -62,6 +62,7 @@ def variants(model: str, args, tmp: str):
         out = f"{tmp}/{qa.method}"
         yield name, lambda qa=qa, out=out: (quantize_checkpoint(model, out, qa, log=lambda *_: None), LLM(out))[1]
     if args.int8_activations:
+        yield "int8 (RTN) + int8 activations", lambda: LLM(model, dtype="float32", quantization="int8")
         yield "int4 (RTN) + int8 activations", lambda: LLM(model, dtype="float32", quantization="int4")
         yield "int4 (GPTQ) + int8 activations", lambda: LLM(f"{tmp}/gptq")
 

@@ -27,8 +27,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx
 
 
 def int8_activations_from_env() -> bool:
-    """DSINFER_INT8_ACTIVATIONS: 0 turns the int8-activation path off at import; 1 or unset leaves it on (it is
-    used for int4 weights only, see dsinfer.layers.quant_linear)."""
+    """DSINFER_INT8_ACTIVATIONS: 0 turns the int8-activation path off at import; 1 or unset leaves it on."""
     value = os.environ.get("DSINFER_INT8_ACTIVATIONS", "1").strip()
     if value not in ("0", "1"):
         log.warning("DSINFER_INT8_ACTIVATIONS=%r is neither 0 nor 1; int8 activations stay on", value)

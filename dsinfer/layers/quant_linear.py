@@ -1,9 +1,9 @@
 """x @ W.T for a quantized W (dsinfer.quant.qtensor.QTensor) without a full-precision copy of W.
 
 Decode-sized fp32 batches on CPU run dsinfer's packed-weight kernel, which reads each packed row once for
-every row of x. For int4 weights the kernel also quantizes x to int8 (one scale per 32 values) and multiplies in
-integers, 1.5x faster than unpacking nibbles to fp32 (switch: dsinfer.kernels.set_int8_activations, or
-DSINFER_INT8_ACTIVATIONS=0); int8 weights keep fp32 activations, where integers gain little. Larger batches (prefill) dequantize a tile of rows at a time and hand it to torch's matmul,
+every row of x. The kernel also rounds x to int8 (one scale per 32 values) and multiplies in integers, as
+llama.cpp does: 1.6x faster than unpacking int4 nibbles to fp32 (switch: dsinfer.kernels.set_int8_activations,
+or DSINFER_INT8_ACTIVATIONS=0, for the exact dequantize-then-matmul). Larger batches (prefill) dequantize a tile of rows at a time and hand it to torch's matmul,
 so only one tile is ever in full precision. The plain path (kernels off, other devices) tiles the same way
 with torch's own ops, and is what the tests compare the kernels against."""
 import torch
@@ -28,12 +28,12 @@ def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> to
 
 
 def int8_activations(x: torch.Tensor, w: QTensor) -> bool:
-    """Whether this matmul multiplies int8-rounded activations: int4 weights on CPU with the kernels and the
-    switch on, where the layout allows it. Prefill tiles then round x the same way, so that a sequence gets the
-    same numbers whether its rows ran in a decode batch or in a prefill."""
-    return (w.bits == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-            and kernels.int8_activations_enabled()
-            and kernels.dequant_usable(w.q) and kernels.int8_activations_fit(4, w.k, w.group_size))
+    """Whether this matmul multiplies int8-rounded activations: on CPU with the kernels and the switch on, where
+    the layout allows it. Prefill tiles then round x the same way, so that a sequence gets the same numbers
+    whether its rows ran in a decode batch or in a prefill."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+            and kernels.int8_activations_enabled() and kernels.dequant_usable(w.q)
+            and kernels.int8_activations_fit(w.bits, w.k, w.group_size))
 
 
 def tiled(x: torch.Tensor, w: QTensor) -> torch.Tensor:

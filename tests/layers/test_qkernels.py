@@ -188,7 +188,7 @@ def test_the_int8_activation_switch():
 
 def test_the_int8_activation_switch_reads_the_environment(monkeypatch):
     monkeypatch.delenv("DSINFER_INT8_ACTIVATIONS", raising=False)
-    assert kernels.int8_activations_from_env()  # on by default (used for int4 weights only)
+    assert kernels.int8_activations_from_env()  # on by default
     for value, on in (("1", True), ("0", False), ("yes", True)):
         monkeypatch.setenv("DSINFER_INT8_ACTIVATIONS", value)
         assert kernels.int8_activations_from_env() is on
