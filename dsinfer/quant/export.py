@@ -53,17 +53,18 @@ class QuantizeArgs:
             raise ValueError("--samples must be at least 1 and --seq-len at least 2")
 
 
-def quantize_matrix(w, h, tokens: int, bits: int, group: int, args: QuantizeArgs):
-    """(codes, scales, output error) for one [N, K] matrix."""
-    if tokens == 0 and not h.any():
+def quantize_matrix(w, h, bits: int, group: int, args: QuantizeArgs):
+    """(codes, scales) for one [N, K] matrix; a matrix no calibration token reached gets an identity Hessian."""
+    if not h.any():
         h = torch.eye(w.shape[1])
     if args.method == "rtn":
         scales = symmetric_scales(w, bits, group).half().float()
-        codes = quantize_codes(w, scales, bits, group)
-    else:
-        codes, scales = gptq(w, h, bits, group, args.damp, args.act_order)
-    err = output_error(w, codes.float() * expand_groups(scales, w.shape[1], group), h) if tokens else 0.0
-    return codes, scales, err
+        return quantize_codes(w, scales, bits, group), scales
+    return gptq(w, h, bits, group, args.damp, args.act_order)
+
+
+def error_of(w, codes, scales, group: int, h, tokens: int) -> float:
+    return output_error(w, codes.float() * expand_groups(scales, w.shape[-1], group), h) if tokens else 0.0
 
 
 def quantize_weights(unit: Unit, rec: HessianRecorder, bits: int, args: QuantizeArgs):
@@ -73,13 +74,12 @@ def quantize_weights(unit: Unit, rec: HessianRecorder, bits: int, args: Quantize
     group = group_size_for(bits, args.group_size, w.shape[-1])
     if w.dim() == 2:
         h, n = rec.hessian(w)
-        return quantize_matrix(w, h, n, bits, group, args)
+        codes, scales = quantize_matrix(w, h, bits, group, args)
+        return codes, scales, error_of(w, codes, scales, group, h, n)
     parts = []
     for e, h in enumerate(rec.expert_hessians(w)):
-        codes, scales, _ = quantize_matrix(w[e], h, 1, bits, group, args)
-        own, n = rec.hessian(w[e])
-        err = output_error(w[e], codes.float() * expand_groups(scales, w.shape[-1], group), own) if n else 0.0
-        parts.append((codes, scales, err))
+        codes, scales = quantize_matrix(w[e], h, bits, group, args)
+        parts.append((codes, scales, error_of(w[e], codes, scales, group, *rec.hessian(w[e]))))
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), sum(p[2] for p in parts)
 
 

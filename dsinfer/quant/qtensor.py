@@ -100,10 +100,6 @@ class QTensor:
     def device(self) -> torch.device:
         return self.q.device
 
-    def nbytes(self) -> int:
-        tensors = [self.q, self.scales] + [t for t in (self.mins, self.perm) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def __getitem__(self, idx) -> "QTensor":
         idx = idx if isinstance(idx, tuple) else (idx,)
         lead = self.q.dim() - 2
