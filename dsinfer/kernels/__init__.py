@@ -23,7 +23,8 @@ import torch
 
 log = logging.getLogger("dsinfer")
 MAX_M = 8
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c")]
+HEADERS = [Path(__file__).with_name("qkernels.h")]
 
 
 def int8_activations_from_env() -> bool:
@@ -61,7 +62,7 @@ def cpu_has_avx2() -> bool:
 
 def build() -> ctypes.CDLL | None:
     """Compiles the kernels once per source version into a user cache directory; None if it cannot."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS)).hexdigest()[:16]
     cache = Path(os.environ.get("DSINFER_CACHE", Path.home() / ".cache" / "dsinfer"))
     target = cache / f"gemv_avx2-{digest}.so"
     if not target.exists():
