@@ -40,11 +40,12 @@ def tiled(x: torch.Tensor, w: QTensor) -> torch.Tensor:
     n, k = w.shape
     rows = max(16, (TILE_VALUES if x.device.type == "cpu" else GPU_TILE_VALUES) // k)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    fast = kernels.dequant_usable(w.q)
+    fast, buf = kernels.dequant_usable(w.q), None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        if fast:
-            tile = kernels.dequant(w.q, w.scales, w.mins, w.bits, w.group_size, k, r0, r1)
+        if fast:  # one tile buffer for the whole matrix (the last, shorter tile gets its own)
+            reuse = buf if buf is not None and buf.shape[0] == r1 - r0 else None
+            tile = buf = kernels.dequant(w.q, w.scales, w.mins, w.bits, w.group_size, k, r0, r1, out=reuse)
         else:
             tile = w[r0:r1].dequantize()
         y[..., r0:r1] = F.linear(x, tile.to(x.dtype))

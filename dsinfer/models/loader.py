@@ -81,7 +81,7 @@ def tensor_info(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
     return info
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # header name -> torch
 
 
 def mapped_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
@@ -94,13 +94,13 @@ def mapped_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
         size = struct.unpack("<Q", f.read(8))[0]
         meta = json.loads(f.read(size))[name]
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if meta["dtype"] not in _ST_DTYPES:
+    if meta["dtype"] not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"tensor {name} is {meta['dtype']}; only 16- and 32-bit floats can be mapped")
     start, end = meta["data_offsets"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the buffer is read-only; nothing writes to it
         raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=8 + size + start)
-    return raw.view(_ST_DTYPES[meta["dtype"]]).view(meta["shape"])
+    return raw.view(SAFETENSORS_DTYPES[meta["dtype"]]).view(meta["shape"])
 
 
 def _keys(file: Path) -> list[str]:

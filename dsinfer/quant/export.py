@@ -27,7 +27,6 @@ from dsinfer.quant.qtensor import (
 )
 
 METHODS = ("rtn", "gptq", "mixed")
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 @dataclass(slots=True)
@@ -114,7 +113,7 @@ def quantize_checkpoint(src: str, dst: str, args: QuantizeArgs, log=print) -> di
 
 
 def write_checkpoint(llm, src: Path, dst: Path, args: QuantizeArgs):
-    from dsinfer.models.loader import checkpoint_views, tensor_info
+    from dsinfer.models.loader import SAFETENSORS_DTYPES, checkpoint_views, tensor_info
     info = tensor_info(src)
     tensors = {}
     for name, v in checkpoint_views(llm.model).items():
@@ -122,7 +121,7 @@ def write_checkpoint(llm, src: Path, dst: Path, args: QuantizeArgs):
             for suffix, t in gptq_format.pack(v.codes(), v.scales, v.bits, v.group_size).items():
                 tensors[name[:-len("weight")] + suffix] = t
         else:
-            tensors[name] = v.to(_DTYPES.get(info[name][1], v.dtype)).contiguous().clone()
+            tensors[name] = v.to(SAFETENSORS_DTYPES.get(info[name][1], v.dtype)).contiguous().clone()
     for name, file in llm.mtp_tensors.items():  # the MTP layer is copied as it is
         with safe_open(src / file, "pt") as f:
             tensors[name] = f.get_tensor(name)

@@ -96,14 +96,13 @@ def summary(model: nn.Module) -> dict[str, int]:
 
 
 MODES = ("int8", "int4", "gptq")
-_HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def prepare(model: nn.Module, path, quantization: str | None, group_size: int | None = None,
             map_embeddings: bool = True) -> dict[str, int] | None:
     """Swaps weights for empty QTensors, as a GPTQ checkpoint's tensors or `quantization` (quantize on load)
     say, before the loader fills them. Returns bits per unit, or None for a full-precision model."""
-    from dsinfer.models.loader import tensor_info
+    from dsinfer.models.loader import SAFETENSORS_DTYPES, tensor_info
     qc = model.config.quantization_config or {}
     if quantization is not None and quantization not in MODES:
         raise ValueError(f"quantization must be one of {MODES} or None, got {quantization!r}")
@@ -122,8 +121,9 @@ def prepare(model: nn.Module, path, quantization: str | None, group_size: int | 
         for u in units(model):
             quantize_unit(u, 8 if quantization == "int8" else 4, group_size)
     shape_dtype = info.get("model.embed_tokens.weight")
-    if shape_dtype and shape_dtype[1] in _HALF and model.model.embed_tokens.device.type == "cpu":
-        keep_embedding(model, path, _HALF[shape_dtype[1]], map_embeddings)
+    dtype = SAFETENSORS_DTYPES.get(shape_dtype[1]) if shape_dtype else None
+    if dtype in (torch.bfloat16, torch.float16) and model.model.embed_tokens.device.type == "cpu":
+        keep_embedding(model, path, dtype, map_embeddings)
     return summary(model)
 
 
