@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dsinfer import kernels
+from dsinfer import kernels, malloc
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.llm_engine import LLMEngine
+from dsinfer.layers import mlp
 from dsinfer.layers.attention import MLA_MODES
 from dsinfer.models import build_model
 from dsinfer.models.loader import load_weights, read_config
@@ -49,7 +50,8 @@ class LLM:
                  enable_chunked_prefill: bool = True, kv_cache_memory: int | None = None,
                  kv_cache_memory_fraction: float = 0.2, block_size: int = 16, length_bucketing: bool = True,
                  mla_mode: str = "auto", cpu_kernels: bool = True, tokenizer: str | None = None,
-                 quantization: str | None = None, quant_group_size: int | None = None, map_embeddings: bool = True):
+                 quantization: str | None = None, quant_group_size: int | None = None, map_embeddings: bool = True,
+                 ffn_chunk_tokens: int | None = 256):
         if model is None:
             from dsinfer import default_model_path
             model = default_model_path()
@@ -57,6 +59,8 @@ class LLM:
             raise ValueError(f"mla_mode must be one of {MLA_MODES}, got {mla_mode!r}")
         torch.manual_seed(seed)
         kernels.set_enabled(cpu_kernels)  # process-wide: the weight-streaming CPU matmul for decode batches
+        malloc.tune()  # process-wide: large temporaries get their own mappings (dsinfer/malloc.py)
+        mlp.set_chunk_tokens(ffn_chunk_tokens)
         cfg = read_config(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

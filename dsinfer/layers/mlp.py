@@ -4,6 +4,17 @@ from torch import nn
 
 from dsinfer.layers.linear import linear
 
+_chunk = {"tokens": 256}
+
+
+def set_chunk_tokens(n: int | None):
+    """Tokens per MLP pass (None or 0: all at once). A long prefill runs its MLPs in chunks of this many tokens,
+    so the [T, 2I] intermediate, the largest activation in a forward pass, is bounded (as llama.cpp bounds its
+    compute buffer by n_ubatch). Process-wide, like the CPU kernel switch."""
+    if n is not None and n < 0:
+        raise ValueError(f"ffn_chunk_tokens must be >= 0 or None, got {n}")
+    _chunk["tokens"] = n or 0
+
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
@@ -20,6 +31,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(hidden, inter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = _chunk["tokens"]
+        if not step or x.shape[0] <= step:
+            return self.run(x)
+        return torch.cat([self.run(part) for part in x.split(step)])
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         return linear(silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj)
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:

@@ -54,22 +54,22 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the weighted sum of expert outputs [T, D] and tokens per expert [E]."""
+        """Returns the weighted sum of expert outputs [T, D] and tokens per expert [E]. Each expert gathers its
+        own tokens and adds its weighted output into the result, so activations never exceed one expert's."""
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n)
-        token = order // k
-        xs = x[token]
-        ys = torch.empty_like(xs)
+        token, scale = order // k, weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x)
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                h = silu_and_mul(linear(xs[start:start + c], self.gate_up_proj[e]))
-                ys[start:start + c] = linear(h, self.down_proj[e])
+                rows = token[start:start + c]
+                h = silu_and_mul(linear(x.index_select(0, rows), self.gate_up_proj[e])).mul_(scale[start:start + c])
+                out.index_add_(0, rows, linear(h, self.down_proj[e]))
                 start += c
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys), counts
+        return out, counts
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         views, i = {}, self.inter

@@ -1,10 +1,10 @@
 """DeepSeek-V2 / V3 (model types deepseek_v2 and deepseek_v3): MLA attention, dense then MoE MLPs."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsinfer.config import ModelConfig
 from dsinfer.layers.attention import MLA, AttentionMetadata
+from dsinfer.layers.embedding import embed
 from dsinfer.layers.linear import Linear, linear
 from dsinfer.layers.mlp import MLP
 from dsinfer.layers.moe import MoE
@@ -32,7 +32,7 @@ class DeepseekModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, caches: list[torch.Tensor]) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed_tokens).to(self.norm.weight.dtype)  # bf16 table when quantized
+        x = embed(input_ids, self.embed_tokens).to(self.norm.weight.dtype)  # bf16 table when quantized
         for layer, cache in zip(self.layers, caches):
             x = layer(x, positions, meta, cache)
         return self.norm(x)

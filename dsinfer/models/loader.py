@@ -1,10 +1,8 @@
 """Reads a Hugging Face checkpoint directory: config.json and safetensors, one tensor at a time."""
 import json
-import mmap
 import os
 import re
 import struct
-import warnings
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsinfer.config import ModelConfig
+from dsinfer.layers.embedding import FileRows
 from dsinfer.quant import gptq_format
 from dsinfer.quant.fp8 import FP8_DTYPES, check_fp8_config, dequantize_fp8
 from dsinfer.quant.qtensor import QTensor, expand_groups
@@ -84,23 +83,18 @@ def tensor_info(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # header name -> torch
 
 
-def mapped_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
-    """A read-only tensor backed by the checkpoint file's pages: only the parts that are read ever become
-    resident (the embedding table, of which a step reads a few rows). Reads the safetensors header itself to
-    find the tensor's bytes; the mapping lives as long as the tensor."""
+def file_rows(path: str | os.PathLike, name: str) -> FileRows:
+    """A 2-D tensor of the checkpoint left in its file and read row by row on lookup (the embedding table, of
+    which a step reads a few rows). Reads the safetensors header itself to find the tensor's bytes."""
     path = Path(path)
     file = next(f for f, names in tensor_files(path).items() if name in names)
     with open(path / file, "rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
         meta = json.loads(f.read(size))[name]
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if meta["dtype"] not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"tensor {name} is {meta['dtype']}; only 16- and 32-bit floats can be mapped")
-    start, end = meta["data_offsets"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns that the buffer is read-only; nothing writes to it
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=8 + size + start)
-    return raw.view(SAFETENSORS_DTYPES[meta["dtype"]]).view(meta["shape"])
+    if meta["dtype"] not in SAFETENSORS_DTYPES or len(meta["shape"]) != 2:
+        raise CheckpointError(f"tensor {name} is {meta['dtype']} {meta['shape']}; only 2-D 16- and 32-bit floats "
+                              "can be read from the file")
+    return FileRows(path / file, 8 + size + meta["data_offsets"][0], meta["shape"], SAFETENSORS_DTYPES[meta["dtype"]])
 
 
 def _keys(file: Path) -> list[str]:

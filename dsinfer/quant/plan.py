@@ -79,12 +79,13 @@ def quantize_unit(unit: Unit, bits: int, group_size: int | None, with_mins: bool
 
 def keep_embedding(model: nn.Module, path, dtype: torch.dtype, mapped: bool):
     """Embeddings stay as they are in the checkpoint (bf16 or fp16: exact), not widened to fp32. `mapped`:
-    the table is read straight from the checkpoint file's pages, so only the rows looked up become resident
-    (what llama.cpp's mmap does); else it is copied in at load."""
-    from dsinfer.models.loader import mapped_tensor
+    the table stays in the checkpoint file and a lookup reads its rows from there (FileRows), so none of it
+    is resident in the process; else it is copied in at load. A tied table is the LM head too: copied in."""
+    from dsinfer.models.loader import file_rows
     inner = model.model
     if mapped and model.lm_head is not None:
-        inner.embed_tokens = nn.Parameter(mapped_tensor(path, "model.embed_tokens.weight"), requires_grad=False)
+        inner._parameters.pop("embed_tokens")
+        inner.embed_tokens = file_rows(path, "model.embed_tokens.weight")
         inner.embed_mapped = True
     elif inner.embed_tokens.dtype != dtype:
         inner.embed_tokens = nn.Parameter(torch.empty_like(inner.embed_tokens, dtype=dtype), requires_grad=False)

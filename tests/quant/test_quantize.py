@@ -131,7 +131,7 @@ def test_quantize_command_reports_bad_arguments(ckpts, tmp_path, capsys):
     assert "--group-size" in capsys.readouterr().err
 
 
-def test_mapped_embeddings_equal_copied_ones(ckpts, tmp_path):
+def test_embeddings_read_from_the_file_equal_copied_ones(ckpts, tmp_path):
     bf16 = tmp_path / "bf16"
     shutil.copytree(ckpts["v3"], bf16)
     t = load_file(bf16 / "model.safetensors")
