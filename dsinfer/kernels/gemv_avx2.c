@@ -3,8 +3,10 @@
  * bf16 (bf16 widens to fp32 exactly by a 16-bit shift); activations and sums are fp32. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define MAX_M 8
+#define KC 128 /* columns per chunk in the blocked kernel */
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -65,49 +67,68 @@ static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n,
     }                                                                                               \
 }
 
-/* For 5-8 rows of x: two weight rows at a time against tiles of up to 4 x rows, so each x load feeds two
- * FMAs (one x load per FMA would make the loads, not memory, the limit). The second tile re-reads the two
- * weight rows from cache, not memory. */
-#define PAIR_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                         \
+/* For 3-8 rows of x, which is first packed once per call into xp[K/8][M][8] (the M rows' 8-float pieces
+ * side by side: one sequential stream instead of M rows 4*K bytes apart, all in the same L1 sets). Blocking:
+ *  - registers: G weight rows x a tile of T x rows, G * T <= 12 accumulators; per 8 columns G + T loads
+ *    (each into a register) feed G * T FMAs. 3-4 x rows: one 3 x M tile; 5-8: two tiles (3+2, 4+2, 4+3,
+ *    4+4 x rows), the second re-reading the weight piece from L1.
+ *  - L1: K is walked in chunks of KC columns, all tiles finishing a chunk before the next one, so the weight
+ *    rows stream from memory at an even pace; partial sums wait in acc[][] between chunks.
+ *  - memory: every weight element is read from memory once. */
+#define GROUP_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                        \
 static inline __attribute__((always_inline)) void NAME##_tile(                                      \
-        const float *x, const WTYPE *w0, const WTYPE *w1, float *y0, float *y1, int64_t n, int64_t k,\
-        const int T) {                                                                              \
-    __m256 a0[4], a1[4];                                                                            \
-    for (int r = 0; r < T; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }       \
-    int64_t i = 0;                                                                                  \
-    for (; i + 8 <= k; i += 8) {                                                                    \
-        __m256 v0 = LOAD(w0 + i), v1 = LOAD(w1 + i);                                                \
+        const float *xp, const WTYPE *w, __m256 *acc, int64_t m, int64_t k, int64_t len,            \
+        const int G, const int T) {                                                                 \
+    __m256 a[3][4];                                                                                 \
+    for (int g = 0; g < G; g++)                                                                     \
+        for (int r = 0; r < T; r++) a[g][r] = acc[g * MAX_M + r];                                   \
+    for (int64_t i = 0; i < len; i += 8, xp += 8 * m) {                                             \
+        __m256 wv[3];                                                                               \
+        for (int g = 0; g < G; g++) wv[g] = LOAD(w + g * k + i);                                    \
         for (int r = 0; r < T; r++) {                                                               \
-            __m256 xv = _mm256_loadu_ps(x + r * k + i);                                             \
-            a0[r] = _mm256_fmadd_ps(v0, xv, a0[r]);                                                 \
-            a1[r] = _mm256_fmadd_ps(v1, xv, a1[r]);                                                 \
+            __m256 xv = _mm256_load_ps(xp + 8 * r);                                                 \
+            __asm__("" : "+x"(xv)); /* one load into a register, not one folded into each FMA */    \
+            for (int g = 0; g < G; g++) a[g][r] = _mm256_fmadd_ps(wv[g], xv, a[g][r]);              \
         }                                                                                           \
     }                                                                                               \
-    for (int r = 0; r < T; r++) {                                                                   \
-        float s0 = hsum(a0[r]), s1 = hsum(a1[r]);                                                   \
-        for (int64_t t = i; t < k; t++) {                                                           \
-            s0 += SCALAR(w0[t]) * x[r * k + t];                                                     \
-            s1 += SCALAR(w1[t]) * x[r * k + t];                                                     \
-        }                                                                                           \
-        y0[r * n] = s0;                                                                             \
-        y1[r * n] = s1;                                                                             \
-    }                                                                                               \
+    for (int g = 0; g < G; g++)                                                                     \
+        for (int r = 0; r < T; r++) acc[g * MAX_M + r] = a[g][r];                                   \
 }                                                                                                   \
-static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k,        \
-                 int64_t n0, int64_t n1) {                                                          \
+/* Rows n0.. in groups of G, x in tiles of T0 and T1 rows (T1 = 0: one tile); returns the first row left */\
+static inline __attribute__((always_inline)) int64_t NAME##_groups(                                 \
+        const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k, \
+        int64_t n0, int64_t n1, const int G, const int T0, const int T1) {                          \
+    const int64_t k8 = k & ~(int64_t)7;                                                             \
+    __m256 acc[3][MAX_M];                                                                           \
     int64_t j = n0;                                                                                 \
-    for (; j + 2 <= n1; j += 2) {                                                                   \
-        const WTYPE *w0 = w + j * k, *w1 = w0 + k;                                                  \
-        for (int64_t r0 = 0; r0 < m; r0 += 4) {                                                     \
-            const float *xt = x + r0 * k;                                                           \
-            float *y0 = y + r0 * n + j, *y1 = y0 + 1;                                               \
-            switch (m - r0) {                                                                       \
-            case 1: NAME##_tile(xt, w0, w1, y0, y1, n, k, 1); break;                                \
-            case 2: NAME##_tile(xt, w0, w1, y0, y1, n, k, 2); break;                                \
-            case 3: NAME##_tile(xt, w0, w1, y0, y1, n, k, 3); break;                                \
-            default: NAME##_tile(xt, w0, w1, y0, y1, n, k, 4); break;                               \
-            }                                                                                       \
+    for (; j + G <= n1; j += G) {                                                                   \
+        for (int g = 0; g < G; g++)                                                                 \
+            for (int r = 0; r < T0 + T1; r++) acc[g][r] = _mm256_setzero_ps();                      \
+        for (int64_t kc = 0; kc < k8; kc += KC) {                                                   \
+            const int64_t len = k8 - kc < KC ? k8 - kc : KC;                                        \
+            NAME##_tile(xp + kc * m, w + j * k + kc, &acc[0][0], m, k, len, G, T0);                 \
+            if (T1)                                                                                 \
+                NAME##_tile(xp + kc * m + 8 * T0, w + j * k + kc, &acc[0][T0], m, k, len, G, T1);   \
         }                                                                                           \
+        for (int g = 0; g < G; g++)                                                                 \
+            for (int r = 0; r < T0 + T1; r++) {                                                     \
+                float s = hsum(acc[g][r]);                                                          \
+                for (int64_t t = k8; t < k; t++) s += SCALAR(w[(j + g) * k + t]) * x[r * k + t];   \
+                y[r * n + j + g] = s;                                                               \
+            }                                                                                       \
+    }                                                                                               \
+    return j;                                                                                       \
+}                                                                                                   \
+static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
+                 int64_t k, int64_t n0, int64_t n1) {                                               \
+    int64_t j;                                                                                      \
+    switch (m) {                                                                                    \
+    case 3: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 3, 0); break;                        \
+    case 4: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 0); break;                        \
+    case 5: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 3, 2); break;                        \
+    case 6: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 2); break;                        \
+    case 7: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 3); break;                        \
+    default: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 4); break;                       \
     }                                                                                               \
     if (j < n1) NAME##_single(x, w, y, m, n, k, j, n1);                                             \
 }
@@ -115,33 +136,46 @@ static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n,
 #define AS_F32(v) (v)
 ROW_KERNEL(rows_f32, float, load_f32, AS_F32)
 ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32)
-#define rows_f32_pair_single rows_f32
-#define rows_bf16_pair_single rows_bf16
-PAIR_KERNEL(rows_f32_pair, float, load_f32, AS_F32)
-PAIR_KERNEL(rows_bf16_pair, uint16_t, load_bf16, bf16_to_f32)
+#define rows_f32_blocked_single rows_f32
+#define rows_bf16_blocked_single rows_bf16
+GROUP_KERNEL(rows_f32_blocked, float, load_f32, AS_F32)
+GROUP_KERNEL(rows_bf16_blocked, uint16_t, load_bf16, bf16_to_f32)
 
-#ifndef PAIR_FROM
-#define PAIR_FROM 2
+#ifndef BLOCKED_FROM
+#define BLOCKED_FROM 2
 #endif
-/* Up to PAIR_FROM rows: one weight row at a time; more: weight row pairs. */
-static void rows_f32_any(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k,
-                         int64_t n0, int64_t n1) {
-    if (m > PAIR_FROM) rows_f32_pair(x, w, y, m, n, k, n0, n1); else rows_f32(x, w, y, m, n, k, n0, n1);
+/* Up to BLOCKED_FROM rows (or if packing found no memory): one weight row at a time on x as it is; more:
+ * the blocked kernel on packed x. */
+#define ANY(NAME, ROWS, BLOCKED, WTYPE)                                                                \
+static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
+                 int64_t k, int64_t n0, int64_t n1) {                                               \
+    if (m > BLOCKED_FROM && xp) BLOCKED(x, xp, w, y, m, n, k, n0, n1);                              \
+    else ROWS(x, w, y, m, n, k, n0, n1);                                                            \
 }
-static void rows_bf16_any(const float *x, const uint16_t *w, float *y, int64_t m, int64_t n, int64_t k,
-                          int64_t n0, int64_t n1) {
-    if (m > PAIR_FROM) rows_bf16_pair(x, w, y, m, n, k, n0, n1); else rows_bf16(x, w, y, m, n, k, n0, n1);
+ANY(rows_f32_any, rows_f32, rows_f32_blocked, float)
+ANY(rows_bf16_any, rows_bf16, rows_bf16_blocked, uint16_t)
+
+/* xp[i/8][r][i%8] = x[r][i] for i < K rounded down to 8 (the tail is read from x itself). */
+static float *pack_x(const float *x, int64_t m, int64_t k) {
+    int64_t k8 = k & ~(int64_t)7;
+    float *xp = aligned_alloc(64, (size_t)((k8 * m * 4 + 63) & ~63) + 64);
+    if (!xp) return NULL;
+    for (int64_t i = 0; i < k8; i += 8)
+        for (int64_t r = 0; r < m; r++) _mm256_store_ps(xp + i * m + 8 * r, _mm256_loadu_ps(x + r * k + i));
+    return xp;
 }
 
 /* The exported entry points: m <= MAX_M; threads split the n output rows evenly. */
 #define ENTRY(NAME, ROWS, WTYPE)                                                                       \
 void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k, int threads) {   \
+    float *xp = m > BLOCKED_FROM ? pack_x(x, m, k) : NULL;                                          \
     _Pragma("omp parallel num_threads(threads)")                                                     \
     {                                                                                                \
         int t = omp_get_thread_num(), nt = omp_get_num_threads();                                    \
         int64_t per = (n + nt - 1) / nt, n0 = t * per, n1 = n0 + per < n ? n0 + per : n;             \
-        if (n0 < n1) ROWS(x, w, y, m, n, k, n0, n1);                                                 \
+        if (n0 < n1) ROWS(x, xp, w, y, m, n, k, n0, n1);                                             \
     }                                                                                                \
+    free(xp);                                                                                        \
 }
 
 #include <omp.h>
