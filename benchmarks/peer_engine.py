@@ -15,9 +15,11 @@ class Engine:
         torch.set_num_threads(threads)
         quantization = dtype if dtype in ("int8", "int4") else None
         dtype = "float32" if quantization else dtype
+        # 512 tokens per step, as the harness gives llama.cpp n_ubatch=512: the 512-token prefill is one step,
+        # 8 x 128 prompts take two. No prefix caching: the protocol times whole prefills, uncached.
         self.llm = LLM(model, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype), quantization=quantization,
-                       max_model_len=max_ctx, max_num_seqs=max_batch, max_num_batched_tokens=max_batch * max_ctx,
-                       enable_prefix_caching=False, **extra)  # the protocol times whole prefills, uncached
+                       max_model_len=max_ctx, max_num_seqs=max_batch, max_num_batched_tokens=max(512, max_batch),
+                       enable_prefix_caching=False, **extra)
         self.engine = self.llm.engine
         self.vocab_size = self.llm.model.config.vocab_size
         self.rids = []
@@ -27,7 +29,10 @@ class Engine:
             self.engine.abort(rid)
         sp = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
         self.rids = self.llm.add_requests([{"prompt_token_ids": p} for p in ids], sp)
-        return self.step()
+        first = {}
+        while len(first) < len(self.rids):  # prompts longer than one step's budget take several steps
+            first.update({o.request_id: o.outputs[0].token_ids[-1] for o in self.engine.step() if o.outputs[0].token_ids})
+        return [first[r] for r in self.rids]
 
     def decode(self, ids: list[int]) -> list[int]:
         return self.step()  # the engine feeds back its own greedy tokens, which are these ids

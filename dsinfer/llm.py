@@ -59,7 +59,6 @@ class LLM:
             raise ValueError(f"mla_mode must be one of {MLA_MODES}, got {mla_mode!r}")
         torch.manual_seed(seed)
         kernels.set_enabled(cpu_kernels)  # process-wide: the weight-streaming CPU matmul for decode batches
-        malloc.tune()  # process-wide: large temporaries get their own mappings (dsinfer/malloc.py)
         mlp.set_chunk_tokens(ffn_chunk_tokens)
         cfg = read_config(model)
         self.device = resolve_device(device)
@@ -67,7 +66,9 @@ class LLM:
         self.model = build_model(cfg, self.dtype, self.device, mla_mode)
         # bits per quantized unit (None: full precision); weights become empty QTensors for the loader to fill
         self.quantization = quant_plan.prepare(self.model, model, quantization, quant_group_size, map_embeddings)
+        malloc.advise_hugepages(quant_plan.weight_tensors(self.model))  # before the loader first writes them
         self.mtp_tensors = load_weights(self.model, model)
+        malloc.trim()  # loading's temporaries leave the heap fragmented (dsinfer/malloc.py)
         self.tokenizer = self._load_tokenizer(Path(tokenizer or model))
         limit = cfg.max_position_embeddings
         if max_model_len is not None and not 1 < max_model_len <= limit:

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from dsinfer import malloc
 from dsinfer.config import ModelConfig
 from dsinfer.layers.embedding import FileRows
 from dsinfer.quant import gptq_format
@@ -156,7 +157,7 @@ class ShardReader:
     """Opens safetensors files as tensors are asked for, and re-opens a file after REMAP_BYTES have been read
     from it: the mapped pages a read touches count as resident memory until the file is unmapped, so loading
     never holds more than that much of the checkpoint on top of the model (which matters when quantizing on
-    load, where the model is a fraction of the file)."""
+    load, where the model is a fraction of the file). The heap is trimmed at the same points (dsinfer/malloc.py)."""
     REMAP_BYTES = 64 << 20
 
     def __init__(self, path: Path):
@@ -169,6 +170,7 @@ class ShardReader:
         self.read[file] += t.numel() * t.element_size()
         if self.read[file] > self.REMAP_BYTES:
             del self.files[file]
+            malloc.trim()  # and the heap left fragmented by the temporaries of the last REMAP_BYTES
         return t
 
 

@@ -91,6 +91,16 @@ def keep_embedding(model: nn.Module, path, dtype: torch.dtype, mapped: bool):
         inner.embed_tokens = nn.Parameter(torch.empty_like(inner.embed_tokens, dtype=dtype), requires_grad=False)
 
 
+def weight_tensors(model: nn.Module):
+    """Every tensor that holds weights: parameters, buffers, and the codes and scales of quantized matrices."""
+    yield from model.parameters()
+    yield from model.buffers()
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, QTensor):
+                yield from (t for t in (value.q, value.scales, value.mins) if t is not None)
+
+
 def summary(model: nn.Module) -> dict[str, int]:
     """Unit name -> bits (16 for a unit left in full precision), as written into a checkpoint's config."""
     return {u.name: u.weight.bits if isinstance(u.weight, QTensor) else 16 for u in units(model)}

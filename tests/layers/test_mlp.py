@@ -23,7 +23,7 @@ def test_chunks_give_the_same_output(restore_chunk):
     want = m(x)
     for step in (1, 5, 36, 37, 100):
         mlp.set_chunk_tokens(step)
-        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)  # chunks of <= 8 rows take the CPU kernel
 
 
 def test_bad_chunk_size_is_refused(restore_chunk):
