@@ -5,13 +5,15 @@ a threshold with their own mappings, but the threshold rises to the size of any 
 so most of these temporaries end up on the heap, whose free space is not given back while anything above it
 lives: about 70 MiB of V2-Lite's int8 load stays resident for nothing. `trim()` after loading returns it
 (malloc_trim). Fixing the threshold instead would return every later temporary too, but fresh mappings must be
-faulted in and zeroed on every use, which cost a quarter of prefill speed. Switch: DSINFER_MALLOC_TRIM=0.
+faulted in and zeroed on every use: prefill ran 20-35% slower that way. Switch: DSINFER_MALLOC_TRIM=0.
 
 Weights go on transparent huge pages where the system gives them on request (transparent_hugepage set to
 madvise or always): decode streams every weight once per step, and with 4 KiB pages the TLB misses on the way cost
-bandwidth (the fp32 kernel at 8 rows: 23 -> 26 GB/s). Switch: DSINFER_HUGEPAGES=0."""
+bandwidth (the fp32 kernel on a 10944 x 2048 matrix: 30 -> 34 GB/s at 1 row, 23 -> 26 at 8). Switch:
+DSINFER_HUGEPAGES=0."""
 import ctypes
 import ctypes.util
+import functools
 import os
 from collections.abc import Iterable
 
@@ -31,6 +33,7 @@ def trim() -> bool:
     return True
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -47,8 +50,8 @@ def hugepages_enabled() -> bool:
 
 
 def advise_hugepages(tensors: Iterable[torch.Tensor]) -> int:
-    """Asks for huge pages under every CPU tensor of 2 MiB or more; call it before the tensors are first
-    written (the pages are chosen when first touched). Returns the bytes advised."""
+    """Asks for huge pages under every CPU tensor of 4 MiB (two huge pages) or more; call it before the
+    tensors are first written (the pages are chosen when first touched). Returns the bytes advised."""
     libc = _libc() if hugepages_enabled() else None
     if libc is None:
         return 0
