@@ -27,7 +27,7 @@ class AttentionMetadata:
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, mode: str = "auto"):
+    def __init__(self, cfg: ModelConfig, mode: str = "auto", rotary: RotaryEmbedding | None = None):
         super().__init__()
         self.h, self.dn, self.dr, self.dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.r, self.mode = cfg.kv_lora_rank, mode
@@ -43,7 +43,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.r, cfg.rms_norm_eps)
         self.kv_b_proj = Linear(self.r, self.h * (self.dn + self.dv), bias=False)
         self.o_proj = Linear(self.h * self.dv, cfg.hidden_size, bias=b)
-        self.rotary = RotaryEmbedding(self.dr, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = rotary or RotaryEmbedding(self.dr, cfg.rope_theta, cfg.rope_scaling)  # shared by the layers
         self.scale = softmax_scale(qk, cfg.rope_scaling)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -54,9 +54,10 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(-1, self.h, self.dn + self.dr)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        q_nope, q_pe = q[..., :self.dn], apply_rope(q[..., self.dn:], cos, sin)
-        cache[meta.slot_mapping] = torch.cat([self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)], -1).to(cache.dtype)
+        cis = self.rotary.rotation(positions)
+        q_nope, q_pe = q[..., :self.dn], apply_rope(q[..., self.dn:], cis)
+        row = torch.cat([self.kv_a_layernorm(latent), apply_rope(k_pe, cis)], -1)
+        cache.index_copy_(0, meta.slot_mapping, row.to(cache.dtype))
         if self.mode == "decompressed":
             out = self.decompressed(q_nope, q_pe, meta, cache, len(meta.query_lens))
         elif self.mode == "absorbed":

@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -9,6 +10,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        if x.dtype == torch.float32 == self.weight.dtype:  # one fused op; the same math as below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        xf = x.float()  # 16-bit: normalise in fp32, round, then scale, as transformers does
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

@@ -36,18 +36,31 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
             self.attention_factor = 1.0
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._last = None
 
-    def cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq  # [T, dim/2]
-        return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """The turn of every interleaved pair at each position as a complex number [T, dim/2], scaled by the
+        attention factor. Every layer asks for the same positions within a step, so the last answer is kept."""
+        if self._last is not None and self._last[0] is positions:
+            return self._last[1]
+        freqs = positions[:, None].float() * self.inv_freq
+        cis = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)
+        self._last = (positions, cis)
+        return cis
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, ..., dim] in interleaved pairs; cos/sin: [T, dim/2]."""
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """x: [T, ..., dim] in interleaved pairs (x0, x1) read as x0 + i x1; cis: [T, dim/2] complex. 16-bit x turns
+    in its own precision with cos and sin rounded to it, as transformers does."""
+    cis = cis.view(cis.shape[0], *(1,) * (x.dim() - 2), cis.shape[-1])
+    if x.dtype != torch.float32:
+        cos, sin = cis.real.to(x.dtype), cis.imag.to(x.dtype)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    if pairs.stride(-2) != 2 or any(s % 2 for s in pairs.stride()[:-2]):
+        pairs = pairs.contiguous()
+    return torch.view_as_real(torch.view_as_complex(pairs) * cis).flatten(-2)
 
 
 def softmax_scale(head_dim: int, scaling: dict | None) -> float:

@@ -9,12 +9,13 @@ from dsinfer.layers.linear import Linear, linear
 from dsinfer.layers.mlp import MLP
 from dsinfer.layers.moe import MoE
 from dsinfer.layers.norm import RMSNorm
+from dsinfer.layers.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, idx: int, mla_mode: str):
+    def __init__(self, cfg: ModelConfig, idx: int, mla_mode: str, rotary: RotaryEmbedding):
         super().__init__()
-        self.self_attn = MLA(cfg, mla_mode)
+        self.self_attn = MLA(cfg, mla_mode, rotary)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -28,7 +29,8 @@ class DeepseekModel(nn.Module):
     def __init__(self, cfg: ModelConfig, mla_mode: str):
         super().__init__()
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mla_mode) for i in range(cfg.num_hidden_layers))
+        rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mla_mode, rotary) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, caches: list[torch.Tensor]) -> torch.Tensor:

@@ -26,5 +26,24 @@ def test_softmax_scale_carries_mscale_squared():
 
 def test_interleaved_pairs_rotate_together():
     x = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
-    cos, sin = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])
-    assert apply_rope(x, cos, sin).tolist() == [[0.0, 1.0, 0.0, 1.0]]  # pair 0 turns by 90 degrees, pair 1 stays
+    cis = torch.complex(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
+    assert apply_rope(x, cis).tolist() == [[0.0, 1.0, 0.0, 1.0]]  # pair 0 turns by 90 degrees, pair 1 stays
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_complex_turn_equals_cos_sin_formula(dtype):
+    rot = RotaryEmbedding(16, 10000.0, None)
+    positions = torch.tensor([0, 3, 17, 500])
+    x = torch.randn(4, 3, 48).to(dtype)[..., 32:]  # the rope slice of a query, not contiguous
+    freqs = positions[:, None].float() * rot.inv_freq
+    cos, sin = freqs.cos()[:, None].to(dtype), freqs.sin()[:, None].to(dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    want = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, rot.rotation(positions)), want)
+
+
+def test_rotation_is_kept_for_the_same_positions_only():
+    rot = RotaryEmbedding(8, 10000.0, None)
+    a, b = torch.tensor([1, 2]), torch.tensor([5, 6])
+    assert rot.rotation(a) is rot.rotation(a)
+    torch.testing.assert_close(rot.rotation(b), RotaryEmbedding(8, 10000.0, None).rotation(b))
