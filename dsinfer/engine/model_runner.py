@@ -9,25 +9,29 @@ from dsinfer.layers.attention import AttentionMetadata
 class ModelRunner:
     def __init__(self, model, cache: KVCache):
         self.model, self.cache, self.device = model, cache, cache.device
+        self.offsets = torch.arange(cache.block_size, device=self.device)
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
         """batch: (seq, new tokens) with prefill chunks (more than one new token) before single-token decodes.
-        New tokens of seq are positions num_cached .. num_cached + n - 1; its blocks are already reserved."""
+        New tokens of seq are positions num_cached .. num_cached + n - 1; its blocks are already reserved.
+        Per-token lists are built in Python and become tensors in one call: a decode step is a few tokens."""
         bs = self.cache.block_size
-        starts = [s.num_cached for s, _ in batch]
-        ends = [s.num_cached + n for s, n in batch]
-        lens = [n for _, n in batch]
-        tables = _pad([s.block_table for s, _ in batch])
-        positions = torch.cat([torch.arange(a, b) for a, b in zip(starts, ends)])
-        token_seq = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lens))
-        slots = tables[token_seq, positions // bs] * bs + positions % bs
-        cols = torch.arange(max(ends))
-        gather = tables[:, cols // bs] * bs + cols % bs
-        ids = [t for (s, n), a in zip(batch, starts) for t in s.token_ids[a:a + n]]
+        ids, positions, slots, token_seq, lens, ends = [], [], [], [], [], []
+        for i, (s, n) in enumerate(batch):
+            start, table = s.num_cached, s.block_table
+            span = range(start, start + n)
+            ids += s.token_ids[start:start + n]
+            positions += span
+            slots += [table[p // bs] * bs + p % bs for p in span]
+            token_seq += [i] * n
+            lens.append(n)
+            ends.append(start + n)
+        flat = torch.tensor([ids, positions, slots, token_seq]).to(self.device, non_blocking=True)
+        tables = _pad([s.block_table for s, _ in batch]).to(self.device, non_blocking=True)
+        gather = (tables[:, :, None] * bs + self.offsets).flatten(1)  # [B, blocks * bs], padding -> block 0
         prefills = sum(1 for n in lens if n > 1)
-        to = lambda t: t.to(self.device, non_blocking=True)
-        meta = AttentionMetadata(prefills, sum(lens[:prefills]), lens, ends, to(slots), to(gather), to(token_seq))
-        return to(torch.tensor(ids)), to(positions), meta
+        meta = AttentionMetadata(prefills, sum(lens[:prefills]), lens, ends, flat[2], gather, flat[3])
+        return flat[0], flat[1], meta
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], all_positions: list[bool]) -> list[torch.Tensor | None]:
