@@ -18,6 +18,7 @@ class FileRows:
         end = offset + shape[0] * self.row_bytes
         if os.fstat(self.fd).st_size < end:
             os.close(self.fd)
+            self.fd = None  # closed: __del__ must not close the number again (another file may hold it by then)
             raise ValueError(f"{self.file} ends before the table's {end} bytes")
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
