@@ -1,0 +1,175 @@
+/* The fp32 / bf16 weight-streaming row kernels shared by gemv_avx2.c and moe_decode_avx2.c (static, so each
+ * translation unit gets its own inlined copy): rows_*_any(x, xp, w, y, m, n, k, n0, n1) computes
+ * y[r * n + j] = x[r] . W[j] for rows j in [n0, n1) of W [N, K] and r < m <= MAX_M; xp is x packed by pack_x
+ * (or NULL: the one-row-at-a-time kernel on x as it is). */
+#ifndef DSINFER_GEMV_KERNELS_H
+#define DSINFER_GEMV_KERNELS_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define MAX_M 8
+#define KC 128 /* columns per chunk in the blocked kernel */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
+
+static inline __m256 load_bf16(const uint16_t *w) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
+    return v.f;
+}
+
+/* One output row at a time; M (rows of x) and U (8-float vectors per step, so that small M still has
+ * independent FMA chains) are compile-time constants after inlining, so accumulators live in registers. */
+#define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                          \
+static inline __attribute__((always_inline)) void NAME##_m(                                         \
+        const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t n0, int64_t n1,     \
+        const int M, const int U) {                                                                 \
+    for (int64_t j = n0; j < n1; j++) {                                                             \
+        const WTYPE *row = w + j * k;                                                               \
+        __m256 acc[MAX_M][4];                                                                       \
+        for (int r = 0; r < M; r++)                                                                 \
+            for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();                            \
+        int64_t i = 0;                                                                              \
+        for (; i + 8 * U <= k; i += 8 * U)                                                          \
+            for (int u = 0; u < U; u++) {                                                           \
+                __m256 wv = LOAD(row + i + 8 * u);                                                  \
+                for (int r = 0; r < M; r++)                                                         \
+                    acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * k + i + 8 * u), acc[r][u]); \
+            }                                                                                       \
+        for (int r = 0; r < M; r++) {                                                               \
+            for (int u = 1; u < U; u++) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][u]);            \
+            float s = hsum(acc[r][0]);                                                              \
+            for (int64_t t = i; t < k; t++) s += SCALAR(row[t]) * x[r * k + t];                     \
+            y[r * n + j] = s;                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+}                                                                                                   \
+static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k,        \
+                 int64_t n0, int64_t n1) {                                                          \
+    switch (m) {                                                                                    \
+    case 1: NAME##_m(x, w, y, n, k, n0, n1, 1, 4); break;                                           \
+    case 2: NAME##_m(x, w, y, n, k, n0, n1, 2, 4); break;                                           \
+    case 3: NAME##_m(x, w, y, n, k, n0, n1, 3, 2); break;                                           \
+    case 4: NAME##_m(x, w, y, n, k, n0, n1, 4, 2); break;                                           \
+    case 5: NAME##_m(x, w, y, n, k, n0, n1, 5, 1); break;                                           \
+    case 6: NAME##_m(x, w, y, n, k, n0, n1, 6, 1); break;                                           \
+    case 7: NAME##_m(x, w, y, n, k, n0, n1, 7, 1); break;                                           \
+    default: NAME##_m(x, w, y, n, k, n0, n1, 8, 1); break;                                          \
+    }                                                                                               \
+}
+
+/* For 3-8 rows of x, which is first packed once per call into xp[K/8][M][8] (the M rows' 8-float pieces
+ * side by side: one sequential stream instead of M rows 4*K bytes apart, all in the same L1 sets). Blocking:
+ *  - registers: G weight rows x a tile of T x rows, G * T <= 12 accumulators; per 8 columns G + T loads
+ *    (each into a register) feed G * T FMAs. 3-4 x rows: one 3 x M tile; 5-8: two tiles (3+2, 4+2, 4+3,
+ *    4+4 x rows), the second re-reading the weight piece from L1.
+ *  - L1: K is walked in chunks of KC columns, all tiles finishing a chunk before the next one, so the weight
+ *    rows stream from memory at an even pace; partial sums wait in acc[][] between chunks.
+ *  - memory: every weight element is read from memory once. */
+#define GROUP_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                        \
+static inline __attribute__((always_inline)) void NAME##_tile(                                      \
+        const float *xp, const WTYPE *w, __m256 *acc, int64_t m, int64_t k, int64_t len,            \
+        const int G, const int T) {                                                                 \
+    __m256 a[3][4];                                                                                 \
+    for (int g = 0; g < G; g++)                                                                     \
+        for (int r = 0; r < T; r++) a[g][r] = acc[g * MAX_M + r];                                   \
+    for (int64_t i = 0; i < len; i += 8, xp += 8 * m) {                                             \
+        __m256 wv[3];                                                                               \
+        for (int g = 0; g < G; g++) wv[g] = LOAD(w + g * k + i);                                    \
+        for (int r = 0; r < T; r++) {                                                               \
+            __m256 xv = _mm256_load_ps(xp + 8 * r);                                                 \
+            __asm__("" : "+x"(xv)); /* one load into a register, not one folded into each FMA */    \
+            for (int g = 0; g < G; g++) a[g][r] = _mm256_fmadd_ps(wv[g], xv, a[g][r]);              \
+        }                                                                                           \
+    }                                                                                               \
+    for (int g = 0; g < G; g++)                                                                     \
+        for (int r = 0; r < T; r++) acc[g * MAX_M + r] = a[g][r];                                   \
+}                                                                                                   \
+/* Rows n0.. in groups of G, x in tiles of T0 and T1 rows (T1 = 0: one tile); returns the first row left */\
+static inline __attribute__((always_inline)) int64_t NAME##_groups(                                 \
+        const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k, \
+        int64_t n0, int64_t n1, const int G, const int T0, const int T1) {                          \
+    const int64_t k8 = k & ~(int64_t)7;                                                             \
+    __m256 acc[3][MAX_M];                                                                           \
+    int64_t j = n0;                                                                                 \
+    for (; j + G <= n1; j += G) {                                                                   \
+        for (int g = 0; g < G; g++)                                                                 \
+            for (int r = 0; r < T0 + T1; r++) acc[g][r] = _mm256_setzero_ps();                      \
+        for (int64_t kc = 0; kc < k8; kc += KC) {                                                   \
+            const int64_t len = k8 - kc < KC ? k8 - kc : KC;                                        \
+            NAME##_tile(xp + kc * m, w + j * k + kc, &acc[0][0], m, k, len, G, T0);                 \
+            if (T1)                                                                                 \
+                NAME##_tile(xp + kc * m + 8 * T0, w + j * k + kc, &acc[0][T0], m, k, len, G, T1);   \
+        }                                                                                           \
+        for (int g = 0; g < G; g++)                                                                 \
+            for (int r = 0; r < T0 + T1; r++) {                                                     \
+                float s = hsum(acc[g][r]);                                                          \
+                for (int64_t t = k8; t < k; t++) s += SCALAR(w[(j + g) * k + t]) * x[r * k + t];   \
+                y[r * n + j + g] = s;                                                               \
+            }                                                                                       \
+    }                                                                                               \
+    return j;                                                                                       \
+}                                                                                                   \
+static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
+                 int64_t k, int64_t n0, int64_t n1) {                                               \
+    int64_t j;                                                                                      \
+    switch (m) {                                                                                    \
+    case 3: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 3, 0); break;                        \
+    case 4: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 0); break;                        \
+    case 5: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 3, 2); break;                        \
+    case 6: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 2); break;                        \
+    case 7: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 3); break;                        \
+    default: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 4); break;                       \
+    }                                                                                               \
+    if (j < n1) NAME##_single(x, w, y, m, n, k, j, n1);                                             \
+}
+
+#define AS_F32(v) (v)
+ROW_KERNEL(rows_f32, float, load_f32, AS_F32)
+ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32)
+#define rows_f32_blocked_single rows_f32
+#define rows_bf16_blocked_single rows_bf16
+GROUP_KERNEL(rows_f32_blocked, float, load_f32, AS_F32)
+GROUP_KERNEL(rows_bf16_blocked, uint16_t, load_bf16, bf16_to_f32)
+
+#ifndef BLOCKED_FROM
+#define BLOCKED_FROM 2
+#endif
+/* Up to BLOCKED_FROM rows (or if packing found no memory): one weight row at a time on x as it is; more:
+ * the blocked kernel on packed x. */
+#define ANY(NAME, ROWS, BLOCKED, WTYPE)                                                                \
+static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
+                 int64_t k, int64_t n0, int64_t n1) {                                               \
+    if (m > BLOCKED_FROM && xp) BLOCKED(x, xp, w, y, m, n, k, n0, n1);                              \
+    else ROWS(x, w, y, m, n, k, n0, n1);                                                            \
+}
+ANY(rows_f32_any, rows_f32, rows_f32_blocked, float)
+ANY(rows_bf16_any, rows_bf16, rows_bf16_blocked, uint16_t)
+
+/* xp[i/8][r][i%8] = x[r][i] for i < K rounded down to 8 (the tail is read from x itself); xp 32-byte aligned. */
+static inline void pack_into(const float *x, float *xp, int64_t m, int64_t k) {
+    for (int64_t i = 0; i < (k & ~(int64_t)7); i += 8)
+        for (int64_t r = 0; r < m; r++) _mm256_store_ps(xp + i * m + 8 * r, _mm256_loadu_ps(x + r * k + i));
+}
+
+static inline float *pack_x(const float *x, int64_t m, int64_t k) {
+    int64_t k8 = k & ~(int64_t)7;
+    float *xp = aligned_alloc(64, (size_t)((k8 * m * 4 + 63) & ~63) + 64);
+    if (xp) pack_into(x, xp, m, k);
+    return xp;
+}
+
+#endif
