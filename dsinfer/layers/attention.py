@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsinfer import kernels
 from dsinfer.config import ModelConfig
 from dsinfer.layers.linear import Linear
 from dsinfer.layers.norm import RMSNorm
@@ -100,14 +101,21 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.dn]).transpose(0, 1)      # [T, H, r]
         qc = torch.cat([q_lat, q_pe], -1)                                               # [T, H, r + dr]
+        if kernels.mla_usable(qc, cache):  # reads each cached row once for all heads
+            o_lat = kernels.mla_decode(qc, cache, gather_index, token_seq, positions + 1, self.scale, self.r)
+        else:
+            o_lat = self.latent_attention(qc, positions, gather_index, token_seq, cache)
+        return torch.bmm(o_lat.transpose(0, 1), w[:, self.dn:].transpose(1, 2)).transpose(0, 1)
+
+    def latent_attention(self, qc, positions, gather_index, token_seq, cache) -> torch.Tensor:
+        """softmax(scale * qc . c_j) over each token's positions, applied to the latents: [T, H, r]."""
         ctx = rows(cache, gather_index).to(qc.dtype)                                    # [B, L, r + dr]
         if ctx.shape[0] != qc.shape[0]:
             ctx = ctx[token_seq]
         scores = torch.bmm(ctx, qc.transpose(1, 2)).transpose(1, 2).float() * self.scale  # [T, H, L]
         future = torch.arange(ctx.shape[1], device=qc.device)[None, :] > positions[:, None]
         probs = scores.masked_fill(future[:, None, :], float("-inf")).softmax(-1).to(qc.dtype)
-        o_lat = torch.bmm(probs, ctx[..., :self.r])                                     # [T, H, r]
-        return torch.bmm(o_lat.transpose(0, 1), w[:, self.dn:].transpose(1, 2)).transpose(0, 1)
+        return torch.bmm(probs, ctx[..., :self.r])                                      # [T, H, r]
 
 
 def rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsinfer import kernels
 from dsinfer.config import ModelConfig
 from dsinfer.layers.linear import linear
 from dsinfer.layers.mlp import MLP, silu_and_mul
@@ -31,7 +32,7 @@ class Router(nn.Module):
         weights = scores.gather(1, ids)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scale, ids
+        return (weights if self.scale == 1.0 else weights * self.scale), ids
 
     def limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         grouped = choice.view(choice.shape[0], self.n_group, -1)
@@ -39,9 +40,8 @@ class Router(nn.Module):
             group_score = grouped.topk(2, dim=-1).values.sum(-1)
         else:
             group_score = grouped.amax(-1)
-        keep = torch.zeros_like(group_score, dtype=torch.bool)
-        keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
-        return grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, group_score.topk(self.topk_group).indices, False)
+        return grouped.masked_fill(drop[..., None], float("-inf")).flatten(1)
 
 
 class Experts(nn.Module):
@@ -53,9 +53,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the weighted sum of expert outputs [T, D] and tokens per expert [E]. Each expert gathers its
-        own tokens and adds its weighted output into the result, so activations never exceed one expert's."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of each token's experts' outputs [T, D]. A decode-sized batch goes to the fused CPU
+        kernel (one call, every active expert's weights read once); the rest runs grouped by expert."""
+        if kernels.moe_usable(x, self.gate_up_proj):
+            return kernels.moe_decode(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
+        return self.grouped(x, weights, ids)
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each expert gathers its own tokens and adds its weighted output into the result, so activations never
+        exceed one expert's."""
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
@@ -69,7 +76,7 @@ class Experts(nn.Module):
                 h = silu_and_mul(linear(x.index_select(0, rows), self.gate_up_proj[e])).mul_(scale[start:start + c])
                 out.index_add_(0, rows, linear(h, self.down_proj[e]))
                 start += c
-        return out, counts
+        return out
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         views, i = {}, self.inter
@@ -88,9 +95,10 @@ class MoE(nn.Module):
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, inter) if inter else None
         self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("one", torch.ones((), dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        y, counts = self.experts(x, weights, ids)
-        self.expert_counts += counts
+        y = self.experts(x, weights, ids)
+        self.expert_counts.index_put_((ids.flatten(),), self.one, accumulate=True)
         return y if self.shared_experts is None else y + self.shared_experts(x)
