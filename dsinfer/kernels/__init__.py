@@ -4,7 +4,9 @@
 rows; torch's own matmul reads the weights at a fraction of memory bandwidth for such shapes. `qgemv` does the
 same for weight-only quantized weights (int8 / int4 codes in groups, see dsinfer/quant/qtensor.py), and
 `dequant` expands a range of their rows to fp32 for prefill. `mla_decode` is MLA's absorbed decode attention over
-the latent cache (mla_decode_avx2.c), reading each cached row once for all heads. `moe_decode` runs a MoE
+the latent cache (mla_decode_avx2.c), reading each cached row once for all heads; `moe_decode` runs a decode batch's
+experts in one call; `route` is the MoE router; `rms_norm` and `mla_rope_cache` fuse elementwise steps that torch
+would run as several ops (on this CPU each torch op costs microseconds of dispatch, which is a small model's step). `moe_decode` runs a MoE
 layer's routed experts for a few tokens in one call (moe_decode_avx2.c), reading each active expert's weights
 once. Where the kernels cannot be built (no compiler, no AVX2) or are switched off (DSINFER_CPU_KERNELS=0, or
 dsinfer.kernels.set_enabled(False)), callers use torch's path, which is also what the tests compare against.
@@ -26,7 +28,8 @@ import torch
 log = logging.getLogger("dsinfer")
 MAX_M = 8
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c",
-                                                                  "mla_decode_avx2.c", "moe_decode_avx2.c")]
+                                                      "mla_decode_avx2.c", "moe_decode_avx2.c", "fused_avx2.c",
+                                                      "router_avx2.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("qkernels.h", "gemv_kernels.h")]
 
 
@@ -88,20 +91,11 @@ def build() -> ctypes.CDLL | None:
         fn.restype = None
     lib.round_x_i8.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.round_x_i8.restype = None
-    # q, cache, rows, seq, lens, out, t, h, r, dr, lmax, b, cache rows, scale, threads -> 0 or an error code
-    for name in ("mla_decode_f32", "mla_decode_bf16"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    # x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads -> 0 or an error code
-    for name in ("moe_decode_f32", "moe_decode_bf16"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-        fn.restype = ctypes.c_int
     for name in ("dequant_i8", "dequant_i4"):  # q, scales, mins, out, k, group size, n0, n1, threads
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None
+    declare(lib)
     return lib
 
 
@@ -216,96 +210,5 @@ def round_to_int8(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_MLA_ERRORS = {1: "bad arguments (lens must be in 1..Lmax, seq in 0..B-1)", 2: "a row index is outside the cache",
-               3: "out of memory for the kernel's scratch"}
-
-
-def mla_usable(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether `mla_decode` takes these: fp32 [T, H, D] queries and a contiguous fp32 / bf16 [N, D] cache on CPU."""
-    return (_state["enabled"] and q.device.type == "cpu" and cache.device.type == "cpu" and q.dim() == 3
-            and q.dtype == torch.float32 and cache.dim() == 2 and cache.dtype in (torch.float32, torch.bfloat16)
-            and cache.is_contiguous() and library() is not None)
-
-
-def _int64(x: torch.Tensor, dims: int, what: str):
-    if x.dtype != torch.int64 or x.dim() != dims or x.device.type != "cpu":
-        raise ValueError(f"{what}, not {x.dtype} {tuple(x.shape)} on {x.device}")
-
-
-def mla_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor,
-               scale: float, r: int) -> torch.Tensor:
-    """Absorbed MLA decode attention (see mla_decode_avx2.c): q fp32 [T, H, D], cache fp32 / bf16 [N, D] (D = r +
-    rope dims), rows int64 [B, Lmax] cache rows of each sequence's positions, seq int64 [T] each token's sequence,
-    lens int64 [T] how many leading positions it sees -> softmax(scale * q . ctx) @ ctx[:, :r], fp32 [T, H, r]."""
-    if q.dtype != torch.float32 or q.dim() != 3 or q.device.type != "cpu" or q.shape[0] < 1 or q.shape[1] < 1:
-        raise ValueError(f"q must be fp32 [T, H, D] on CPU, not {q.dtype} {tuple(q.shape)} on {q.device}")
-    t, h, d = q.shape
-    if cache.dtype not in (torch.float32, torch.bfloat16) or cache.dim() != 2 or cache.shape[1] != d \
-            or cache.device.type != "cpu":
-        raise ValueError(f"cache must be fp32 or bf16 [N, {d}] on CPU, not {cache.dtype} {tuple(cache.shape)}")
-    if not 1 <= r <= d:
-        raise ValueError(f"r must be in 1..{d}, not {r}")
-    _int64(rows, 2, "rows must be int64 [B, Lmax] on CPU")
-    _int64(seq, 1, f"seq must be int64 [{t}] on CPU")
-    _int64(lens, 1, f"lens must be int64 [{t}] on CPU")
-    b, lmax = rows.shape
-    if seq.shape[0] != t or lens.shape[0] != t or lmax < 1:
-        raise ValueError(f"seq and lens must have T = {t} entries and rows at least one column: seq "
-                         f"{tuple(seq.shape)}, lens {tuple(lens.shape)}, rows {tuple(rows.shape)}")
-    q, cache, rows, seq, lens = (x.contiguous() for x in (q, cache, rows, seq, lens))
-    out = torch.empty(t, h, r, dtype=torch.float32)
-    fn = library().mla_decode_f32 if cache.dtype == torch.float32 else library().mla_decode_bf16
-    code = fn(q.data_ptr(), cache.data_ptr(), rows.data_ptr(), seq.data_ptr(), lens.data_ptr(), out.data_ptr(),
-              t, h, r, d - r, lmax, b, cache.shape[0], float(scale), torch.get_num_threads())
-    if code:  # the kernel checks seq, lens and every row index it would read before reading any
-        raise ValueError(f"mla_decode failed: {_MLA_ERRORS.get(code, f'error {code}')} (B = {b}, Lmax = {lmax})")
-    return out
-
-
-_MOE_ERRORS = {1: "expert id out of range (or an expert chosen more than MAX_M times)",
-               2: "out of memory for the kernel's scratch", 3: "bad sizes"}
-
-
-def moe_usable(x: torch.Tensor, gate_up) -> bool:
-    """Whether `moe_decode` takes these: fp32 [T <= MAX_M, D] tokens and contiguous fp32 / bf16 [E, 2I, D]
-    (unquantized) expert weights on CPU, kernels on and built."""
-    return (_state["enabled"] and isinstance(gate_up, torch.Tensor) and x.is_cpu and gate_up.is_cpu
-            and x.dim() == 2 and 0 < x.shape[0] <= MAX_M
-            and x.dtype == torch.float32 and gate_up.dim() == 3 and gate_up.dtype in (torch.float32, torch.bfloat16)
-            and gate_up.is_contiguous() and library() is not None)
-
-
-def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-               down: torch.Tensor) -> torch.Tensor:
-    """Routed experts for a few tokens in one call (see moe_decode_avx2.c): x fp32 [T <= MAX_M, D], ids int64
-    [T, K] each token's experts, weights [T, K] their weights, gate_up [E, 2I, D] and down [E, D, I] both fp32
-    or both bf16 -> sum_j weights[t, j] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), fp32 [T, D]."""
-    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_cpu or not 0 < x.shape[0] <= MAX_M:
-        raise ValueError(f"x must be fp32 [T <= {MAX_M}, D] on CPU, not {x.dtype} {tuple(x.shape)} on {x.device}")
-    t, d = x.shape
-    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
-        raise ValueError("gate_up and down must be plain (unquantized) tensors")
-    if gate_up.dtype not in (torch.float32, torch.bfloat16) or down.dtype != gate_up.dtype \
-            or not gate_up.is_cpu or not down.is_cpu:
-        raise ValueError(f"gate_up and down must be both fp32 or both bf16 on CPU, not {gate_up.dtype} on "
-                         f"{gate_up.device} and {down.dtype} on {down.device}")
-    if gate_up.dim() != 3 or gate_up.shape[1] % 2 or gate_up.shape[1] < 2 or gate_up.shape[2] != d:
-        raise ValueError(f"gate_up must be [E, 2I, D = {d}], not {tuple(gate_up.shape)}")
-    e, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    if tuple(down.shape) != (e, d, inter):
-        raise ValueError(f"down must be [E, D, I] = {(e, d, inter)}, not {tuple(down.shape)}")
-    _int64(ids, 2, f"ids must be int64 [{t}, K] on CPU")
-    k = ids.shape[1]
-    if ids.shape[0] != t or k < 1:
-        raise ValueError(f"ids must be [T = {t}, K >= 1], not {tuple(ids.shape)}")
-    if weights.dtype != torch.float32 or tuple(weights.shape) != (t, k) or not weights.is_cpu:
-        raise ValueError(f"weights must be fp32 [{t}, {k}] on CPU, not {weights.dtype} {tuple(weights.shape)} "
-                         f"on {weights.device}")
-    x, ids, weights, gate_up, down = (v.contiguous() for v in (x, ids, weights, gate_up, down))
-    out = torch.empty(t, d, dtype=torch.float32)
-    fn = library().moe_decode_f32 if gate_up.dtype == torch.float32 else library().moe_decode_bf16
-    code = fn(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), out.data_ptr(),
-              t, k, e, d, inter, torch.get_num_threads())
-    if code:
-        raise ValueError(f"moe_decode failed: {_MOE_ERRORS.get(code, f'error {code}')}")
-    return out
+from dsinfer.kernels.decode import (declare, fused_usable, mla_decode, mla_rope_cache, mla_usable,  # noqa: E402
+                                   moe_decode, moe_usable, rms_norm, route, route_usable)

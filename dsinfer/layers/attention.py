@@ -54,11 +54,8 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(-1, self.h, self.dn + self.dr)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.r, self.dr], dim=-1)
-        cis = self.rotary.rotation(positions)
-        q_nope, q_pe = q[..., :self.dn], apply_rope(q[..., self.dn:], cis)
-        row = torch.cat([self.kv_a_layernorm(latent), apply_rope(k_pe, cis)], -1)
-        cache.index_copy_(0, meta.slot_mapping, row.to(cache.dtype))
+        kv = self.kv_a_proj_with_mqa(x)
+        q_nope, q_pe = self.rope_and_cache(q, kv, self.rotary.rotation(positions), cache, meta.slot_mapping)
         if self.mode == "decompressed":
             out = self.decompressed(q_nope, q_pe, meta, cache, len(meta.query_lens))
         elif self.mode == "absorbed":
@@ -67,9 +64,23 @@ class MLA(nn.Module):
             out = self.mixed(q_nope, q_pe, positions, meta, cache)
         return self.o_proj(out.flatten(1))
 
+    def rope_and_cache(self, q, kv, cis, cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turns the rope parts of q and of the new keys, and writes each new token's cache row: the normalized
+        latent and the turned shared key. Returns q's two parts, (nope [T, H, dn], roped [T, H, dr])."""
+        norm = self.kv_a_layernorm
+        if q.is_contiguous() and kv.is_contiguous() and kernels.fused_usable(q, kv, cache, norm.weight):
+            kernels.mla_rope_cache(q, kv, norm.weight, norm.eps, cis, cache, slots, self.dn)  # one call
+            return q[..., :self.dn], q[..., self.dn:]
+        latent, k_pe = kv.split([self.r, self.dr], dim=-1)
+        row = torch.cat([norm(latent), apply_rope(k_pe, cis)], -1)
+        cache.index_copy_(0, slots, row.to(cache.dtype))
+        return q[..., :self.dn], apply_rope(q[..., self.dn:], cis)
+
     def mixed(self, q_nope, q_pe, positions, meta, cache) -> torch.Tensor:
         """Prefill chunks decompress (cheaper for many queries), decodes run absorbed (reads only the latent)."""
         p, t = meta.num_prefills, meta.num_prefill_tokens
+        if not p:  # decodes only
+            return self.absorbed(q_nope, q_pe, positions, meta.gather_index, meta.token_seq, cache)
         parts = []
         if p:
             parts.append(self.decompressed(q_nope[:t], q_pe[:t], meta, cache, p))

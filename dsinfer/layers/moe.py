@@ -18,11 +18,26 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if self.method == "noaux_tc" else None
         self.register_buffer("e_score_correction_bias", bias)
+        self.register_buffer("one", torch.ones((), dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights [T, k] fp32, expert ids [T, k]). The correction bias only changes which
-        experts are chosen; weights always come from the unbiased scores. Groups are ranked by their
-        best score (no bias) or the sum of their two best biased scores (noaux_tc)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights [T, k] fp32, expert ids [T, k]) and, if counts [E] (int64) is given, adds 1 to each
+        chosen expert's entry. A decode-sized batch goes to the CPU kernel (one call instead of ~20 torch ops);
+        the rest takes `plain`, which defines the result."""
+        if x.dtype != torch.float32:
+            x = x.float()
+        if kernels.route_usable(x, self.weight):
+            return kernels.route(x, self.weight, self.e_score_correction_bias, counts, self.top_k, self.n_group,
+                                 self.topk_group, self.method, self.scoring, self.norm_topk_prob, self.scale)
+        weights, ids = self.plain(x)
+        if counts is not None:
+            counts.index_put_((ids.flatten(),), self.one, accumulate=True)
+        return weights, ids
+
+    def plain(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing in torch ops. The correction bias only changes which experts are chosen; weights always
+        come from the unbiased scores. Groups are ranked by their best score (no bias) or the sum of their two
+        best biased scores (noaux_tc)."""
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
@@ -95,10 +110,8 @@ class MoE(nn.Module):
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, inter) if inter else None
         self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("one", torch.ones((), dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
+        weights, ids = self.gate(x, self.expert_counts)  # the router counts the chosen experts
         y = self.experts(x, weights, ids)
-        self.expert_counts.index_put_((ids.flatten(),), self.one, accumulate=True)
         return y if self.shared_experts is None else y + self.shared_experts(x)

@@ -19,6 +19,20 @@ def router(**kw) -> Router:
     return r
 
 
+def call(r: Router, x: torch.Tensor, cpu_kernels: bool):
+    """r(x), in chunks of at most MAX_M tokens (each taking the kernel) when the kernels are on."""
+    if not cpu_kernels:
+        return r(x)
+    parts = []
+    for chunk in x.split(kernels.MAX_M):
+        assert kernels.route_usable(chunk, r.weight)
+        parts.append(r(chunk))
+    return torch.cat([w for w, _ in parts]), torch.cat([i for _, i in parts])
+
+
+on_off = pytest.mark.parametrize("cpu_kernels", [True, False])
+
+
 def brute_force(scores, bias, n_group, topk_group, k, by_top2):
     """Tries every allowed set of groups, then the best k experts inside them: the definition, slowly."""
     choice = scores + (bias if bias is not None else 0)
@@ -32,12 +46,14 @@ def brute_force(scores, bias, n_group, topk_group, k, by_top2):
 
 @pytest.mark.parametrize("method, scoring, n_group", [("greedy", "softmax", 1), ("group_limited_greedy", "softmax", 4),
                                                       ("noaux_tc", "sigmoid", 4), ("noaux_tc", "sigmoid", 1)])
-def test_selection_matches_definition(method, scoring, n_group):
+@on_off
+def test_selection_matches_definition(method, scoring, n_group, cpu_kernels, monkeypatch):
+    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
     r = router(topk_method=method, scoring_func=scoring, n_group=n_group, topk_group=min(2, n_group), num_experts_per_tok=3)
     if method == "noaux_tc":
         r.e_score_correction_bias.normal_(0, 0.5)
     x = torch.randn(64, 8)
-    _, ids = r(x)
+    _, ids = call(r, x, cpu_kernels)
     logits = x @ r.weight.T
     scores = logits.softmax(-1) if scoring == "softmax" else logits.sigmoid()
     for t in range(64):
@@ -45,24 +61,28 @@ def test_selection_matches_definition(method, scoring, n_group):
         assert sorted(ids[t].tolist()) == want
 
 
-def test_bias_changes_selection_never_weights():
+@on_off
+def test_bias_changes_selection_never_weights(cpu_kernels, monkeypatch):
+    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
     r = router(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=False, routed_scaling_factor=2.5)
     x = torch.randn(32, 8)
     r.e_score_correction_bias.zero_()
     r.e_score_correction_bias[3] = 10.0  # expert 3 always chosen, but weighted by its plain score
-    w, ids = r(x)
+    w, ids = call(r, x, cpu_kernels)
     assert (ids == 3).any(-1).all()
     plain = (x @ r.weight.T).sigmoid()
     assert torch.allclose(w, plain.gather(1, ids) * 2.5)
 
 
-def test_norm_topk_prob_and_scaling():
+@on_off
+def test_norm_topk_prob_and_scaling(cpu_kernels, monkeypatch):
+    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
     r = router(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
-    w, _ = r(torch.randn(16, 8))
+    w, _ = call(r, torch.randn(16, 8), cpu_kernels)
     assert torch.allclose(w.sum(-1), torch.full((16,), 2.5))
     r = router(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=16.0)
     x = torch.randn(16, 8)
-    w, ids = r(x)
+    w, ids = call(r, x, cpu_kernels)
     assert torch.allclose(w, (x @ r.weight.T).softmax(-1).gather(1, ids) * 16)
 
 
@@ -82,3 +102,67 @@ def test_experts_batched_equal_token_by_token(cpu_kernels, monkeypatch):
         e = ids[t, j]
         ref[t] += weights[t, j] * (silu_and_mul(ex.gate_up_proj[e] @ x[t]) @ ex.down_proj[e].T)
     assert torch.allclose(y, ref, atol=1e-4)
+
+
+ROUTE_CONFIGS = [  # method, scoring, n_group, topk_group, norm_topk_prob, scale, bf16 weight
+    ("greedy", "softmax", 1, 1, False, 1.0, False),
+    ("greedy", "softmax", 1, 1, True, 2.5, True),
+    ("group_limited_greedy", "softmax", 4, 2, False, 2.5, False),
+    ("group_limited_greedy", "softmax", 4, 2, True, 1.0, True),
+    ("noaux_tc", "sigmoid", 4, 2, True, 2.5, False),
+    ("noaux_tc", "sigmoid", 4, 2, False, 1.0, True),
+    ("noaux_tc", "sigmoid", 1, 1, True, 1.0, False),
+    ("noaux_tc", "sigmoid", 1, 1, False, 2.5, True),
+]
+
+
+@pytest.mark.parametrize("method, scoring, n_group, topk_group, norm, scale, bf16", ROUTE_CONFIGS)
+@pytest.mark.parametrize("hidden", [37, 64])
+def test_route_kernel_matches_plain(method, scoring, n_group, topk_group, norm, scale, bf16, hidden):
+    torch.manual_seed(hidden)
+    r = router(hidden_size=hidden, n_routed_experts=16, num_experts_per_tok=3, topk_method=method,
+               scoring_func=scoring, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+               routed_scaling_factor=scale)
+    if method == "noaux_tc":
+        r.e_score_correction_bias.normal_(0, 0.3)
+    if bf16:
+        r.weight.data = r.weight.data.to(torch.bfloat16)
+    for t in range(1, kernels.MAX_M + 1):
+        x = torch.randn(t, hidden)
+        assert kernels.route_usable(x, r.weight)
+        w, ids = r(x)
+        pw, pids = r.plain(x)
+        assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == w.shape == (t, 3)
+        a, b = ids.argsort(-1), pids.argsort(-1)
+        assert torch.equal(ids.gather(1, a), pids.gather(1, b))
+        assert torch.allclose(w.gather(1, a), pw.gather(1, b), rtol=1e-5, atol=1e-5)
+
+
+@on_off
+def test_router_counts_each_choice_once(cpu_kernels, monkeypatch):
+    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
+    r = router(topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2, num_experts_per_tok=3)
+    counts = torch.zeros(8, dtype=torch.long)
+    x = torch.randn(kernels.MAX_M, 8)
+    _, ids = r(x, counts)
+    assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=8))
+    _, ids2 = r(x)  # no counts: nothing counted
+    assert torch.equal(ids, ids2) and counts.sum() == 3 * kernels.MAX_M
+
+
+def test_route_rejects_bad_arguments():
+    x, w = torch.randn(2, 8), torch.randn(8, 8)
+    args = dict(bias=None, counts=None, top_k=2, n_group=4, topk_group=2, method="noaux_tc", scoring="sigmoid",
+                norm_topk_prob=True, scale=1.0)
+    kernels.route(x, w, **args)  # fine as it stands
+    bad = [((x.double(), w), {}), ((x, w.half()), {}), ((x, torch.randn(8, 9)), {}), ((x[0], w), {}),
+           ((x, w), dict(counts=torch.zeros(8, dtype=torch.int32))),
+           ((x, w), dict(counts=torch.zeros(7, dtype=torch.long))),
+           ((x, w), dict(bias=torch.zeros(5))), ((x, w), dict(method="best")), ((x, w), dict(scoring="tanh")),
+           ((x, w), dict(top_k=0)), ((x, w), dict(top_k=9)),
+           ((x, w), dict(n_group=3)),  # 8 experts do not split into 3 groups
+           ((x, w), dict(top_k=5)),  # 2 groups of 2 experts leave only 4
+           ((x, w), dict(topk_group=5)), ((x, torch.randn(8, 8)[:, :0].reshape(8, 0)), {})]
+    for (xx, ww), kw in bad:
+        with pytest.raises(ValueError):
+            kernels.route(xx, ww, **{**args, **kw})

@@ -1,0 +1,61 @@
+"""The fused elementwise kernels (RMSNorm, MLA's rope + cache write) against the torch paths they replace."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsinfer import kernels
+from dsinfer.config import ModelConfig
+from dsinfer.layers.attention import MLA
+from dsinfer.layers.norm import RMSNorm
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
+CFG = dict(model_type="deepseek_v3", vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=3,
+           kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=8, q_lora_rank=16, intermediate_size=8)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 64, 83])
+def test_rms_norm_equals_torch_on_strided_rows(n):
+    x = torch.randn(5, n + 9)[:, :n] * 4  # rows n + 9 apart, as a slice of a wider projection
+    w = torch.randn(n)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), F.rms_norm(x, (n,), w, 1e-6))
+
+
+def test_norm_module_takes_the_kernel_only_when_switched_on(monkeypatch):
+    norm = RMSNorm(40)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 40)
+    on = norm(x)
+    monkeypatch.setitem(kernels._state, "enabled", False)
+    torch.testing.assert_close(on, norm(x))
+
+
+def mla_inputs(t: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mla = MLA(ModelConfig.from_dict(CFG))
+    torch.nn.init.normal_(mla.kv_a_layernorm.weight, generator=g)
+    q = torch.randn(t, 3, 18, generator=g)
+    kv = torch.randn(t, 26, generator=g)
+    slots = torch.randperm(40, generator=g)[:t]
+    return mla, q, kv, mla.rotary.rotation(torch.randint(0, 500, (t,), generator=g)), slots
+
+
+@pytest.mark.parametrize("t", [1, 5, 33])
+def test_rope_and_cache_write_equal_the_torch_path(t, monkeypatch):
+    mla, q, kv, cis, slots = mla_inputs(t, seed=t)
+    caches, parts = [], []
+    for on in (True, False):
+        monkeypatch.setitem(kernels._state, "enabled", on)
+        cache = torch.zeros(40, 26)
+        parts.append([p.clone() for p in mla.rope_and_cache(q.clone(), kv, cis, cache, slots)])
+        caches.append(cache)
+    torch.testing.assert_close(caches[0], caches[1])
+    for a, b in zip(*parts):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_slot_outside_the_cache_is_named():
+    mla, q, kv, cis, slots = mla_inputs(2, seed=0)
+    with pytest.raises(ValueError, match="outside the cache's 40 rows"):
+        kernels.mla_rope_cache(q, kv, mla.kv_a_layernorm.weight, 1e-6, cis, torch.zeros(40, 26), slots + 40, 12)
+    with pytest.raises(ValueError, match="do not fit together"):
+        kernels.mla_rope_cache(q, kv, mla.kv_a_layernorm.weight, 1e-6, cis, torch.zeros(40, 20), slots, 12)
