@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsinfer import kernels
 from dsinfer.layers.linear import linear
 
 _chunk = {"tokens": 256}
@@ -29,8 +30,15 @@ class MLP(nn.Module):
         self.inter = inter
         self.gate_up_proj = nn.Parameter(torch.empty(2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(hidden, inter))
+        # a decode batch runs as the fused experts kernel's one expert, chosen by every token with weight 1
+        self.register_buffer("only_expert", torch.zeros(kernels.MAX_M, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("unit_weight", torch.ones(kernels.MAX_M, 1, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= kernels.MAX_M and isinstance(self.gate_up_proj, torch.Tensor):
+            gate_up, t = self.gate_up_proj[None], x.shape[0]
+            if kernels.moe_usable(x, gate_up):
+                return kernels.moe_decode(x, self.only_expert[:t], self.unit_weight[:t], gate_up, self.down_proj[None])
         step = _chunk["tokens"]
         if not step or x.shape[0] <= step:
             return self.run(x)

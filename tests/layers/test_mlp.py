@@ -36,3 +36,15 @@ def test_generation_is_the_same_with_chunked_mlps(ckpts, restore_chunk):
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = [LLM(ckpts["v3"], ffn_chunk_tokens=n).generate(prompts, sp, use_tqdm=False) for n in (None, 4)]
     assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_decode_batches_through_the_experts_kernel_equal_the_torch_path(tokens, monkeypatch):
+    from dsinfer import kernels
+    m = mlp.MLP(16, 24)
+    torch.nn.init.normal_(m.gate_up_proj)
+    torch.nn.init.normal_(m.down_proj)
+    x = torch.randn(tokens, 16)
+    fused = m(x)
+    monkeypatch.setitem(kernels._state, "enabled", False)
+    torch.testing.assert_close(fused, m(x), rtol=1e-5, atol=1e-5)
