@@ -12,7 +12,7 @@ from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.llm_engine import LLMEngine
 from dsinfer.layers import mlp
 from dsinfer.layers.attention import MLA_MODES
-from dsinfer.models import build_model
+from dsinfer.models import build_model, decode_plan
 from dsinfer.models.loader import load_weights, read_config
 from dsinfer.outputs import RequestOutput
 from dsinfer.quant import plan as quant_plan
@@ -51,7 +51,7 @@ class LLM:
                  kv_cache_memory_fraction: float = 0.2, block_size: int = 16, length_bucketing: bool = True,
                  mla_mode: str = "auto", cpu_kernels: bool = True, tokenizer: str | None = None,
                  quantization: str | None = None, quant_group_size: int | None = None, map_embeddings: bool = True,
-                 ffn_chunk_tokens: int | None = 256):
+                 ffn_chunk_tokens: int | None = 256, enforce_eager: bool = False):
         if model is None:
             from dsinfer import default_model_path
             model = default_model_path()
@@ -60,6 +60,7 @@ class LLM:
         torch.manual_seed(seed)
         kernels.set_enabled(cpu_kernels)  # process-wide: the weight-streaming CPU matmul for decode batches
         mlp.set_chunk_tokens(ffn_chunk_tokens)
+        decode_plan.set_enabled(not enforce_eager)  # process-wide: whole layers in one C call for decode batches
         cfg = read_config(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -29,7 +29,7 @@ log = logging.getLogger("dsinfer")
 MAX_M = 8
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c",
                                                       "mla_decode_avx2.c", "moe_decode_avx2.c", "fused_avx2.c",
-                                                      "router_avx2.c")]
+                                                      "router_avx2.c", "decode_layer.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("qkernels.h", "gemv_kernels.h")]
 
 
@@ -210,5 +210,6 @@ def round_to_int8(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-from dsinfer.kernels.decode import (declare, fused_usable, mla_decode, mla_rope_cache, mla_usable,  # noqa: E402
-                                   moe_decode, moe_usable, rms_norm, route, route_usable)
+from dsinfer.kernels.decode import (absorb_usable, declare, fused_usable, mla_absorb, mla_decode,  # noqa: E402
+                                   mla_expand, mla_rope_cache, mla_usable, moe_decode, moe_usable, rms_norm, route,
+                                   route_usable)

@@ -31,6 +31,16 @@ def declare(lib: ctypes.CDLL):
     lib.route_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + \
         [ctypes.c_int64] * 6 + [ctypes.c_int] * 3 + [ctypes.c_float]
     lib.route_f32.restype = ctypes.c_int
+    # q_nope, its (token, head) stride, q_pe, its stride, kv_b, qc, t, h, dn, dr, dv, r, threads
+    lib.mla_absorb_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
+        [ctypes.c_int64] * 6 + [ctypes.c_int]
+    lib.mla_absorb_f32.restype = None
+    # o_lat, kv_b, attn, t, h, dn, dv, r, threads
+    lib.mla_expand_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.mla_expand_f32.restype = None
+    # layer, step (structs of dsinfer/models/decode_plan.py), x, cache, threads -> 0 or an error code
+    lib.decode_layer_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    lib.decode_layer_f32.restype = ctypes.c_int
 
 
 _MLA_ERRORS = {1: "bad arguments (lens must be in 1..Lmax, seq in 0..B-1)", 2: "a row index is outside the cache",
@@ -76,6 +86,45 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, seq: to
               t, h, r, d - r, lmax, b, cache.shape[0], float(scale), torch.get_num_threads())
     if code:  # the kernel checks seq, lens and every row index it would read before reading any
         raise ValueError(f"mla_decode failed: {_MLA_ERRORS.get(code, f'error {code}')} (B = {b}, Lmax = {lmax})")
+    return out
+
+
+def _heads_stride(x: torch.Tensor) -> int | None:
+    """The step between consecutive (token, head) vectors of x [T, H, n], if one step walks them all."""
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
+        return None
+    return x.stride(1)
+
+
+def absorb_usable(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b: torch.Tensor) -> bool:
+    """Whether mla_absorb / mla_expand take these: fp32 on CPU, kv_b contiguous, q parts one step per head."""
+    return (_state["enabled"] and isinstance(kv_b, torch.Tensor) and kv_b.is_contiguous()
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q_nope, q_pe, kv_b))
+            and _heads_stride(q_nope) is not None and _heads_stride(q_pe) is not None and library() is not None)
+
+
+def mla_absorb(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b: torch.Tensor, r: int, dv: int) -> torch.Tensor:
+    """(W_uk[h]^T q_nope, q_pe) per token and head: q_nope [T, H, dn], q_pe [T, H, dr], kv_b [H (dn + dv), r]
+    -> [T, H, r + dr]. Each (token, head) is computed on its own, the same bits in any batch."""
+    t, h, dn = q_nope.shape
+    dr = q_pe.shape[2]
+    if q_pe.shape[:2] != (t, h) or kv_b.shape != (h * (dn + dv), r):
+        raise ValueError(f"mla_absorb: q_nope {tuple(q_nope.shape)}, q_pe {tuple(q_pe.shape)} and kv_b "
+                         f"{tuple(kv_b.shape)} do not fit (r = {r}, dv = {dv})")
+    qc = torch.empty(t, h, r + dr, dtype=torch.float32)
+    library().mla_absorb_f32(q_nope.data_ptr(), _heads_stride(q_nope), q_pe.data_ptr(), _heads_stride(q_pe),
+                             kv_b.data_ptr(), qc.data_ptr(), t, h, dn, dr, dv, r, torch.get_num_threads())
+    return qc
+
+
+def mla_expand(o_lat: torch.Tensor, kv_b: torch.Tensor, dn: int, dv: int) -> torch.Tensor:
+    """W_uv[h] o_lat per token and head: o_lat [T, H, r] fp32 contiguous, kv_b [H (dn + dv), r] -> [T, H, dv]."""
+    t, h, r = o_lat.shape
+    if kv_b.shape != (h * (dn + dv), r) or not o_lat.is_contiguous():
+        raise ValueError(f"mla_expand: o_lat {tuple(o_lat.shape)} and kv_b {tuple(kv_b.shape)} do not fit")
+    out = torch.empty(t, h, dv, dtype=torch.float32)
+    library().mla_expand_f32(o_lat.data_ptr(), kv_b.data_ptr(), out.data_ptr(), t, h, dn, dv, r,
+                             torch.get_num_threads())
     return out
 
 

@@ -16,7 +16,7 @@
 #include <string.h>
 
 #define BLK 8        /* cache rows per block */
-#define MIN_CHUNK 64 /* fewest rows worth an item of their own */
+#define CHUNK 256 /* positions per work item */
 
 enum { MLA_OK = 0, MLA_BAD_ARGS = 1, MLA_BAD_INDEX = 2, MLA_NO_MEMORY = 3 };
 
@@ -219,18 +219,21 @@ static int check(const Args *a, int64_t n_cache_rows) {
     return MLA_OK;
 }
 
-/* Chunks per token, in proportion to its share of all positions (about `threads` items in all, plus at most
- * one per token), none shorter than MIN_CHUNK unless the context is; returns the number of items. */
-static int64_t plan(const Args *a, int threads, int64_t *nch, int64_t *first, int64_t *token) {
-    int64_t total = 0, items = 0;
-    for (int64_t t = 0; t < a->t; t++) total += a->lens[t];
+/* Work items: each token's positions in chunks of CHUNK. The split depends on the token's own length only, so
+ * its result is the same bits whatever else is in the batch (and however many threads run it). */
+static int64_t count_items(const Args *a) {
+    int64_t items = 0;
+    for (int64_t t = 0; t < a->t; t++) items += (a->lens[t] + CHUNK - 1) / CHUNK;
+    return items;
+}
+
+static void plan(const Args *a, int64_t *nch, int64_t *first, int64_t *token) {
+    int64_t items = 0;
     for (int64_t t = 0; t < a->t; t++) {
-        int64_t len = a->lens[t], want = (len * threads + total - 1) / total, most = (len + MIN_CHUNK - 1) / MIN_CHUNK;
-        nch[t] = want < most ? want : most;
+        nch[t] = (a->lens[t] + CHUNK - 1) / CHUNK;
         first[t] = items;
         for (int64_t c = 0; c < nch[t]; c++) token[items++] = t;
     }
-    return items;
 }
 
 static int mla_decode(const Args *a, int64_t n_cache_rows, int threads) {
@@ -239,9 +242,10 @@ static int mla_decode(const Args *a, int64_t n_cache_rows, int threads) {
     if (err) return err;
     threads = threads < 1 ? 1 : threads;
     const int64_t h = a->h, r = a->r;
-    int64_t *nch = malloc(sizeof(int64_t) * (3 * a->t + threads)), *first = nch + a->t, *token = first + a->t;
+    const int64_t items = count_items(a);
+    int64_t *nch = malloc(sizeof(int64_t) * (2 * a->t + items)), *first = nch + a->t, *token = first + a->t;
     if (!nch) return MLA_NO_MEMORY;
-    const int64_t items = plan(a, threads, nch, first, token); /* at most t + threads */
+    plan(a, nch, first, token);
     /* scratch: m, l per item and head; acc per item of a split token; per thread: scores, alpha, rows, w */
     const int64_t ml = round16(items * h), accs = round16(items * h * r);
     const int64_t per_thread = round16(h * BLK) + round16(h) + BLK * round16(a->d) + round16(items);

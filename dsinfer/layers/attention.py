@@ -109,13 +109,15 @@ class MLA(nn.Module):
         """Decode without expanding the cache. With W_kb = [W_uk; W_uv] per head (kv_b_proj),
         q_nope . (W_uk c) = (W_uk^T q_nope) . c, so scores are taken against the latent c directly,
         and the output sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j) is formed in latent space first."""
-        w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
+        wkv = self.kv_b_proj.weight
+        if kernels.mla_usable(q_nope, cache) and kernels.absorb_usable(q_nope, q_pe, wkv):
+            qc = kernels.mla_absorb(q_nope, q_pe, wkv, self.r, self.dv)  # each token alone: batch-invariant bits
+            o_lat = kernels.mla_decode(qc, cache, gather_index, token_seq, positions + 1, self.scale, self.r)
+            return kernels.mla_expand(o_lat, wkv, self.dn, self.dv)
+        w = wkv.view(self.h, self.dn + self.dv, self.r)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.dn]).transpose(0, 1)      # [T, H, r]
         qc = torch.cat([q_lat, q_pe], -1)                                               # [T, H, r + dr]
-        if kernels.mla_usable(qc, cache):  # reads each cached row once for all heads
-            o_lat = kernels.mla_decode(qc, cache, gather_index, token_seq, positions + 1, self.scale, self.r)
-        else:
-            o_lat = self.latent_attention(qc, positions, gather_index, token_seq, cache)
+        o_lat = self.latent_attention(qc, positions, gather_index, token_seq, cache)
         return torch.bmm(o_lat.transpose(0, 1), w[:, self.dn:].transpose(1, 2)).transpose(0, 1)
 
     def latent_attention(self, qc, positions, gather_index, token_seq, cache) -> torch.Tensor:

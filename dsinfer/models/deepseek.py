@@ -10,6 +10,7 @@ from dsinfer.layers.mlp import MLP
 from dsinfer.layers.moe import MoE
 from dsinfer.layers.norm import RMSNorm
 from dsinfer.layers.rope import RotaryEmbedding
+from dsinfer.models import decode_plan
 
 
 class DecoderLayer(nn.Module):
@@ -29,15 +30,24 @@ class DeepseekModel(nn.Module):
     def __init__(self, cfg: ModelConfig, mla_mode: str):
         super().__init__()
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-        rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mla_mode, rotary) for i in range(cfg.num_hidden_layers))
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mla_mode, self.rotary) for i in range(cfg.num_hidden_layers))
+        self.config, self.plan = cfg, None  # the fused decode plan, made at the first decode batch
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, caches: list[torch.Tensor]) -> torch.Tensor:
-        x = embed(input_ids, self.embed_tokens).to(self.norm.weight.dtype)  # bf16 table when quantized
+        x = embed(input_ids, self.embed_tokens).to(self.norm.weight.dtype).contiguous()  # bf16 table when quantized
+        if decode_plan.usable(x, meta, caches) and self.fused_plan():
+            decode_plan.run(self.plan, x, positions, self.rotary.rotation(positions), meta, caches)
+            return self.norm(x)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, positions, meta, cache)
         return self.norm(x)
+
+    def fused_plan(self) -> list | None:
+        if self.plan is None:
+            self.plan = decode_plan.build(self) or []  # [] : some layer cannot take it
+        return self.plan
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         if getattr(self, "embed_mapped", False):  # already backed by the checkpoint file itself

@@ -59,3 +59,27 @@ def test_a_slot_outside_the_cache_is_named():
         kernels.mla_rope_cache(q, kv, mla.kv_a_layernorm.weight, 1e-6, cis, torch.zeros(40, 26), slots + 40, 12)
     with pytest.raises(ValueError, match="do not fit together"):
         kernels.mla_rope_cache(q, kv, mla.kv_a_layernorm.weight, 1e-6, cis, torch.zeros(40, 20), slots, 12)
+
+
+@pytest.mark.parametrize("h,dn,dr,dv,r", [(4, 32, 16, 32, 64), (3, 12, 6, 8, 20), (16, 128, 64, 128, 512)])
+def test_absorb_and_expand_equal_the_batched_matmuls_and_do_not_depend_on_the_batch(h, dn, dr, dv, r):
+    g = torch.Generator().manual_seed(h + r)
+    q = torch.randn(5, h, dn + dr, generator=g)
+    q_nope, q_pe = q[..., :dn], q[..., dn:]  # views of one query, as MLA makes them
+    kv_b = torch.randn(h * (dn + dv), r, generator=g)
+    w = kv_b.view(h, dn + dv, r)
+    qc = kernels.mla_absorb(q_nope, q_pe, kv_b, r, dv)
+    want = torch.cat([torch.bmm(q_nope.transpose(0, 1), w[:, :dn]).transpose(0, 1), q_pe], -1)
+    torch.testing.assert_close(qc, want, rtol=1e-5, atol=1e-4)
+    o_lat = torch.randn(5, h, r, generator=g)
+    out = kernels.mla_expand(o_lat, kv_b, dn, dv)
+    torch.testing.assert_close(out, torch.bmm(o_lat.transpose(0, 1), w[:, dn:].transpose(1, 2)).transpose(0, 1),
+                               rtol=1e-5, atol=1e-4)
+    for i in range(5):  # each token alone gives the same bits as in the batch
+        assert torch.equal(kernels.mla_absorb(q_nope[i:i + 1], q_pe[i:i + 1], kv_b, r, dv)[0], qc[i])
+        assert torch.equal(kernels.mla_expand(o_lat[i:i + 1], kv_b, dn, dv)[0], out[i])
+
+
+def test_absorb_refuses_shapes_that_do_not_fit():
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.mla_absorb(torch.randn(2, 4, 8), torch.randn(2, 4, 4), torch.randn(4 * 15, 16), 16, 8)
