@@ -51,7 +51,7 @@ class LLM:
                  kv_cache_memory_fraction: float = 0.2, block_size: int = 16, length_bucketing: bool = True,
                  mla_mode: str = "auto", cpu_kernels: bool = True, tokenizer: str | None = None,
                  quantization: str | None = None, quant_group_size: int | None = None, map_embeddings: bool = True,
-                 ffn_chunk_tokens: int | None = 256, enforce_eager: bool = False):
+                 ffn_chunk_tokens: int | None = 256, enforce_eager: bool | None = None):
         if model is None:
             from dsinfer import default_model_path
             model = default_model_path()
@@ -60,7 +60,8 @@ class LLM:
         torch.manual_seed(seed)
         kernels.set_enabled(cpu_kernels)  # process-wide: the weight-streaming CPU matmul for decode batches
         mlp.set_chunk_tokens(ffn_chunk_tokens)
-        decode_plan.set_enabled(not enforce_eager)  # process-wide: whole layers in one C call for decode batches
+        if enforce_eager is not None:  # process-wide: whole layers in one C call for decode batches; None: as set
+            decode_plan.set_enabled(not enforce_eager)
         cfg = read_config(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -42,6 +42,6 @@ def test_switches_and_unsupported_weights_keep_the_python_layers(ckpts, fused_ru
     prompts = random_prompts([6, 9])
     generate(LLM(ckpts["v3"], enforce_eager=True), prompts)
     generate(LLM(ckpts["v3"], cpu_kernels=False), prompts)
-    q8 = LLM(ckpts["v3"], quantization="int8")
+    q8 = LLM(ckpts["v3"], quantization="int8", enforce_eager=False, cpu_kernels=True)
     generate(q8, prompts)
     assert fused_runs == [] and q8.model.model.plan == []  # int8 layers: no plan
