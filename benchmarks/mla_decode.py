@@ -6,11 +6,11 @@ attends to its own sequence of `context` cache rows, scattered through the cache
     python benchmarks/mla_decode.py --t 1 8 --contexts 32 512 2000 4000 --dtypes fp32 bf16 --threads 2
 """
 import argparse
-import time
 
 import torch
 
 from dsinfer import kernels
+from timing import best_seconds_per_call
 from dsinfer.layers.attention import rows as gather_rows
 
 H, R, DR = 16, 512, 64
@@ -29,16 +29,7 @@ def torch_path(qc, cache, gather_index, token_seq, positions, scale, r):
 
 
 def ms_per_call(fn, min_seconds: float = 0.04, repeat: int = 8) -> float:
-    """The best of `repeat` short measurements: the best filters out other load on the machine."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        calls, start = 0, time.perf_counter()
-        while calls == 0 or time.perf_counter() - start < min_seconds:
-            fn()
-            calls += 1
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e3
+    return best_seconds_per_call(fn, min_seconds, repeat) * 1e3
 
 
 def main():

@@ -30,7 +30,7 @@ MAX_M = 8
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c",
                                                       "mla_decode_avx2.c", "moe_decode_avx2.c", "fused_avx2.c",
                                                       "router_avx2.c", "decode_layer.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("qkernels.h", "gemv_kernels.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("qkernels.h", "gemv_kernels.h", "simd.h")]
 
 
 def int8_activations_from_env() -> bool:

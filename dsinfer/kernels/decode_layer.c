@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "simd.h"
 
 void gemv_f32(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k, int threads);
 void rms_norm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t n, int64_t x_stride, float eps);
@@ -80,9 +81,7 @@ void mla_expand_f32(const float *o_lat, const float *kv_b, float *attn, int64_t 
             __m256 acc = _mm256_setzero_ps();
             int64_t i = 0;
             for (; i + 8 <= r; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(o + i), acc);
-            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            float s = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+            float s = hsum(acc);
             for (; i < r; i++) s += w[i] * o[i];
             attn[th * dv + j] = s;
         }

@@ -3,13 +3,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-
-static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "simd.h"
 
 /* out[i] = x[i] * w[i] / sqrt(mean(x^2) + eps) for one row of n values. */
 static void norm_row(const float *x, const float *w, float *out, int64_t n, float eps) {
@@ -19,7 +13,7 @@ static void norm_row(const float *x, const float *w, float *out, int64_t n, floa
         __m256 v = _mm256_loadu_ps(x + i);
         acc = _mm256_fmadd_ps(v, v, acc);
     }
-    float ss = sum8(acc);
+    float ss = hsum(acc);
     for (; i < n; i++) ss += x[i] * x[i];
     const float inv = 1.0f / sqrtf(ss / (float)n + eps);
     const __m256 vinv = _mm256_set1_ps(inv);

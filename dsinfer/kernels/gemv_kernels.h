@@ -8,28 +8,13 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include "simd.h"
 
 #define MAX_M 8
 #define KC 128 /* columns per chunk in the blocked kernel */
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 
-static inline __m256 load_bf16(const uint16_t *w) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
-    return v.f;
-}
 
 /* One output row at a time; M (rows of x) and U (8-float vectors per step, so that small M still has
  * independent FMA chains) are compile-time constants after inlining, so accumulators live in registers. */

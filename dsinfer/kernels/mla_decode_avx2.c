@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "simd.h"
 
 #define BLK 8        /* cache rows per block */
 #define CHUNK 256 /* positions per work item */
@@ -29,18 +30,6 @@ typedef struct {
     float scale;
     int bf16;
 } Args;
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
-    return v.f;
-}
 
 static inline int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 

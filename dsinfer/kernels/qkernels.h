@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "simd.h"
 
 #define MAX_M 8
 #define MAX_ACC 12 /* accumulators: M rows of x times U per row */
@@ -16,13 +17,6 @@
 #define CHUNK_FLOATS 4096 /* floats of packed x per chunk, all M rows together: 16 KiB, so it stays in L1 */
 #endif
 #define AI __attribute__((always_inline))
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 static inline __m256i tail_mask(int64_t t) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "simd.h"
 
 #define PARALLEL_FROM (1 << 21) /* multiply-adds */
 
@@ -32,13 +33,6 @@ static inline float load1(const void *w, int bf16, int64_t i) {
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* logits[r][row] for up to 4 tokens x[r] against one weight row, the row read once for all of them. */
