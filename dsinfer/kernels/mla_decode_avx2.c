@@ -17,7 +17,8 @@
 #include "simd.h"
 
 #define BLK 8        /* cache rows per block */
-#define CHUNK 256 /* positions per work item */
+#define CHUNK 256     /* positions per work item, */
+#define MAX_CHUNKS 16 /* up to this many per token (longer contexts: longer chunks), which bounds the scratch */
 
 enum { MLA_OK = 0, MLA_BAD_ARGS = 1, MLA_BAD_INDEX = 2, MLA_NO_MEMORY = 3 };
 
@@ -208,18 +209,24 @@ static int check(const Args *a, int64_t n_cache_rows) {
     return MLA_OK;
 }
 
-/* Work items: each token's positions in chunks of CHUNK. The split depends on the token's own length only, so
- * its result is the same bits whatever else is in the batch (and however many threads run it). */
+/* Work items: each token's positions in chunks of CHUNK, at most MAX_CHUNKS of them. The split depends on the
+ * token's own length only, so its result is the same bits whatever else is in the batch (and however many
+ * threads run it). */
+static int64_t chunks(int64_t len) {
+    const int64_t n = (len + CHUNK - 1) / CHUNK;
+    return n < MAX_CHUNKS ? n : MAX_CHUNKS;
+}
+
 static int64_t count_items(const Args *a) {
     int64_t items = 0;
-    for (int64_t t = 0; t < a->t; t++) items += (a->lens[t] + CHUNK - 1) / CHUNK;
+    for (int64_t t = 0; t < a->t; t++) items += chunks(a->lens[t]);
     return items;
 }
 
 static void plan(const Args *a, int64_t *nch, int64_t *first, int64_t *token) {
     int64_t items = 0;
     for (int64_t t = 0; t < a->t; t++) {
-        nch[t] = (a->lens[t] + CHUNK - 1) / CHUNK;
+        nch[t] = chunks(a->lens[t]);
         first[t] = items;
         for (int64_t c = 0; c < nch[t]; c++) token[items++] = t;
     }

@@ -52,6 +52,11 @@ def test_long_context_is_split_and_merged(dtype, h, r, dr):
     with_threads(4, lambda: check(q, cache, rows, seq, lens, scale, r))  # more chunks than cores
 
 
+def test_contexts_past_the_chunk_cap_take_longer_chunks():
+    q, cache, rows, seq, lens, scale = case(4, 64, 16, t=2, lmax=6000, b=2, dtype=torch.float32, seed=11, n_cache=6000)
+    check(q, cache, rows, seq, torch.tensor([6000, 4097]), scale, 64)  # 16 chunks each: the cap
+
+
 def test_mixed_long_and_short_contexts():
     q, cache, rows, seq, lens, scale = case(16, 512, 64, t=5, lmax=1500, b=2, dtype=torch.bfloat16, seed=3)
     lens = torch.tensor([1500, 3, 700, 64, 1])
