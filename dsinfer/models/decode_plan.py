@@ -50,7 +50,8 @@ def attention_fields(attn) -> dict | None:
     q_b = attn.q_b_proj if q_lora else attn.q_proj
     linears = [q_b, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj] + ([attn.q_a_proj] if q_lora else [])
     norms = [attn.kv_a_layernorm] + ([attn.q_a_layernorm] if q_lora else [])
-    if any(m.bias is not None for m in linears) or not _fp32(*(m.weight for m in linears + norms)) or attn.dr % 2:
+    if any(m.bias is not None for m in linears) or not _fp32(*(m.weight for m in linears + norms)) or attn.dr % 2 \
+            or attn.mode == "decompressed":  # the fused layer runs decode absorbed, as the auto mode does
         return None
     return dict(h=attn.h, dn=attn.dn, dr=attn.dr, dv=attn.dv, r=attn.r, scale=attn.scale, eps=attn.kv_a_layernorm.eps,
                 qr=attn.q_a_proj.weight.shape[0] if q_lora else 0, q_a=_ptr(attn.q_a_proj.weight) if q_lora else None,

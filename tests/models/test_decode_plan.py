@@ -44,4 +44,6 @@ def test_switches_and_unsupported_weights_keep_the_python_layers(ckpts, fused_ru
     generate(LLM(ckpts["v3"], cpu_kernels=False), prompts)
     q8 = LLM(ckpts["v3"], quantization="int8", enforce_eager=False, cpu_kernels=True)
     generate(q8, prompts)
-    assert fused_runs == [] and q8.model.model.plan == []  # int8 layers: no plan
+    decompressed = LLM(ckpts["v3"], mla_mode="decompressed")
+    generate(decompressed, prompts)
+    assert fused_runs == [] and q8.model.model.plan == [] == decompressed.model.model.plan  # no plan for these
