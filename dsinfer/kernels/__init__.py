@@ -1,7 +1,9 @@
 """Small CPU kernels built on first use with the system C compiler (AVX2 + FMA), loaded with ctypes.
 
 `gemv` computes x @ W.T for decode-sized batches (at most MAX_M rows), reading each weight row once for all
-rows; torch's own matmul reads the weights at a fraction of memory bandwidth for such shapes. `qgemv` does the
+rows; torch's own matmul reads the weights at a fraction of memory bandwidth for such shapes. `gemm_small` does
+it for up to SMALL_MAX_M rows (a prefill's per-expert matmuls; gemm_small_avx2.c), where MKL's sgemm is not yet
+at its large-matrix speed (benchmarks/gemm_small.py). `qgemv` does the
 same for weight-only quantized weights (int8 / int4 codes in groups, see dsinfer/quant/qtensor.py), and
 `dequant` expands a range of their rows to fp32 for prefill. `mla_decode` is MLA's absorbed decode attention over
 the latent cache (mla_decode_avx2.c), reading each cached row once for all heads; `moe_decode` runs a decode batch's
@@ -29,7 +31,7 @@ log = logging.getLogger("dsinfer")
 MAX_M = 8
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c",
                                                       "mla_decode_avx2.c", "moe_decode_avx2.c", "fused_avx2.c",
-                                                      "router_avx2.c", "decode_layer.c")]
+                                                      "router_avx2.c", "decode_layer.c", "gemm_small_avx2.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("qkernels.h", "gemv_kernels.h", "simd.h")]
 
 
@@ -42,11 +44,19 @@ def int8_activations_from_env() -> bool:
 
 
 _state = {"enabled": os.environ.get("DSINFER_CPU_KERNELS", "1") != "0", "lib": None, "tried": False,
-          "int8_activations": int8_activations_from_env()}
+          "int8_activations": int8_activations_from_env(),
+          "small_gemm": os.environ.get("DSINFER_SMALL_GEMM", "1") != "0"}
+SMALL_MAX_M = 64  # the most rows of x gemm_small takes
 
 
 def set_enabled(on: bool):
     _state["enabled"] = on
+
+
+def set_small_gemm(on: bool):
+    """Whether `linear` sends fp32 batches of MAX_M < M <= SMALL_MAX_M rows to `gemm_small` (DSINFER_SMALL_GEMM=0
+    at import turns it off); off as well while the kernels are."""
+    _state["small_gemm"] = bool(on)
 
 
 def set_int8_activations(on: bool):
@@ -80,7 +90,7 @@ def build() -> ctypes.CDLL | None:
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             out.replace(target)
     lib = ctypes.CDLL(str(target))
-    for name in ("gemv_f32", "gemv_bf16"):
+    for name in ("gemv_f32", "gemv_bf16", "gemm_small_f32"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         fn.restype = None
@@ -124,6 +134,32 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty(m, n, dtype=torch.float32)
     fn = library().gemv_f32 if w.dtype == torch.float32 else library().gemv_bf16
     fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
+
+
+def small_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `gemm_small` takes x @ w.T: fp32 x on CPU with MAX_M < M <= SMALL_MAX_M rows (fewer go to `gemv`),
+    fp32 contiguous w, kernels and the small-GEMM switch on (DSINFER_SMALL_GEMM=0 turns it off)."""
+    return (_state["enabled"] and _state["small_gemm"] and x.device.type == "cpu" and x.dim() == 2
+            and MAX_M < x.shape[0] <= SMALL_MAX_M and x.dtype == torch.float32 and w.dtype == torch.float32
+            and w.dim() == 2 and w.shape[1] == x.shape[1] and w.is_contiguous() and library() is not None)
+
+
+def gemm_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 (1 <= M <= SMALL_MAX_M), w [N, K] fp32 contiguous -> x @ w.T [M, N] in fp32: a prefill's
+    per-expert matmul, x packed once and each weight row's piece reused from L1 by all of x's rows."""
+    if x.dtype != torch.float32 or x.dim() != 2 or not 0 < x.shape[0] <= SMALL_MAX_M:
+        raise ValueError(f"gemm_small takes fp32 [M <= {SMALL_MAX_M}, K] activations, not {x.dtype} {tuple(x.shape)}")
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != x.shape[1] or not w.is_contiguous():
+        raise ValueError(f"gemm_small takes a contiguous fp32 [N, {x.shape[1]}] weight, not {w.dtype} {tuple(w.shape)}")
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if n and k:
+        library().gemm_small_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+    else:
+        y.zero_()
     return y
 
 
