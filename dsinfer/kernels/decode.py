@@ -216,7 +216,7 @@ def mla_rope_cache(q: torch.Tensor, kv: torch.Tensor, w: torch.Tensor, eps: floa
         raise ValueError(f"mla_rope_cache: a slot is outside the cache's {n} rows")
 
 
-_ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}  # the codes router_avx2.c knows
 _ROUTE_SCORING = {"softmax": 0, "sigmoid": 1}
 _ROUTE_ERRORS = {1: "bad arguments (sizes, top_k, or groups that do not fit)", 2: "out of memory"}
 
@@ -251,7 +251,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coun
     if counts is not None and (counts.dtype != torch.int64 or counts.shape != (e,) or not counts.is_cpu
                                or not counts.is_contiguous()):
         raise ValueError(f"counts must be contiguous int64 [{e}] on CPU, not {counts.dtype} {tuple(counts.shape)}")
-    if method not in _ROUTE_METHODS or scoring not in _ROUTE_SCORING or not 0 < top_k <= e:
+    if method not in ROUTE_METHODS or scoring not in _ROUTE_SCORING or not 0 < top_k <= e:
         raise ValueError(f"unknown topk method {method!r} or scoring {scoring!r}, or top_k {top_k} not in 1..{e}")
     if not x.is_contiguous():
         x = x.contiguous()
@@ -262,7 +262,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, coun
     code = library().route_f32(x.data_ptr(), weight.data_ptr(), weight.dtype == torch.bfloat16,
                                None if bias is None else bias.data_ptr(), w.data_ptr(), ids.data_ptr(),
                                None if counts is None else counts.data_ptr(), t, d, e, top_k, n_group, topk_group,
-                               _ROUTE_METHODS[method], _ROUTE_SCORING[scoring], bool(norm_topk_prob), scale)
+                               ROUTE_METHODS[method], _ROUTE_SCORING[scoring], bool(norm_topk_prob), scale)
     if code:
         raise ValueError(f"route failed: {_ROUTE_ERRORS.get(code, f'error {code}')} (E = {e}, top_k = {top_k}, "
                          f"n_group = {n_group}, topk_group = {topk_group}, method {method})")

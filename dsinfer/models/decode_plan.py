@@ -12,11 +12,12 @@ import os
 import torch
 
 from dsinfer import kernels
+from dsinfer.kernels.decode import ROUTE_METHODS
 from dsinfer.layers.moe import MoE
 
 _state = {"enabled": os.environ.get("DSINFER_FUSED_DECODE", "1") != "0"}
 P = ctypes.c_void_p
-METHODS, I64, F32 = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}, ctypes.c_int64, ctypes.c_float
+I64, F32 = ctypes.c_int64, ctypes.c_float
 
 
 def set_enabled(on: bool):
@@ -71,7 +72,7 @@ def ffn_fields(mlp) -> dict | None:
     if not _fp32(g.weight, ex.gate_up_proj, ex.down_proj, *([] if bias is None else [bias]),
                  *([] if sh is None else [sh.gate_up_proj, sh.down_proj])) or g.top_k > 64:
         return None
-    return dict(experts=ex.n, top_k=g.top_k, n_group=g.n_group, topk_group=g.topk_group, method=METHODS[g.method],
+    return dict(experts=ex.n, top_k=g.top_k, n_group=g.n_group, topk_group=g.topk_group, method=ROUTE_METHODS[g.method],
                 sigmoid=int(g.scoring == "sigmoid"), norm_topk=int(g.norm_topk_prob), route_scale=g.scale,
                 router=_ptr(g.weight), bias=_ptr(bias), gate_up=_ptr(ex.gate_up_proj), down=_ptr(ex.down_proj),
                 inter=ex.inter, sh_gate_up=_ptr(sh.gate_up_proj) if sh else None,
