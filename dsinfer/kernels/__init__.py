@@ -31,8 +31,9 @@ log = logging.getLogger("dsinfer")
 MAX_M = 8
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c",
                                                       "mla_decode_avx2.c", "moe_decode_avx2.c", "fused_avx2.c",
-                                                      "router_avx2.c", "decode_layer.c", "gemm_small_avx2.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("qkernels.h", "gemv_kernels.h", "simd.h")]
+                                                      "router_avx2.c", "decode_layer.c", "gemm_small_avx2.c",
+                                                      "moe_prefill_avx2.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h")]
 
 
 def int8_activations_from_env() -> bool:
@@ -45,7 +46,8 @@ def int8_activations_from_env() -> bool:
 
 _state = {"enabled": os.environ.get("DSINFER_CPU_KERNELS", "1") != "0", "lib": None, "tried": False,
           "int8_activations": int8_activations_from_env(),
-          "small_gemm": os.environ.get("DSINFER_SMALL_GEMM", "1") != "0"}
+          "small_gemm": os.environ.get("DSINFER_SMALL_GEMM", "1") != "0",
+          "moe_prefill": os.environ.get("DSINFER_MOE_PREFILL", "1") != "0"}
 SMALL_MAX_M = 64  # the most rows of x gemm_small takes
 
 
@@ -106,6 +108,7 @@ def build() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         fn.restype = None
     declare(lib)
+    declare_prefill(lib)
     return lib
 
 
@@ -249,3 +252,4 @@ def round_to_int8(x: torch.Tensor) -> torch.Tensor:
 from dsinfer.kernels.decode import (absorb_usable, declare, fused_usable, mla_absorb, mla_decode,  # noqa: E402
                                    mla_expand, mla_rope_cache, mla_usable, moe_decode, moe_usable, rms_norm, route,
                                    route_usable)
+from dsinfer.kernels.prefill import declare_prefill, moe_prefill, moe_prefill_usable, set_moe_prefill  # noqa: E402

@@ -35,10 +35,14 @@ class MLP(nn.Module):
         self.register_buffer("unit_weight", torch.ones(kernels.MAX_M, 1, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= kernels.MAX_M and isinstance(self.gate_up_proj, torch.Tensor):
-            gate_up, t = self.gate_up_proj[None], x.shape[0]
-            if kernels.moe_usable(x, gate_up):
-                return kernels.moe_decode(x, self.only_expert[:t], self.unit_weight[:t], gate_up, self.down_proj[None])
+        """Decode batches run as the experts kernel's one expert, larger fp32 batches as the prefill kernel's
+        (which bounds its own intermediate); the rest through `run`, in chunks."""
+        if isinstance(self.gate_up_proj, torch.Tensor):
+            gate_up, down, t = self.gate_up_proj[None], self.down_proj[None], x.shape[0]
+            if t <= kernels.MAX_M and kernels.moe_usable(x, gate_up):
+                return kernels.moe_decode(x, self.only_expert[:t], self.unit_weight[:t], gate_up, down)
+            if kernels.moe_prefill_usable(x, gate_up):
+                return kernels.moe_prefill(x, None, None, gate_up, down)
         step = _chunk["tokens"]
         if not step or x.shape[0] <= step:
             return self.run(x)

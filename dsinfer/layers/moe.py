@@ -70,9 +70,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weighted sum of each token's experts' outputs [T, D]. A decode-sized batch goes to the fused CPU
-        kernel (one call, every active expert's weights read once); the rest runs grouped by expert."""
+        kernel (one call, every active expert's weights read once), a larger fp32 one to the prefill kernel (one
+        call, no [T, 2I] intermediate); the rest runs grouped by expert, which defines the result."""
         if kernels.moe_usable(x, self.gate_up_proj):
             return kernels.moe_decode(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
+        if kernels.moe_prefill_usable(x, self.gate_up_proj):
+            return kernels.moe_prefill(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
         return self.grouped(x, weights, ids)
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

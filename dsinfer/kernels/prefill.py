@@ -1,0 +1,64 @@
+"""Wrapper of the prefill MLP kernel (moe_prefill_avx2.c): a MoE layer's routed experts, or a dense SwiGLU MLP,
+for many tokens in one call. Built into the same library as the other kernels (see __init__.py)."""
+import ctypes
+
+import torch
+
+from dsinfer.kernels import MAX_M, _state, library
+
+_ERRORS = {1: "expert id out of range", 2: "out of memory for the kernel's scratch", 3: "bad sizes"}
+
+
+def declare_prefill(lib: ctypes.CDLL):
+    # x, ids (or NULL), weights (or NULL), gate_up, down, out, t, k, e, d, inter, threads -> 0 or an error code
+    lib.moe_prefill_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.moe_prefill_f32.restype = ctypes.c_int
+
+
+def set_moe_prefill(on: bool):
+    """Whether MoE and MLP layers send prefill-sized fp32 batches to `moe_prefill` (DSINFER_MOE_PREFILL=0 at
+    import turns it off); off as well while the kernels are."""
+    _state["moe_prefill"] = bool(on)
+
+
+def moe_prefill_usable(x: torch.Tensor, gate_up) -> bool:
+    """Whether `moe_prefill` takes these: fp32 [T > MAX_M, D] tokens (fewer go to the decode kernels) and
+    contiguous fp32 [E, 2I, D] (unquantized) weights on CPU, kernels and the switch on."""
+    return (_state["enabled"] and _state["moe_prefill"] and isinstance(gate_up, torch.Tensor) and x.is_cpu
+            and gate_up.is_cpu and x.dim() == 2 and x.shape[0] > MAX_M and x.dtype == torch.float32
+            and gate_up.dim() == 3 and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
+            and library() is not None)
+
+
+def moe_prefill(x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor | None, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """x fp32 [T, D], ids int64 [T, K] each token's experts, weights fp32 [T, K] their weights (both None: a dense
+    MLP, every token through expert 0 with weight 1), gate_up [E, 2I, D] and down [E, D, I] fp32 ->
+    sum_j weights[t, j] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), fp32 [T, D]."""
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_cpu or x.shape[0] < 1:
+        raise ValueError(f"x must be fp32 [T >= 1, D] on CPU, not {x.dtype} {tuple(x.shape)} on {x.device}")
+    t, d = x.shape
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or not w.is_cpu or w.dim() != 3:
+            raise ValueError(f"{name} must be a plain fp32 [E, ., .] tensor on CPU")
+    if gate_up.shape[1] % 2 or gate_up.shape[1] < 2 or gate_up.shape[2] != d:
+        raise ValueError(f"gate_up must be [E, 2I, D = {d}], not {tuple(gate_up.shape)}")
+    e, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    if tuple(down.shape) != (e, d, inter):
+        raise ValueError(f"down must be [E, D, I] = {(e, d, inter)}, not {tuple(down.shape)}")
+    k = 0
+    if ids is not None:
+        if ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != t or ids.shape[1] < 1 or not ids.is_cpu:
+            raise ValueError(f"ids must be int64 [T = {t}, K >= 1] on CPU, not {ids.dtype} {tuple(ids.shape)}")
+        k = ids.shape[1]
+        if weights is None or weights.dtype != torch.float32 or tuple(weights.shape) != (t, k):
+            raise ValueError(f"weights must be fp32 [{t}, {k}]")
+        ids, weights = ids.contiguous(), weights.contiguous()
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    out = torch.empty(t, d, dtype=torch.float32)
+    ptr = (lambda v: None if v is None else v.data_ptr())
+    code = library().moe_prefill_f32(x.data_ptr(), ptr(ids), ptr(weights), gate_up.data_ptr(), down.data_ptr(),
+                                     out.data_ptr(), t, k, e, d, inter, torch.get_num_threads())
+    if code:
+        raise ValueError(f"moe_prefill failed: {_ERRORS.get(code, f'error {code}')}")
+    return out
