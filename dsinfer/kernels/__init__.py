@@ -55,6 +55,11 @@ def set_enabled(on: bool):
     _state["enabled"] = on
 
 
+def enabled() -> bool:
+    """Whether dsinfer's own CPU paths are on (DSINFER_CPU_KERNELS / set_enabled), built or not."""
+    return _state["enabled"]
+
+
 def set_small_gemm(on: bool):
     """Whether `linear` sends fp32 batches of MAX_M < M <= SMALL_MAX_M rows to `gemm_small` (DSINFER_SMALL_GEMM=0
     at import turns it off); off as well while the kernels are."""

@@ -97,10 +97,13 @@ class MLA(nn.Module):
             ctx = rows(cache, meta.gather_index[i, :cl]).to(q.dtype)                 # [L, r + dr]
             kv = F.linear(ctx[:, :self.r], self.kv_b_proj.weight).view(cl, self.h, -1)
             k = torch.cat([kv[..., :self.dn], ctx[:, None, self.r:].expand(cl, self.h, self.dr)], -1)
-            qi = q[start:start + ql].transpose(0, 1)                                  # [H, ql, dn + dr]
-            mask = None if ql == cl else _causal_mask(ql, cl, q.device)
-            o = F.scaled_dot_product_attention(qi, k.transpose(0, 1), kv[..., self.dn:].transpose(0, 1),
-                                               attn_mask=mask, is_causal=mask is None and ql > 1, scale=self.scale)
+            qi, v = q[start:start + ql].transpose(0, 1), kv[..., self.dn:].transpose(0, 1)  # [H, ql, dn + dr]
+            if q.is_cpu and q.dtype == torch.float32 and kernels.enabled():
+                o = causal_blocks(qi, k.transpose(0, 1), v, self.scale)
+            else:
+                mask = None if ql == cl else _causal_mask(ql, cl, q.device)
+                o = F.scaled_dot_product_attention(qi, k.transpose(0, 1), v, attn_mask=mask,
+                                                   is_causal=mask is None and ql > 1, scale=self.scale)
             out.append(o.transpose(0, 1))
             start += ql
         return torch.cat(out)
@@ -129,6 +132,22 @@ class MLA(nn.Module):
         future = torch.arange(ctx.shape[1], device=qc.device)[None, :] > positions[:, None]
         probs = scores.masked_fill(future[:, None, :], float("-inf")).softmax(-1).to(qc.dtype)
         return torch.bmm(probs, ctx[..., :self.r])                                      # [T, H, r]
+
+
+def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block: int = 128) -> torch.Tensor:
+    """Causal attention of q [H, ql, d] (the last ql of the cl positions of k [H, cl, d] and v [H, cl, dv]) in
+    blocks of queries, each against only the keys it can see: about half the products of a full square for a
+    whole prompt, and scores bounded to [H, block, cl]. On CPU, torch's SDPA runs MLA's unequal q / v head dims
+    through its unfused path, which computes all the products and builds the mask in several passes."""
+    ql, past, out = q.shape[1], k.shape[1] - q.shape[1], []
+    for s in range(0, ql, block):
+        e = min(s + block, ql)
+        seen = past + e                                                               # keys of the last query
+        scores = torch.bmm(q[:, s:e], k[:, :seen].transpose(1, 2)).mul_(scale)        # [H, e - s, seen]
+        future = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu_(1)
+        scores[:, :, past + s:].masked_fill_(future, float("-inf"))
+        out.append(torch.bmm(scores.softmax(-1), v[:, :seen]))
+    return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 def rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -71,10 +71,13 @@ def test_api_key(make_server):
 
 def test_overload_gets_429_with_retry_after(make_server):
     server = make_server(llm_kw={"max_num_seqs": 1}, max_waiting=1)
-    body = {"model": "tiny-v3", "prompt": "def f(x):", "max_tokens": 60, "ignore_eos": True}
-    results = []
+    # long enough that the first two are still running when the rest arrive (60 tokens took ~60 ms, so all
+    # eight could be served one after another and none refused); the barrier makes the eight arrive together
+    body = {"model": "tiny-v3", "prompt": "def f(x):", "max_tokens": 200, "ignore_eos": True}
+    results, start = [], threading.Barrier(8)
 
     def post():
+        start.wait()
         results.append(httpx.post(server.url + "/v1/completions", json=body, timeout=60))
     threads = [threading.Thread(target=post) for _ in range(8)]
     for t in threads:
