@@ -85,7 +85,7 @@ static void run_block(const Moe *s, const float *gu, const float *dn, const int6
     share(s->d, 8, tid, nt, &lo, &hi);
     for (int64_t p = 0; p < np; p++) {
         const int64_t pr = rows - p * PW < PW ? rows - p * PW : PW;
-        pack_panel(s->x, s->d, tok + p * PW, 0, pr, s->xp + p * s->d * PW, lo, hi);
+        pack_panel(s->x, s->d, tok + p * PW, pr, s->xp + p * s->d * PW, lo, hi);
     }
     if (tid == 0)
         for (int64_t r = 0; r < np * PW; r++) s->wv[r] = r < rows ? w[r] : 0.0f;

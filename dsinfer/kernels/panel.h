@@ -1,5 +1,5 @@
 /* Panel kernels for fp32 products of a few dozen to a few hundred rows of x with a weight W [N, K] (a prefill's
- * per-expert matmuls), shared by gemm_small_avx2.c and moe_prefill_avx2.c.
+ * per-expert matmuls; used by moe_prefill_avx2.c).
  *
  * x is packed in panels of PW = 16 rows, each as [K][16] (rows padded with zeros), so that one k step reads
  * two vectors of 16 rows' values. The register tile is G <= 6 rows of W by 16 rows of x: per k it broadcasts
@@ -17,16 +17,16 @@
 #define PW 16       /* rows of x per panel */
 #define PANEL_PF 512 /* weight prefetch distance in floats: 256-512 measured alike, 64 and 1024 slower */
 
-/* Packs rows of x into the panel dst [K][16]: rows idx[0..rows) of x (row stride ldx), or x's rows r0.. if idx
- * is NULL, padded with zero rows; columns [c0, c1) only, so threads can share a panel. */
-static inline void pack_panel(const float *x, int64_t ldx, const int64_t *idx, int64_t r0, int64_t rows,
-                              float *dst, int64_t c0, int64_t c1) {
+/* Packs rows idx[0..rows) of x (row stride ldx) into the panel dst [K][16], padded with zero rows; columns
+ * [c0, c1) only, so that threads can share a panel. */
+static inline void pack_panel(const float *x, int64_t ldx, const int64_t *idx, int64_t rows, float *dst,
+                              int64_t c0, int64_t c1) {
     for (int64_t r = 0; r < PW; r++) {
         if (r >= rows) {
             for (int64_t c = c0; c < c1; c++) dst[c * PW + r] = 0.f;
             continue;
         }
-        const float *src = x + (idx ? idx[r] : r0 + r) * ldx;
+        const float *src = x + idx[r] * ldx;
         for (int64_t c = c0; c < c1; c++) dst[c * PW + r] = src[c];
     }
 }
@@ -64,8 +64,8 @@ static inline __attribute__((always_inline)) void panel_tile(const float *xp, co
 
 /* panel_tile with G and V as constants (the register tile needs them known at compile time); not inlined, so
  * that no caller's constants take a register the tile needs. */
-static __attribute__((noinline)) void panel_tile_any(const float *xp, const float *const *wr, int64_t k, float *out, int G,
-                                  int rows) {
+static __attribute__((noinline)) void panel_tile_any(const float *xp, const float *const *wr, int64_t k, float *out,
+                                                     int G, int rows) {
     const int wide = rows > 8;
     switch (G * 2 + wide) {
     case 13: panel_tile(xp, wr, k, out, 6, 2); break;

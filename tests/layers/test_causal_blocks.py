@@ -10,7 +10,8 @@ from dsinfer.layers.attention import _causal_mask, causal_blocks
 @pytest.mark.parametrize("block", [1, 64, 128])
 def test_blocks_equal_sdpa(ql, cl, block):
     g = torch.Generator().manual_seed(ql * 1000 + cl)
-    q, k, v = torch.randn(4, ql, 24, generator=g), torch.randn(4, cl, 24, generator=g), torch.randn(4, cl, 16, generator=g)
+    q, k = torch.randn(4, ql, 24, generator=g), torch.randn(4, cl, 24, generator=g)
+    v = torch.randn(4, cl, 16, generator=g)
     mask = None if ql == cl else _causal_mask(ql, cl, q.device)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and ql > 1, scale=0.3)
     torch.testing.assert_close(causal_blocks(q, k, v, 0.3, block), want, rtol=1e-5, atol=1e-5)
