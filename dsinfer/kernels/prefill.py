@@ -4,7 +4,7 @@ import ctypes
 
 import torch
 
-from dsinfer.kernels import MAX_M, _state, library
+from dsinfer.kernels import MAX_M, _ptr, _state, library
 
 _ERRORS = {1: "expert id out of range", 2: "out of memory for the kernel's scratch", 3: "bad sizes"}
 
@@ -56,8 +56,7 @@ def moe_prefill(x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor
         ids, weights = ids.contiguous(), weights.contiguous()
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     out = torch.empty(t, d, dtype=torch.float32)
-    ptr = (lambda v: None if v is None else v.data_ptr())
-    code = library().moe_prefill_f32(x.data_ptr(), ptr(ids), ptr(weights), gate_up.data_ptr(), down.data_ptr(),
+    code = library().moe_prefill_f32(x.data_ptr(), _ptr(ids), _ptr(weights), gate_up.data_ptr(), down.data_ptr(),
                                      out.data_ptr(), t, k, e, d, inter, torch.get_num_threads())
     if code:
         raise ValueError(f"moe_prefill failed: {_ERRORS.get(code, f'error {code}')}")
