@@ -126,6 +126,14 @@ class LLM:
                 if out.request_id == rid:
                     yield out
 
+    def step(self) -> list[RequestOutput]:
+        """One engine step: the state of every request that produced a token in it (for callers that drive
+        requests themselves, as benchmarks do)."""
+        return self.engine.step()
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
     def add_requests(self, prompts, sampling_params) -> list[str]:
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = sampling_params or SamplingParams()
