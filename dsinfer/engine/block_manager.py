@@ -93,7 +93,8 @@ class BlockManager:
                 self.hash_to_block.setdefault(h, block.block_id)
 
     def free_seq(self, seq: Sequence):
-        """Drops seq's references; a block nobody uses goes to the free list, the unnamed ones first in line."""
+        """Drops seq's references; a block nobody uses goes to the free list, the unnamed ones first in line.
+        seq's block hashes go too: a preempted seq may be recomputed into other blocks, which commit must name."""
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -101,7 +102,7 @@ class BlockManager:
                 self.free[block_id] = None
                 if block.hash is None:
                     self.free.move_to_end(block_id, last=False)
-        seq.block_table, seq.num_cached = [], 0
+        seq.block_table, seq.block_hashes, seq.num_cached = [], [], 0
 
     def _take(self, block_id: int):
         block = self.blocks[block_id]

@@ -81,3 +81,17 @@ def test_prefix_caching_off_finds_nothing():
     bm = BlockManager(8, 4, enable_prefix_caching=False)
     admit(bm, seq(list(range(10))))
     assert bm.cached_prefix(seq(list(range(10)), 1)) == []
+
+
+def test_blocks_recomputed_after_preemption_are_cached_again():
+    """A preempted seq whose blocks were evicted meanwhile recomputes into fresh blocks, which must be named."""
+    bm = BlockManager(3, 4)
+    a = seq(list(range(9)))  # two full blocks and a partial one
+    admit(bm, a)
+    bm.free_seq(a)  # preempted
+    other = seq([50] * 12, 1)
+    admit(bm, other)  # takes every block: a's cached prefix is evicted
+    bm.free_seq(other)
+    assert bm.cached_prefix(seq(list(range(9)), 2)) == []
+    assert admit(bm, a) == []  # recomputed from scratch
+    assert bm.cached_prefix(seq(list(range(9)) + [77], 3)) == a.block_table[:2]
