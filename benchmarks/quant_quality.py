@@ -4,7 +4,7 @@ load), int4 GPTQ and mixed precision (written by `dsinfer quantize`).
 
     python benchmarks/quant_quality.py [--model DIR] [--eval-tokens 32768] [--samples 128]
 
-Held-out text: the standard-library files the built-in model never trained on (dsinfer.train's split).
+Held-out text: the standard-library files the built-in model never trained on (dsinfer.tools.train's split).
 Quantized matmuls are run 8 rows at a time, so every one goes through the decode kernel (whose numerics are
 what generation sees; whole-prompt scoring would take the prefill path instead). --int8-activations adds int4
 and int8 variants with the kernel's int8 activations."""
@@ -19,7 +19,7 @@ import dsinfer.layers.linear as linear_mod
 from dsinfer import LLM, kernels
 from dsinfer.engine.model_runner import score
 from dsinfer.quant.export import QuantizeArgs, quantize_checkpoint
-from dsinfer.train.corpus import read, split, stdlib_files
+from dsinfer.tools.train.corpus import read, split, stdlib_files
 
 
 def eval_sequences(tokenizer, tokens: int, length: int) -> list[list[int]]:

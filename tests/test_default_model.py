@@ -8,7 +8,7 @@ import pytest
 
 import dsinfer
 from dsinfer import DEFAULT_MODEL, LLM, SamplingParams
-from dsinfer.train.card import PROMPTS
+from dsinfer.tools.train.card import PROMPTS
 from tests.reference import hf_greedy
 
 FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "MODEL_CARD.md"]

@@ -1,14 +1,15 @@
 """The default model's training code on a tiny config: it trains, is deterministic, and writes a checkpoint
-(with the MTP layer under DeepSeek's names) that both dsinfer and transformers load."""
+(with the MTP layer under DeepSeek's names) that dsinfer and transformers read as the same model."""
 import pytest
 import torch
 from safetensors import safe_open
 
 from dsinfer import LLM, SamplingParams
-from dsinfer.train import corpus
-from dsinfer.train.__main__ import run
-from dsinfer.train.modeling import Arch
-from dsinfer.train.trainer import TrainConfig
+from dsinfer.tools.train import corpus
+from dsinfer.tools.train.__main__ import run
+from dsinfer.tools.train.modeling import Arch
+from dsinfer.tools.train.trainer import TrainConfig
+from tests.reference import hf_logprobs
 
 TINY = Arch(vocab_size=400, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32,
             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256)
@@ -51,8 +52,23 @@ def test_checkpoint_has_the_mtp_layer_and_loads_in_both(trained):
     llm = LLM(out)
     assert set(llm.mtp_tensors) == {n for n in names if n.startswith(mtp)}
     assert llm.generate("def ", SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids
-    from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_dsinfer_and_transformers_agree_on_the_trained_checkpoint(trained):
+    """The checkpoint as written (bf16 weights, fp32 router bias, HF names) means the same model to both: every
+    prompt position's log-probabilities from dsinfer equal transformers' in fp32, for the prompt's own next
+    token and for transformers' top 5."""
+    out, _, _ = trained
+    prompt = LLM(out).get_tokenizer().encode("def main(argv):\n    return sorted(argv)\n")
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5)
+    ours = LLM(out, dtype="float32").generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0].prompt_logprobs
+    ref = hf_logprobs(out, prompt)
+    assert len(prompt) > 8 and ours[0] is None and len(ours) == len(prompt)
+    for j in range(1, len(prompt)):
+        want = {prompt[j]: ref[j - 1, prompt[j]].item()}
+        want.update(zip(ref[j - 1].topk(5).indices.tolist(), ref[j - 1].topk(5).values.tolist()))
+        for token, logprob in want.items():
+            assert ours[j][token].logprob == pytest.approx(logprob, abs=1e-4)
 
 
 def test_validation_split_is_disjoint_and_stable():

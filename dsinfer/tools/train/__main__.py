@@ -1,4 +1,4 @@
-"""python -m dsinfer.train --out DIR [--steps N]: tokenizer, model, MTP, model card, all seeded."""
+"""python -m dsinfer.tools.train --out DIR [--steps N]: tokenizer, model, MTP, model card, all seeded."""
 import argparse
 import shutil
 import tempfile
@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from dsinfer.train import card, corpus
-from dsinfer.train.modeling import Arch, build, save
-from dsinfer.train.trainer import TrainConfig, train
+from dsinfer import DEFAULT_MODEL
+from dsinfer.tools.train import card, corpus
+from dsinfer.tools.train.modeling import Arch, build, save
+from dsinfer.tools.train.trainer import TrainConfig, train
 
 
 def run(out: Path, arch: Arch, cfg: TrainConfig, files=None, threads: int = 2, with_card: bool = True):
@@ -34,8 +35,8 @@ def run(out: Path, arch: Arch, cfg: TrainConfig, files=None, threads: int = 2, w
 
 def main():
     d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="python -m dsinfer.train", description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "default_model")
+    ap = argparse.ArgumentParser(prog="python -m dsinfer.tools.train", description=__doc__)
+    ap.add_argument("--out", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--seq-len", type=int, default=d.seq_len)

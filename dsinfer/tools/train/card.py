@@ -43,9 +43,9 @@ def write(out: Path, *, arch, cfg, corpus: dict, log, params: dict, samples) -> 
     tail = log.losses[-50:]
     text = [
         "# dsinfer default model", "",
-        "A small code-completion model with the DeepSeek-V3 architecture, trained by `python -m dsinfer.train` "
-        "on the Python standard library. It exists so that dsinfer has a real model to run and measure without "
-        "a download; it writes Python-looking code, not correct programs.", "",
+        "A small code-completion model with the DeepSeek-V3 architecture, trained by "
+        "`python -m dsinfer.tools.train` on the Python standard library. It exists so that dsinfer has a real "
+        "model to run and measure without a download; it writes Python-looking code, not correct programs.", "",
         "## Corpus",
         f"- Python {platform.python_version()} standard library `.py` files, test packages excluded: "
         f"{corpus['train_files']} training files ({corpus['train_tokens']:,} tokens), {corpus['val_files']} "
