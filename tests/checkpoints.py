@@ -27,7 +27,10 @@ SPECS = {
                       n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
                       rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=1.0))),
 }
-FP8_BLOCK = [16, 16]  # small tiles so that the tiny shapes have several, with partial ones at the edges
+# Small tiles so that the tiny shapes have several, and sizes that divide none of the FP8 weights' dimensions
+# (32, 48, 64, 96, 128, 160): every weight has a partial last tile in both dims. Not square, so that swapping
+# the two block sizes is caught too.
+FP8_BLOCK = [28, 20]
 
 
 def build_hf(kind: str, kw: dict, seed: int = 0):
@@ -82,15 +85,16 @@ def is_fp8_target(name: str, t: torch.Tensor) -> bool:
 
 
 def write_fp8(src: Path, out: Path, ref: Path):
-    """out: src re-encoded as DeepSeek FP8; ref: the same weights dequantized to fp32 (what transformers loads)."""
-    from dsinfer.quant.fp8 import dequantize_fp8
+    """out: src re-encoded as DeepSeek FP8; ref: the same weights dequantized to fp32 (what transformers loads) by
+    the tests' own dequantization, so that the exactness tests check dsinfer's."""
+    from tests.reference import fp8_block_dequant
     tensors = load_file(src / "model.safetensors")
     fp8, deq = {}, {}
     for name, t in tensors.items():
         if is_fp8_target(name, t):
             q, s = fp8_encode(t)
             fp8[name], fp8[name + "_scale_inv"] = q, s
-            deq[name] = dequantize_fp8(q, s, tuple(FP8_BLOCK), name)
+            deq[name] = fp8_block_dequant(q, s, FP8_BLOCK)
         else:
             fp8[name] = deq[name] = t
     cfg = json.loads((src / "config.json").read_text())

@@ -28,3 +28,18 @@ def hf_greedy(path, prompt: list[int], n: int) -> list[int]:
         out.append(int(logits.argmax()))
         ids = torch.tensor([[out[-1]]])
     return out
+
+
+def fp8_block_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek's FP8 block dequantization written from its definition, independently of dsinfer's:
+    W[i, j] = q[i, j] * scale_inv[i // bo, j // bi], tile by tile; the last tile of a row or column holds what is
+    left of the weight when its size is not a multiple of the block."""
+    rows, cols = q.shape
+    bo, bi = block
+    assert tuple(scale_inv.shape) == ((rows + bo - 1) // bo, (cols + bi - 1) // bi)
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    for ti in range(scale_inv.shape[0]):
+        for tj in range(scale_inv.shape[1]):
+            r, c = slice(ti * bo, min(ti * bo + bo, rows)), slice(tj * bi, min(tj * bi + bi, cols))
+            out[r, c] = q[r, c].to(torch.float32) * scale_inv[ti, tj].item()
+    return out
