@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsinfer import LLM, SamplingParams
-from dsinfer.models.loader import CheckpointError, read_config
+from dsinfer.models.loader import CheckpointError, checkpoint_views, read_config
 from tests.conftest import random_prompts
 
 
@@ -43,14 +43,30 @@ def test_sharded_checkpoint_with_index(ckpts, llms, tmp_path):
     assert greedy(LLM(dst), prompt).outputs[0].token_ids == greedy(llms("v3"), prompt).outputs[0].token_ids
 
 
-def test_shards_without_index(ckpts, tmp_path):
+def assert_weights_equal(llm, tensors: dict):
+    """Every checkpoint tensor landed, unchanged, where the model reads it."""
+    views = checkpoint_views(llm.model)
+    assert set(views) == set(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(views[name].float(), t.float()), name
+
+
+def test_shards_without_index(ckpts, llms, tmp_path):
     dst = copy_ckpt(ckpts["v2"], tmp_path / "noindex")
     tensors = load_file(dst / "model.safetensors")
     (dst / "model.safetensors").unlink()
     names = sorted(tensors)
-    save_file({n: tensors[n] for n in names[:10]}, dst / "a.safetensors")
-    save_file({n: tensors[n] for n in names[10:]}, dst / "b.safetensors")
-    assert LLM(dst).model is not None
+    for i, file in enumerate(("a", "b", "c")):
+        save_file({n: tensors[n] for n in names[i::3]}, dst / f"{file}.safetensors")
+    llm = LLM(dst)
+    assert_weights_equal(llm, tensors)
+    prompt = random_prompts((9,))[0]
+    assert greedy(llm, prompt).outputs[0].token_ids == greedy(llms("v2"), prompt).outputs[0].token_ids
+
+
+def test_fp8_weights_load_as_the_reference_dequantization(ckpts, llms):
+    """The FP8 checkpoint (partial tiles at every edge) loads to the tests' own dequantization of it."""
+    assert_weights_equal(llms("v3-fp8"), load_file(ckpts["v3-fp8-ref"] / "model.safetensors"))
 
 
 def test_mtp_layer_is_kept_aside(ckpts, tmp_path):
@@ -153,7 +169,7 @@ def test_fp8_without_scale(ckpts, tmp_path):
 def test_fp8_scale_of_wrong_shape(ckpts, tmp_path):
     name = "model.layers.0.self_attn.o_proj.weight"
     dst = copy_ckpt(ckpts["v3-fp8"], tmp_path / "f", lambda t: t.update({name + "_scale_inv": torch.ones(1, 1)}))
-    with pytest.raises(CheckpointError, match=r"o_proj.weight_scale_inv has shape \(1, 1\), expected \(4, 6\)"):
+    with pytest.raises(CheckpointError, match=r"o_proj.weight_scale_inv has shape \(1, 1\), expected \(3, 5\)"):
         LLM(dst)
 
 
