@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from dsinfer import SamplingParams
+from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,30 @@ def test_response_cache_serves_repeated_deterministic_requests(client, server):
     a = client.completions.create(**body)
     before = metric(server, "dsinfer_response_cache_hits_total")
     b = client.completions.create(**body)
+    assert a.choices[0].text == b.choices[0].text and metric(server, "dsinfer_response_cache_hits_total") == before + 1
+
+
+@pytest.mark.parametrize("fields, cacheable", [
+    ({"temperature": 0}, True), ({"temperature": 0, "seed": 3}, True), ({"temperature": 0.7, "seed": 3}, True),
+    ({"seed": 0}, True), ({"temperature": 0.7}, False), ({"temperature": 2}, False), ({}, False),
+], ids=str)
+def test_only_greedy_or_seeded_requests_are_cacheable(fields, cacheable):
+    """temperature defaults to 1: without a seed, a sampled answer must not be served twice."""
+    assert CompletionRequest(prompt="x", **fields).deterministic is cacheable
+    assert ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **fields).deterministic is cacheable
+
+
+def test_response_cache_never_serves_a_sampled_request_without_seed(client, server):
+    body = dict(model="tiny-v3", prompt="for i in range(", max_tokens=6)
+    for sampled in (dict(body, temperature=0.8), body):  # no temperature: 1.0
+        before = metric(server, "dsinfer_response_cache_hits_total")
+        client.completions.create(**sampled)
+        client.completions.create(**sampled)
+        assert metric(server, "dsinfer_response_cache_hits_total") == before, sampled
+    seeded = dict(body, temperature=0.8, seed=11)
+    a = client.completions.create(**seeded)
+    before = metric(server, "dsinfer_response_cache_hits_total")
+    b = client.completions.create(**seeded)
     assert a.choices[0].text == b.choices[0].text and metric(server, "dsinfer_response_cache_hits_total") == before + 1
 
 
