@@ -91,10 +91,17 @@ def test_cli_generate_streams_the_completion(ckpts, llms):
     assert r.stdout == want + "\n"
 
 
-def test_cli_chat_takes_turns(ckpts):
-    r = run_cli("chat", "--model", str(ckpts["v3"]), "--max-tokens", "4", stdin="hello\nagain\n/exit\n")
+def test_cli_chat_takes_turns(ckpts, llms):
+    """Each reply is LLM.chat's greedy answer to the conversation so far, which holds the earlier replies."""
+    r = run_cli("chat", "--model", str(ckpts["v3"]), "--max-tokens", "6", stdin="hello\nagain\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("\n") == 2
+    llm, sp = llms("v3"), SamplingParams(temperature=0, max_tokens=6)
+    conv, replies = [], []
+    for line in ("hello", "again"):
+        conv.append({"role": "user", "content": line})
+        replies.append(llm.chat(conv, sp)[0].outputs[0].text)
+        conv.append({"role": "assistant", "content": replies[-1]})
+    assert all(replies) and r.stdout == "".join(reply + "\n" for reply in replies)
 
 
 @pytest.mark.parametrize("args, message", [
