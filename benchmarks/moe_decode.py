@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from dsinfer import kernels
+from dsinfer.kernels import KernelConfig
 from timing import best_seconds_per_call
 from dsinfer.layers.moe import Experts
 
@@ -32,7 +33,6 @@ def main():
         torch.set_num_threads(args.threads)
     if kernels.library() is None:
         raise SystemExit("the CPU kernels cannot be built on this machine")
-    kernels.set_enabled(True)
     print(f"threads={torch.get_num_threads()}")
     print(f"{'dtype':>5} {'E':>3} {'D':>5} {'I':>5} {'K':>2} {'T':>2} {'experts':>7} {'kernel us':>10} "
           f"{'grouped us':>10} {'grouped/kernel':>14} {'max err':>8}")
@@ -44,7 +44,7 @@ def main():
 
 def measure(name: str, e: int, d: int, inter: int, k: int, t: int, g: torch.Generator) -> str:
     """One table row: the kernel against Experts.grouped (one matmul per expert) on the same random weights."""
-    experts = Experts(e, d, inter).requires_grad_(False)
+    experts = Experts(e, d, inter, KernelConfig()).requires_grad_(False)
     for p, fan_in in ((experts.gate_up_proj, d), (experts.down_proj, inter)):
         p.data = p.data.uniform_(-fan_in ** -0.5, fan_in ** -0.5, generator=g).to(DTYPES[name])
     x = torch.randn(t, d, generator=g)

@@ -11,13 +11,14 @@ import argparse
 import torch
 
 from dsinfer import kernels
+from dsinfer.kernels import KernelConfig
 from dsinfer.layers.mlp import MLP
 from dsinfer.layers.moe import Experts
 from timing import best_seconds_per_call
 
 
 def routed(tokens: int, even: bool, g: torch.Generator):
-    ex = Experts(64, 2048, 1408)
+    ex = Experts(64, 2048, 1408, KernelConfig())  # grouped: the small-GEMM matmuls, as a model binds them
     torch.nn.init.normal_(ex.gate_up_proj, std=0.02, generator=g)
     torch.nn.init.normal_(ex.down_proj, std=0.02, generator=g)
     x = torch.randn(tokens, 2048, generator=g)
@@ -32,7 +33,7 @@ def routed(tokens: int, even: bool, g: torch.Generator):
 
 
 def dense(tokens: int, inter: int, g: torch.Generator):
-    mlp = MLP(2048, inter)
+    mlp = MLP(2048, inter, KernelConfig())
     torch.nn.init.normal_(mlp.gate_up_proj, std=0.02, generator=g)
     torch.nn.init.normal_(mlp.down_proj, std=0.02, generator=g)
     x = torch.randn(tokens, 2048, generator=g)

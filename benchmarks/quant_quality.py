@@ -10,6 +10,7 @@ what generation sees; whole-prompt scoring would take the prefill path instead).
 and int8 variants with the kernel's int8 activations."""
 import argparse
 import math
+import os
 import tempfile
 import time
 
@@ -18,7 +19,7 @@ import torch
 import dsinfer.layers.linear as linear_mod
 from dsinfer import LLM, kernels
 from dsinfer.engine.model_runner import score
-from dsinfer.quant.export import QuantizeArgs, quantize_checkpoint
+from dsinfer.tools.quantize.export import QuantizeArgs, quantize_checkpoint
 from dsinfer.tools.train.corpus import read, split, stdlib_files
 
 
@@ -49,7 +50,7 @@ def compare(ref: list[torch.Tensor], test: list[torch.Tensor], seqs) -> dict:
 
 def through_decode_kernel(qlinear):
     """qlinear, 8 rows at a time (the decode kernel's batch), whatever the number of rows."""
-    return lambda x, w, bias=None: torch.cat([qlinear(part, w, bias) for part in x.split(kernels.MAX_M)])
+    return lambda x, w, bias=None, *a: torch.cat([qlinear(part, w, bias, *a) for part in x.split(kernels.MAX_M)])
 
 
 def variants(model: str, args, tmp: str):
@@ -84,7 +85,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in variants(model, args, tmp):
             t0 = time.time()
-            kernels.set_int8_activations("int8 activations" in name)
+            os.environ["DSINFER_INT8_ACTIVATIONS"] = "1" if "int8 activations" in name else "0"  # read by LLM()
             llm = make()
             seqs = seqs or eval_sequences(llm.tokenizer, args.eval_tokens, args.length)
             lp = logprobs(llm, seqs)

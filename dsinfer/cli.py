@@ -218,7 +218,7 @@ def serve(args):
 
 
 def quantize(args):
-    from dsinfer.quant.export import QuantizeArgs, quantize_checkpoint
+    from dsinfer.tools.quantize.export import QuantizeArgs, quantize_checkpoint
     qargs = QuantizeArgs(args.method, args.bits, args.group_size, args.calibration, args.target_bits, args.samples,
                          args.seq_len, args.damp, not args.no_act_order)
     modules = quantize_checkpoint(args.src, args.dst, qargs)

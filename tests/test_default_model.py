@@ -58,6 +58,6 @@ def test_cli_uses_the_default_model():
 
 
 def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(dsinfer, "DEFAULT_MODEL", tmp_path)
+    monkeypatch.setattr(dsinfer.models.loader, "DEFAULT_MODEL", tmp_path)
     with pytest.raises(ValueError, match="built-in default model is missing"):
         LLM()

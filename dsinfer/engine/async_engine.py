@@ -22,7 +22,7 @@ class AsyncLLM:
                     request_id: str | None = None) -> tuple[str, asyncio.Queue]:
         """Queues a request (bad input raises ValueError here, before anything is queued) and returns its id
         and the queue its outputs will arrive on. Must be called from a running event loop."""
-        text, ids = self.llm._parse_prompt(prompt)
+        text, ids = self.engine.inputs.process(prompt)
         rid = request_id or f"req-{next(self.ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self.lock:

@@ -1,12 +1,38 @@
-from dataclasses import dataclass
+"""EngineConfig: every option of an engine by name (vLLM's engine arguments where it has them), filled from
+keyword arguments and checked in one place."""
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from dsinfer.config import ModelConfig
+from dsinfer.kernels import KernelConfig
+from dsinfer.layers.attention import MLA_MODES
+from dsinfer.models.quant_plan import MODES as QUANTIZATIONS
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto: CUDA if torch sees a device, else CPU; a CUDA device torch cannot see is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device")
+    return torch.device(device)
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How the engine batches and caches. Names follow vLLM's engine arguments."""
-    max_model_len: int
+    model: str | os.PathLike | None = None  # checkpoint directory; None: the built-in model
+    tokenizer: str | os.PathLike | None = None  # directory with tokenizer.json; None: the model's
+    dtype: str | torch.dtype = "auto"       # auto: fp32 on CPU, bf16 on CUDA
+    device: str = "auto"                    # auto: CUDA if torch sees it, else CPU
+    seed: int = 0
+    max_model_len: int | None = None        # None: the model's max_position_embeddings
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048      # tokens per step, prefill chunks and decodes together
+    max_num_batched_tokens: int | None = None  # tokens per step, prefill chunks and decodes together
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -14,16 +40,71 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.2
     length_bucketing: bool = True           # admit waiting requests of similar length together
     bucket_window: int = 64                 # how far past the head of the queue bucketing looks
+    mla_mode: str = "auto"                  # auto: prefill decompressed, decode absorbed
+    quantization: str | None = None         # int8 / int4: quantize weights on load
+    quant_group_size: int | None = None
+    map_embeddings: bool = True             # quantized models read embedding rows from the checkpoint file
+    cpu_kernels: bool | None = None         # dsinfer's C kernels; None: DSINFER_CPU_KERNELS, else on
+    enforce_eager: bool | None = None       # True: no fused decode; None: DSINFER_FUSED_DECODE, else fused
+    ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """The config with these options by name; an unknown name is a TypeError that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        cfg = cls(**kwargs)
+        cfg.check()
+        return cfg
 
     def check(self):
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        """Checks what can be checked before the model's config is read."""
+        positive = ("max_num_seqs", "block_size", "bucket_window")
+        for name in positive + ("max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be at least 1, got {value!r}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.mla_mode not in MLA_MODES:
+            raise ValueError(f"mla_mode must be one of {MLA_MODES}, got {self.mla_mode!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        if self.ffn_chunk_tokens is not None and self.ffn_chunk_tokens < 0:
+            raise ValueError(f"ffn_chunk_tokens must be >= 0 or None, got {self.ffn_chunk_tokens}")
+        self.torch_dtype(torch.device("cpu"))
+
+    def fit_to(self, model: ModelConfig):
+        """Fills what depends on the model (max_model_len, the step's token budget) and checks the rest."""
+        limit = model.max_position_embeddings
+        if self.max_model_len is not None and not 1 < self.max_model_len <= limit:
+            raise ValueError(f"max_model_len must be in 2..{limit} (the model's max_position_embeddings), "
+                             f"got {self.max_model_len}")
+        self.max_model_len = self.max_model_len or limit
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 2048 if self.enable_chunked_prefill else max(2048, self.max_model_len)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must "
                              f"be at least max_model_len ({self.max_model_len}) so that every prompt fits one step")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """auto: fp32 on CPU (no fast 16-bit matmul on most CPUs), bf16 on CUDA."""
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+    def kernel_config(self, device: torch.device) -> KernelConfig:
+        """The kernels this engine's model runs, resolved against the machine."""
+        fused = None if self.enforce_eager is None else not self.enforce_eager
+        kc = KernelConfig.from_options(cpu_kernels=self.cpu_kernels, fused_decode=fused,
+                                       ffn_chunk_tokens=self.ffn_chunk_tokens or 0)
+        return kc.resolve(device)

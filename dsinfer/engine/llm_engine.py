@@ -1,11 +1,14 @@
 """Runs requests step by step: the scheduler picks prefill chunks and decodes under a token budget, the
 runner computes them in one forward pass, and sequences that reached their end sample a token."""
 import itertools
+import logging
+from pathlib import Path
 
 import torch
 
 from dsinfer.engine.block_manager import BlockManager
 from dsinfer.engine.config import EngineConfig
+from dsinfer.engine.input_processor import InputProcessor
 from dsinfer.engine.kv_cache import KVCache, plan_blocks
 from dsinfer.engine.model_runner import ModelRunner
 from dsinfer.engine.output_processor import OutputProcessor
@@ -13,27 +16,49 @@ from dsinfer.engine.sampler import apply_penalties, block_stops, sample, token_l
 from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
 from dsinfer.engine.stats import EngineStats, collect_stats
+from dsinfer.models import load_model
+from dsinfer.models.loader import default_model_path, read_config
 from dsinfer.outputs import RequestOutput
 from dsinfer.sampling_params import SamplingParams
 from dsinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
+log = logging.getLogger("dsinfer")
+
+
 class LLMEngine:
     def __init__(self, model, tokenizer: Tokenizer | None, cfg: EngineConfig, dtype, device, seed: int = 0):
-        cfg.check()
+        """model: loaded; cfg: fitted to the model (EngineConfig.fit_to)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, torch.device(device)
+        self.dtype, self.quantization, self.mtp_tensors = dtype, None, {}
         self.max_model_len = cfg.max_model_len
         self.cache = self.make_cache(model.config, dtype)
         self.blocks = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(model, self.cache)
-        self.outputs = OutputProcessor(tokenizer)
+        self.inputs, self.outputs = InputProcessor(tokenizer), OutputProcessor(tokenizer)
         mcfg = model.config
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
         self.num_generated = self.num_prompt_computed = 0
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
+        """Reads the checkpoint cfg.model names, builds and loads its model with the kernels cfg chooses, and
+        the tokenizer, cache and scheduler around it."""
+        path = Path(cfg.model) if cfg.model is not None else default_model_path()
+        mcfg = read_config(path)
+        cfg.fit_to(mcfg)
+        device = cfg.torch_device()
+        dtype = cfg.torch_dtype(device)
+        torch.manual_seed(cfg.seed)
+        model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, cfg.kernel_config(device),
+                                      cfg.quantization, cfg.quant_group_size, cfg.map_embeddings)
+        engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed)
+        engine.quantization, engine.mtp_tensors = bits, mtp  # bits per quantized unit; tensors left unused
+        return engine
 
     def make_cache(self, mcfg, dtype) -> KVCache:
         """Fixed-size cache from the memory budget; it must hold at least one sequence of max_model_len."""
@@ -158,3 +183,11 @@ class LLMEngine:
         elif seqs[0].params.output_kind == "final_only":
             return None
         return self.outputs.request_output(request_id, prompt, seqs)
+
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    if not (path / "tokenizer.json").is_file():
+        log.warning("no tokenizer.json in %s: give prompts as {'prompt_token_ids': [...]}; output text will be "
+                    "empty", path)
+        return None
+    return Tokenizer(path)

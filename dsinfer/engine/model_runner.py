@@ -4,30 +4,36 @@ import torch
 from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.sequence import Sequence
 from dsinfer.layers.attention import AttentionMetadata
+from dsinfer.models.fused_decode import FusedDecoder
 
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache):
         self.model, self.cache, self.device = model, cache, cache.device
         self.offsets = torch.arange(cache.block_size, device=self.device)
+        self.fused = FusedDecoder.build(model, cache.layers)  # None: every step runs the Python layers
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
         """batch: (seq, new tokens) with prefill chunks (more than one new token) before single-token decodes.
-        New tokens of seq are positions num_cached .. num_cached + n - 1; its blocks are already reserved.
-        Per-token lists are built in Python and become tensors in one call: a decode step is a few tokens."""
+        New tokens of seq are positions num_cached .. num_cached + n - 1; its blocks are already reserved."""
+        return self.inputs([(s.token_ids, s.num_cached, s.block_table, n) for s, n in batch])
+
+    def inputs(self, entries: list[tuple[list[int], int, list[int], int]]):
+        """(input ids, positions, AttentionMetadata) of a step from (token ids, first new position, block table,
+        new tokens) per sequence. Per-token lists are built in Python and become tensors in one call: a decode
+        step is a few tokens."""
         bs = self.cache.block_size
         ids, positions, slots, token_seq, lens, ends = [], [], [], [], [], []
-        for i, (s, n) in enumerate(batch):
-            start, table = s.num_cached, s.block_table
+        for i, (tokens, start, table, n) in enumerate(entries):
             span = range(start, start + n)
-            ids += s.token_ids[start:start + n]
+            ids += tokens[start:start + n]
             positions += span
             slots += [table[p // bs] * bs + p % bs for p in span]
             token_seq += [i] * n
             lens.append(n)
             ends.append(start + n)
         flat = torch.tensor([ids, positions, slots, token_seq]).to(self.device, non_blocking=True)
-        tables = _pad([s.block_table for s, _ in batch]).to(self.device, non_blocking=True)
+        tables = _pad([table for _, _, table, _ in entries]).to(self.device, non_blocking=True)
         gather = (tables[:, :, None] * bs + self.offsets).flatten(1)  # [B, blocks * bs], padding -> block 0
         prefills = sum(1 for n in lens if n > 1)
         meta = AttentionMetadata(prefills, sum(lens[:prefills]), lens, ends, flat[2], gather, flat[3])
@@ -38,7 +44,7 @@ class ModelRunner:
         """Logits per batch entry: [n, vocab] for every new position where all_positions asks, [1, vocab] for
         the last one when the entry reaches the end of its sequence (it will sample), else None."""
         input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta, self.cache.layers)
+        hidden = self.run_model(input_ids, positions, meta)
         rows, end = [], 0
         for (seq, n), every in zip(batch, all_positions):
             end += n
@@ -51,21 +57,26 @@ class ModelRunner:
         return [None if r is None else next(logits) for r in rows]
 
 
+    def run_model(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states of a step: decode steps through the fused decoder where the model has one, the
+        rest through the model's layers."""
+        if self.fused is not None and self.fused.takes(input_ids.shape[0], meta):
+            return self.fused(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, self.cache.layers)
+
+
 def _pad(tables: list[list[int]]) -> torch.Tensor:
     width = max(len(t) for t in tables)
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-def scratch_forward(model, ids: list[int]) -> torch.Tensor:
+def scratch_forward(model, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """Final hidden states [n, hidden] of one sequence through a scratch cache of its own, so that no engine
     blocks are touched (embeddings, calibration, scoring)."""
-    device = model.model.norm.weight.device
-    dtype = model.model.norm.weight.dtype
-    n = len(ids)
-    rows = torch.arange(n, device=device)
-    caches = [torch.zeros(n, model.config.kv_cache_dim, dtype=dtype, device=device) for _ in model.model.layers]
-    meta = AttentionMetadata(1, n, [n], [n], rows, rows[None, :], torch.zeros(n, dtype=torch.long, device=device))
-    return model(torch.tensor(ids, device=device), rows, meta, caches)
+    weight = model.model.norm.weight
+    cache = KVCache(model.config, weight.dtype, weight.device, -(-len(ids) // block_size), block_size)
+    runner = ModelRunner(model, cache)
+    return runner.run_model(*runner.inputs([(list(ids), 0, list(range(cache.num_blocks)), len(ids))]))
 
 
 @torch.inference_mode()

@@ -1,46 +1,10 @@
 """Wrappers of the kernels for the pieces of a decode step's layer: absorbed MLA attention (mla_decode_avx2.c),
 a decode batch's experts (moe_decode_avx2.c), the MoE router (router_avx2.c), and fused RMSNorm and MLA rope +
 cache write (fused_avx2.c). Built into the same library as the matmul kernels (see __init__.py)."""
-import ctypes
-
 import torch
 
-from dsinfer.kernels import MAX_M, _state, library
-
-
-def declare(lib: ctypes.CDLL):
-    """The argument types of this module's entry points."""
-    # q, cache, rows, seq, lens, out, t, h, r, dr, lmax, b, cache rows, scale, threads -> 0 or an error code
-    for name in ("mla_decode_f32", "mla_decode_bf16"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float]
-    lib.rms_norm_f32.restype = None
-    # q, kv, norm weight, eps, cos/sin, cache, slots, t, h, dn, dr, r, cache rows -> 0 or 1 (bad slot)
-    lib.mla_rope_cache_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + \
-        [ctypes.c_int64] * 6
-    lib.mla_rope_cache_f32.restype = ctypes.c_int
-    # x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads -> 0 or an error code
-    for name in ("moe_decode_f32", "moe_decode_bf16"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-        fn.restype = ctypes.c_int
-    # x, weight, weight is bf16, bias, out weights, out ids, counts, t, d, e, top_k, n_group, topk_group, method,
-    # sigmoid, norm_topk_prob, scale -> 0 or an error code
-    lib.route_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + \
-        [ctypes.c_int64] * 6 + [ctypes.c_int] * 3 + [ctypes.c_float]
-    lib.route_f32.restype = ctypes.c_int
-    # q_nope, its (token, head) stride, q_pe, its stride, kv_b, qc, t, h, dn, dr, dv, r, threads
-    lib.mla_absorb_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + \
-        [ctypes.c_int64] * 6 + [ctypes.c_int]
-    lib.mla_absorb_f32.restype = None
-    # o_lat, kv_b, attn, t, h, dn, dv, r, threads
-    lib.mla_expand_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    lib.mla_expand_f32.restype = None
-    # layer, step (structs of dsinfer/models/decode_plan.py), x, cache, threads -> 0 or an error code
-    lib.decode_layer_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int]
-    lib.decode_layer_f32.restype = ctypes.c_int
+from dsinfer.kernels.lib import library
+from dsinfer.kernels.matmul import MAX_M
 
 
 _MLA_ERRORS = {1: "bad arguments (lens must be in 1..Lmax, seq in 0..B-1)", 2: "a row index is outside the cache",
@@ -49,7 +13,7 @@ _MLA_ERRORS = {1: "bad arguments (lens must be in 1..Lmax, seq in 0..B-1)", 2: "
 
 def mla_usable(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether `mla_decode` takes these: fp32 [T, H, D] queries and a contiguous fp32 / bf16 [N, D] cache on CPU."""
-    return (_state["enabled"] and q.device.type == "cpu" and cache.device.type == "cpu" and q.dim() == 3
+    return (q.device.type == "cpu" and cache.device.type == "cpu" and q.dim() == 3
             and q.dtype == torch.float32 and cache.dim() == 2 and cache.dtype in (torch.float32, torch.bfloat16)
             and cache.is_contiguous() and library() is not None)
 
@@ -98,7 +62,7 @@ def _heads_stride(x: torch.Tensor) -> int | None:
 
 def absorb_usable(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b: torch.Tensor) -> bool:
     """Whether mla_absorb / mla_expand take these: fp32 on CPU, kv_b contiguous, q parts one step per head."""
-    return (_state["enabled"] and isinstance(kv_b, torch.Tensor) and kv_b.is_contiguous()
+    return (isinstance(kv_b, torch.Tensor) and kv_b.is_contiguous()
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q_nope, q_pe, kv_b))
             and _heads_stride(q_nope) is not None and _heads_stride(q_pe) is not None and library() is not None)
 
@@ -134,8 +98,8 @@ _MOE_ERRORS = {1: "expert id out of range (or an expert chosen more than MAX_M t
 
 def moe_usable(x: torch.Tensor, gate_up) -> bool:
     """Whether `moe_decode` takes these: fp32 [T <= MAX_M, D] tokens and contiguous fp32 / bf16 [E, 2I, D]
-    (unquantized) expert weights on CPU, kernels on and built."""
-    return (_state["enabled"] and isinstance(gate_up, torch.Tensor) and x.is_cpu and gate_up.is_cpu
+    (unquantized) expert weights on CPU, library built."""
+    return (isinstance(gate_up, torch.Tensor) and x.is_cpu and gate_up.is_cpu
             and x.dim() == 2 and 0 < x.shape[0] <= MAX_M
             and x.dtype == torch.float32 and gate_up.dim() == 3 and gate_up.dtype in (torch.float32, torch.bfloat16)
             and gate_up.is_contiguous() and library() is not None)
@@ -177,9 +141,20 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_u
     return out
 
 
+_ONE_EXPERT = torch.zeros(MAX_M, 1, dtype=torch.long), torch.ones(MAX_M, 1, dtype=torch.float32)
+
+
+def mlp_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU MLP for a few tokens: x fp32 [T <= MAX_M, D], gate_up [2I, D], down [D, I] -> fp32 [T, D];
+    the experts kernel with one expert that every token takes with weight 1."""
+    ids, weights = _ONE_EXPERT
+    t = x.shape[0]
+    return moe_decode(x, ids[:t], weights[:t], gate_up[None], down[None])
+
+
 def fused_usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused elementwise kernels (fused_avx2.c) take these: fp32 on CPU, kernels on and built."""
-    return (_state["enabled"] and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    """Whether the fused elementwise kernels (fused_avx2.c) take these: fp32 on CPU, library built."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and library() is not None)
 
 
@@ -223,8 +198,8 @@ _ROUTE_ERRORS = {1: "bad arguments (sizes, top_k, or groups that do not fit)", 2
 
 def route_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `route` takes these: fp32 contiguous [T <= MAX_M, D] tokens and a contiguous fp32 / bf16 [E, D]
-    router weight on CPU, kernels on and built."""
-    return (_state["enabled"] and x.is_cpu and weight.is_cpu and x.dtype == torch.float32 and x.dim() == 2
+    router weight on CPU, library built."""
+    return (x.is_cpu and weight.is_cpu and x.dtype == torch.float32 and x.dim() == 2
             and 0 < x.shape[0] <= MAX_M and x.is_contiguous() and weight.dim() == 2
             and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous() and library() is not None)
 

@@ -3,6 +3,7 @@
  * and kernel calls of a few microseconds each from Python; here it is one call. The math is the Python
  * layer's (dsinfer/layers): RMSNorm, MLA with absorbed attention over the latent cache, then MoE or a dense MLP. */
 #include <immintrin.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +26,8 @@ int route_f32(const float *x, const void *weight, int weight_bf16, const float *
 #define MAX_T 8
 #define MAX_K 64
 
-/* A layer's weights and shapes; filled once from Python (dsinfer/models/decode_plan.py). */
+/* A layer's weights and shapes; filled once from Python (dsinfer/models/fused_decode.py), whose ctypes mirror
+ * (dsinfer/kernels/decode_layer.py) is checked against LAYER_FIELDS / STEP_FIELDS when the library loads. */
 typedef struct {
     int64_t d, h, dn, dr, dv, r, qr;                 /* qr: q_lora_rank, 0 when q_proj is one matrix */
     float eps, scale;
@@ -48,6 +50,39 @@ typedef struct {
     const float *cs;                                 /* [T, dr/2, 2] cos, sin */
     const int64_t *slots, *rows, *seq, *lens;        /* [T], [B, lmax], [T], [T] */
 } Step;
+
+/* Every field, in declaration order: what the layout check compares with the ctypes mirror. */
+#define LAYER_FIELDS(X) X(d) X(h) X(dn) X(dr) X(dv) X(r) X(qr) X(eps) X(scale) X(in_norm) X(post_norm) X(q_a) \
+    X(q_a_norm) X(q_b) X(kv_a) X(kv_norm) X(kv_b) X(o) X(experts) X(top_k) X(n_group) X(topk_group) X(method) \
+    X(sigmoid) X(norm_topk) X(route_scale) X(router) X(bias) X(gate_up) X(down) X(inter) X(sh_gate_up) \
+    X(sh_down) X(sh_inter) X(counts)
+#define STEP_FIELDS(X) X(t) X(b) X(lmax) X(cache_rows) X(cs) X(slots) X(rows) X(seq) X(lens)
+
+#define FIELD_NAME(f) #f ","
+
+/* The field names of Layer (which 0) or Step (1), comma-separated, in the order decode_layer_layout gives. */
+const char *decode_layer_names(int which) {
+    return which == 0 ? LAYER_FIELDS(FIELD_NAME) : which == 1 ? STEP_FIELDS(FIELD_NAME) : "";
+}
+
+/* out = [sizeof, offset of each field...] of Layer (which 0) or Step (1); returns how many values it has (it
+ * writes at most cap of them), or -1 for an unknown struct. */
+int64_t decode_layer_layout(int which, int64_t *out, int64_t cap) {
+    int64_t n = 0, v[64];
+    if (which == 0) {
+        v[n++] = sizeof(Layer);
+#define LAYER_OFFSET(f) v[n++] = (int64_t)offsetof(Layer, f);
+        LAYER_FIELDS(LAYER_OFFSET)
+    } else if (which == 1) {
+        v[n++] = sizeof(Step);
+#define STEP_OFFSET(f) v[n++] = (int64_t)offsetof(Step, f);
+        STEP_FIELDS(STEP_OFFSET)
+    } else {
+        return -1;
+    }
+    for (int64_t i = 0; i < n && i < cap; i++) out[i] = v[i];
+    return n;
+}
 
 /* qc[t][h] = (W_uk[h]^T q_nope[t][h], q_pe[t][h]): the query absorbed into latent space. q_nope and q_pe hold
  * one (token, head) pair every ns and ps floats; kv_b is [h (dn + dv), r], W_uk[h] its first dn rows of head h. */

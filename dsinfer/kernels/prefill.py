@@ -1,30 +1,17 @@
 """Wrapper of the prefill MLP kernel (moe_prefill_avx2.c): a MoE layer's routed experts, or a dense SwiGLU MLP,
 for many tokens in one call. Built into the same library as the other kernels (see __init__.py)."""
-import ctypes
-
 import torch
 
-from dsinfer.kernels import MAX_M, _ptr, _state, library
+from dsinfer.kernels.lib import library, ptr
+from dsinfer.kernels.matmul import MAX_M
 
 _ERRORS = {1: "expert id out of range", 2: "out of memory for the kernel's scratch", 3: "bad sizes"}
 
 
-def declare_prefill(lib: ctypes.CDLL):
-    # x, ids (or NULL), weights (or NULL), gate_up, down, out, t, k, e, d, inter, threads -> 0 or an error code
-    lib.moe_prefill_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    lib.moe_prefill_f32.restype = ctypes.c_int
-
-
-def set_moe_prefill(on: bool):
-    """Whether MoE and MLP layers send prefill-sized fp32 batches to `moe_prefill` (DSINFER_MOE_PREFILL=0 at
-    import turns it off); off as well while the kernels are."""
-    _state["moe_prefill"] = bool(on)
-
-
 def moe_prefill_usable(x: torch.Tensor, gate_up) -> bool:
     """Whether `moe_prefill` takes these: fp32 [T > MAX_M, D] tokens (fewer go to the decode kernels) and
-    contiguous fp32 [E, 2I, D] (unquantized) weights on CPU, kernels and the switch on."""
-    return (_state["enabled"] and _state["moe_prefill"] and isinstance(gate_up, torch.Tensor) and x.is_cpu
+    contiguous fp32 [E, 2I, D] (unquantized) weights on CPU, library built."""
+    return (isinstance(gate_up, torch.Tensor) and x.is_cpu
             and gate_up.is_cpu and x.dim() == 2 and x.shape[0] > MAX_M and x.dtype == torch.float32
             and gate_up.dim() == 3 and gate_up.dtype == torch.float32 and gate_up.is_contiguous()
             and library() is not None)
@@ -56,7 +43,7 @@ def moe_prefill(x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor
         ids, weights = ids.contiguous(), weights.contiguous()
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     out = torch.empty(t, d, dtype=torch.float32)
-    code = library().moe_prefill_f32(x.data_ptr(), _ptr(ids), _ptr(weights), gate_up.data_ptr(), down.data_ptr(),
+    code = library().moe_prefill_f32(x.data_ptr(), ptr(ids), ptr(weights), gate_up.data_ptr(), down.data_ptr(),
                                      out.data_ptr(), t, k, e, d, inter, torch.get_num_threads())
     if code:
         raise ValueError(f"moe_prefill failed: {_ERRORS.get(code, f'error {code}')}")

@@ -7,6 +7,7 @@ from torch import nn
 
 from dsinfer import kernels
 from dsinfer.config import ModelConfig
+from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers.linear import Linear
 from dsinfer.layers.norm import RMSNorm
 from dsinfer.layers.rope import RotaryEmbedding, apply_rope, softmax_scale
@@ -28,22 +29,23 @@ class AttentionMetadata:
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, mode: str = "auto", rotary: RotaryEmbedding | None = None):
+    def __init__(self, cfg: ModelConfig, mode: str = "auto", rotary: RotaryEmbedding | None = None,
+                 kc: KernelConfig = PLAIN):
         super().__init__()
         self.h, self.dn, self.dr, self.dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.r, self.mode = cfg.kv_lora_rank, mode
+        self.r, self.mode, self.kernels = cfg.kv_lora_rank, mode, kc.cpu_kernels
         qk = self.dn + self.dr
-        b = cfg.attention_bias
+        b, eps = cfg.attention_bias, cfg.rms_norm_eps
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=b)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, self.h * qk, bias=False)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=b, kc=kc)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps, kc)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.h * qk, bias=False, kc=kc)
         else:
-            self.q_proj = Linear(cfg.hidden_size, self.h * qk, bias=False)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.r + self.dr, bias=b)
-        self.kv_a_layernorm = RMSNorm(self.r, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(self.r, self.h * (self.dn + self.dv), bias=False)
-        self.o_proj = Linear(self.h * self.dv, cfg.hidden_size, bias=b)
+            self.q_proj = Linear(cfg.hidden_size, self.h * qk, bias=False, kc=kc)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, self.r + self.dr, bias=b, kc=kc)
+        self.kv_a_layernorm = RMSNorm(self.r, eps, kc)
+        self.kv_b_proj = Linear(self.r, self.h * (self.dn + self.dv), bias=False, kc=kc)
+        self.o_proj = Linear(self.h * self.dv, cfg.hidden_size, bias=b, kc=kc)
         self.rotary = rotary or RotaryEmbedding(self.dr, cfg.rope_theta, cfg.rope_scaling)  # shared by the layers
         self.scale = softmax_scale(qk, cfg.rope_scaling)
 
@@ -68,7 +70,8 @@ class MLA(nn.Module):
         """Turns the rope parts of q and of the new keys, and writes each new token's cache row: the normalized
         latent and the turned shared key. Returns q's two parts, (nope [T, H, dn], roped [T, H, dr])."""
         norm = self.kv_a_layernorm
-        if q.is_contiguous() and kv.is_contiguous() and kernels.fused_usable(q, kv, cache, norm.weight):
+        fused = self.kernels and q.is_contiguous() and kv.is_contiguous()
+        if fused and kernels.fused_usable(q, kv, cache, norm.weight):
             kernels.mla_rope_cache(q, kv, norm.weight, norm.eps, cis, cache, slots, self.dn)  # one call
             return q[..., :self.dn], q[..., self.dn:]
         latent, k_pe = kv.split([self.r, self.dr], dim=-1)
@@ -98,7 +101,7 @@ class MLA(nn.Module):
             kv = F.linear(ctx[:, :self.r], self.kv_b_proj.weight).view(cl, self.h, -1)
             k = torch.cat([kv[..., :self.dn], ctx[:, None, self.r:].expand(cl, self.h, self.dr)], -1)
             qi, v = q[start:start + ql].transpose(0, 1), kv[..., self.dn:].transpose(0, 1)  # [H, ql, dn + dr]
-            if q.is_cpu and q.dtype == torch.float32 and kernels.enabled():
+            if self.kernels and q.is_cpu and q.dtype == torch.float32:
                 o = causal_blocks(qi, k.transpose(0, 1), v, self.scale)
             else:
                 mask = None if ql == cl else _causal_mask(ql, cl, q.device)
@@ -113,7 +116,7 @@ class MLA(nn.Module):
         q_nope . (W_uk c) = (W_uk^T q_nope) . c, so scores are taken against the latent c directly,
         and the output sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j) is formed in latent space first."""
         wkv = self.kv_b_proj.weight
-        if kernels.mla_usable(q_nope, cache) and kernels.absorb_usable(q_nope, q_pe, wkv):
+        if self.kernels and kernels.mla_usable(q_nope, cache) and kernels.absorb_usable(q_nope, q_pe, wkv):
             qc = kernels.mla_absorb(q_nope, q_pe, wkv, self.r, self.dv)  # each token alone: batch-invariant bits
             o_lat = kernels.mla_decode(qc, cache, gather_index, token_seq, positions + 1, self.scale, self.r)
             return kernels.mla_expand(o_lat, wkv, self.dn, self.dv)

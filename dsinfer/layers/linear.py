@@ -1,39 +1,45 @@
+"""x @ W.T as a model's KernelConfig chose when it was built: `Matmul` holds that choice for the layers that
+own weights (Linear, MLP, Experts, MLA, the LM head)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsinfer import kernels
+from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers.quant_linear import qlinear
 from dsinfer.quant.qtensor import QTensor
 
-RECORDERS = []  # calibration hooks (dsinfer.quant.calibrate), called with (x, w) before each matmul
 
+class Matmul:
+    """x @ w.T (+ bias). Quantized weights go through qlinear. With the CPU kernels, decode-sized fp32 batches
+    go through the weight-streaming kernel, and batches of up to kernels.SMALL_MAX_M rows (a prefill's
+    per-expert matmuls) through the small-GEMM kernel if that is on; everything else through torch, which is
+    also the whole of the plain path."""
+    __slots__ = ("kernels", "small_gemm", "int8_activations")
 
-def linear(x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ bias). Quantized weights go through qlinear; decode-sized fp32 batches on CPU go through
-    dsinfer's weight-streaming kernel when it is available and switched on, and fp32 batches of up to
-    kernels.SMALL_MAX_M rows (a prefill's per-expert matmuls) through its small-GEMM kernel; everything else
-    through torch."""
-    for record in RECORDERS:
-        record(x, w)
-    if isinstance(w, QTensor):
-        return qlinear(x, w, bias)
-    if kernels.usable(x, w):
-        y = kernels.gemv(x, w)
+    def __init__(self, kc: KernelConfig = PLAIN):
+        self.kernels, self.small_gemm, self.int8_activations = kc.cpu_kernels, kc.small_gemm, kc.int8_activations
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, QTensor):
+            return qlinear(x, w, bias, self.kernels, self.int8_activations)
+        if self.kernels and kernels.usable(x, w):
+            y = kernels.gemv(x, w)
+        elif self.small_gemm and kernels.small_usable(x, w):
+            y = kernels.gemm_small(x, w)
+        else:
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), bias)
         return y if bias is None else y + bias
-    if kernels.small_usable(x, w):
-        y = kernels.gemm_small(x, w)
-        return y if bias is None else y + bias
-    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), bias)
 
 
 class Linear(nn.Module):
     """A linear layer whose weight is left uninitialised: it is always filled from a checkpoint."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, kc: KernelConfig = PLAIN):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.matmul = Matmul(kc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.matmul(x, self.weight, self.bias)

@@ -5,13 +5,15 @@ from torch import nn
 
 from dsinfer import kernels
 from dsinfer.config import ModelConfig
-from dsinfer.layers.linear import linear
+from dsinfer.kernels import PLAIN, KernelConfig
+from dsinfer.layers.linear import Matmul
 from dsinfer.layers.mlp import MLP, silu_and_mul
 
 
 class Router(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kc: KernelConfig = PLAIN):
         super().__init__()
+        self.kernel = kc.cpu_kernels
         self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
         self.method, self.scoring = cfg.topk_method, cfg.scoring_func
         self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
@@ -26,7 +28,7 @@ class Router(nn.Module):
         the rest takes `plain`, which defines the result."""
         if x.dtype != torch.float32:
             x = x.float()
-        if kernels.route_usable(x, self.weight):
+        if self.kernel and kernels.route_usable(x, self.weight):
             return kernels.route(x, self.weight, self.e_score_correction_bias, counts, self.top_k, self.n_group,
                                  self.topk_group, self.method, self.scoring, self.norm_topk_prob, self.scale)
         weights, ids = self.plain(x)
@@ -62,9 +64,10 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Routed experts stacked as [E, 2I, D] and [E, D, I]; work is grouped by expert, one matmul each."""
 
-    def __init__(self, n: int, hidden: int, inter: int):
+    def __init__(self, n: int, hidden: int, inter: int, kc: KernelConfig = PLAIN):
         super().__init__()
         self.n, self.inter = n, inter
+        self.matmul, self.decode_kernel, self.prefill_kernel = Matmul(kc), kc.cpu_kernels, kc.moe_prefill
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
@@ -72,9 +75,9 @@ class Experts(nn.Module):
         """The weighted sum of each token's experts' outputs [T, D]. A decode-sized batch goes to the fused CPU
         kernel (one call, every active expert's weights read once), a larger fp32 one to the prefill kernel (one
         call, no [T, 2I] intermediate); the rest runs grouped by expert, which defines the result."""
-        if kernels.moe_usable(x, self.gate_up_proj):
+        if self.decode_kernel and kernels.moe_usable(x, self.gate_up_proj):
             return kernels.moe_decode(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
-        if kernels.moe_prefill_usable(x, self.gate_up_proj):
+        if self.prefill_kernel and kernels.moe_prefill_usable(x, self.gate_up_proj):
             return kernels.moe_prefill(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
         return self.grouped(x, weights, ids)
 
@@ -91,8 +94,8 @@ class Experts(nn.Module):
         for e, c in enumerate(counts.tolist()):
             if c:
                 rows = token[start:start + c]
-                h = silu_and_mul(linear(x.index_select(0, rows), self.gate_up_proj[e])).mul_(scale[start:start + c])
-                out.index_add_(0, rows, linear(h, self.down_proj[e]))
+                h = silu_and_mul(self.matmul(x.index_select(0, rows), self.gate_up_proj[e]))
+                out.index_add_(0, rows, self.matmul(h.mul_(scale[start:start + c]), self.down_proj[e]))
                 start += c
         return out
 
@@ -106,12 +109,12 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kc: KernelConfig = PLAIN):
         super().__init__()
-        self.gate = Router(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.gate = Router(cfg, kc)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, kc)
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, inter) if inter else None
+        self.shared_experts = MLP(cfg.hidden_size, inter, kc) if inter else None
         self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

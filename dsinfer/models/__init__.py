@@ -1,17 +1,36 @@
 import torch
 
+from dsinfer import malloc
 from dsinfer.config import ModelConfig
+from dsinfer.kernels import PLAIN, KernelConfig
+from dsinfer.models import quant_plan
 from dsinfer.models.deepseek import DeepseekForCausalLM
+from dsinfer.models.loader import load_weights
 
 MODEL_CLASSES = {"deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mla_mode: str = "auto"):
-    """Allocates the model on `device` in `dtype` without initialising weights (the loader fills them)."""
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mla_mode: str = "auto",
+                kc: KernelConfig = PLAIN):
+    """Allocates the model on `device` in `dtype` without initialising weights (the loader fills them); its
+    layers bind the implementations `kc` chooses."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return MODEL_CLASSES[cfg.model_type](cfg, mla_mode).eval()
+            return MODEL_CLASSES[cfg.model_type](cfg, mla_mode, kc).eval()
     finally:
         torch.set_default_dtype(previous)
+
+
+def load_model(path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mla_mode: str, kc: KernelConfig,
+               quantization: str | None = None, group_size: int | None = None, map_embeddings: bool = True):
+    """The model built and filled from the checkpoint at `path`: (model, bits per quantized unit or None,
+    MTP tensors the model does not use). Quantized weights become empty QTensors before the loader fills
+    them, so no full-precision copy of a quantized matrix is ever made."""
+    model = build_model(cfg, dtype, device, mla_mode, kc)
+    bits = quant_plan.prepare(model, path, quantization, group_size, map_embeddings)
+    malloc.advise_hugepages(quant_plan.weight_tensors(model))  # before the loader first writes them
+    mtp = load_weights(model, path)
+    malloc.trim()  # loading's temporaries leave the heap fragmented (dsinfer/malloc.py)
+    return model, bits, mtp

@@ -1,39 +1,16 @@
 """A decode batch through each decoder layer in one C call (kernels/decode_layer.c) instead of the Python layers.
 
 A decode step of a small model is dispatch, not arithmetic: each layer is some forty torch ops and kernel calls
-of a few microseconds each. The plan holds every layer's weight pointers and shapes (taken once; weights do
-not move after loading), and a step passes only its own inputs. It takes batches of decodes only (no prefill
-chunk), at most kernels.MAX_M tokens, with fp32 weights, caches and activations on CPU, and layers without
-projection biases; everything else, and everything with the switch off, runs the Python layers, which are
-also what the tests compare it with. Switch: DSINFER_FUSED_DECODE=0 or set_enabled(False), or cpu_kernels off."""
-import ctypes
-import os
-
+of a few microseconds each. The decoder holds every layer's weight pointers and shapes (taken once, after
+loading; weights do not move after that), and a step passes only its own inputs. It takes models whose layers
+are all fp32 on CPU without projection biases, and steps of decodes only (no prefill chunk) of at most
+kernels.MAX_M tokens; the runner sends every other step to the Python layers, which are its reference."""
 import torch
 
 from dsinfer import kernels
-from dsinfer.kernels.decode import ROUTE_METHODS
+from dsinfer.kernels.decode_layer import LayerC, StepC, run_layer
+from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.moe import MoE
-
-_state = {"enabled": os.environ.get("DSINFER_FUSED_DECODE", "1") != "0"}
-P = ctypes.c_void_p
-I64, F32 = ctypes.c_int64, ctypes.c_float
-
-
-def set_enabled(on: bool):
-    _state["enabled"] = bool(on)
-
-
-class LayerC(ctypes.Structure):
-    _fields_ = [(n, I64) for n in ("d", "h", "dn", "dr", "dv", "r", "qr")] + [("eps", F32), ("scale", F32)] + \
-        [(n, P) for n in ("in_norm", "post_norm", "q_a", "q_a_norm", "q_b", "kv_a", "kv_norm", "kv_b", "o")] + \
-        [(n, I64) for n in ("experts", "top_k", "n_group", "topk_group", "method", "sigmoid", "norm_topk")] + \
-        [("route_scale", F32)] + [(n, P) for n in ("router", "bias", "gate_up", "down")] + [("inter", I64)] + \
-        [("sh_gate_up", P), ("sh_down", P), ("sh_inter", I64), ("counts", P)]
-
-
-class StepC(ctypes.Structure):
-    _fields_ = [(n, I64) for n in ("t", "b", "lmax", "cache_rows")] + [(n, P) for n in ("cs", "slots", "rows", "seq", "lens")]
 
 
 def _fp32(*tensors) -> bool:
@@ -72,43 +49,51 @@ def ffn_fields(mlp) -> dict | None:
     if not _fp32(g.weight, ex.gate_up_proj, ex.down_proj, *([] if bias is None else [bias]),
                  *([] if sh is None else [sh.gate_up_proj, sh.down_proj])) or g.top_k > 64:
         return None
-    return dict(experts=ex.n, top_k=g.top_k, n_group=g.n_group, topk_group=g.topk_group, method=ROUTE_METHODS[g.method],
-                sigmoid=int(g.scoring == "sigmoid"), norm_topk=int(g.norm_topk_prob), route_scale=g.scale,
-                router=_ptr(g.weight), bias=_ptr(bias), gate_up=_ptr(ex.gate_up_proj), down=_ptr(ex.down_proj),
-                inter=ex.inter, sh_gate_up=_ptr(sh.gate_up_proj) if sh else None,
-                sh_down=_ptr(sh.down_proj) if sh else None, sh_inter=sh.inter if sh else 0,
-                counts=_ptr(mlp.expert_counts))
+    return dict(experts=ex.n, top_k=g.top_k, n_group=g.n_group, topk_group=g.topk_group,
+                method=kernels.ROUTE_METHODS[g.method], sigmoid=int(g.scoring == "sigmoid"),
+                norm_topk=int(g.norm_topk_prob), route_scale=g.scale, router=_ptr(g.weight), bias=_ptr(bias),
+                gate_up=_ptr(ex.gate_up_proj), down=_ptr(ex.down_proj), inter=ex.inter,
+                sh_gate_up=_ptr(sh.gate_up_proj) if sh else None, sh_down=_ptr(sh.down_proj) if sh else None,
+                sh_inter=sh.inter if sh else 0, counts=_ptr(mlp.expert_counts))
 
 
 def layer_struct(layer, d: int) -> LayerC | None:
     attn, ffn = attention_fields(layer.self_attn), ffn_fields(layer.mlp)
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if attn is None or ffn is None or not _fp32(*norms) or layer.mlp.__class__.__name__ not in ("MoE", "MLP"):
+    if attn is None or ffn is None or not _fp32(*norms):
         return None
     return LayerC(d=d, in_norm=_ptr(norms[0]), post_norm=_ptr(norms[1]), **attn, **ffn)
 
 
-def build(model) -> list[LayerC] | None:
-    """One struct per decoder layer, or None if any layer cannot take the fused path."""
-    if kernels.library() is None:
-        return None
-    layers = [layer_struct(layer, model.config.hidden_size) for layer in model.layers]
-    return None if any(s is None for s in layers) else layers
+class FusedDecoder:
+    """The model's decode step with each layer one C call: embedding, the layers, the final norm."""
 
+    def __init__(self, model, layers: list[LayerC], caches: list[torch.Tensor]):
+        self.model, self.layers, self.caches, self.lib = model.model, layers, caches, kernels.library()
 
-def usable(x: torch.Tensor, meta, caches) -> bool:
-    return (_state["enabled"] and kernels._state["enabled"] and meta.num_prefills == 0
-            and 0 < x.shape[0] <= kernels.MAX_M and _fp32(x, *caches))
+    @classmethod
+    def build(cls, model, caches: list[torch.Tensor]) -> "FusedDecoder | None":
+        """The decoder for a loaded model whose KernelConfig asks for it, writing into `caches` (one per layer),
+        or None if it does not ask or if any layer or cache cannot take the fused path."""
+        if not model.kernel_config.fused_decode or kernels.library() is None or not _fp32(*caches):
+            return None
+        layers = [layer_struct(layer, model.config.hidden_size) for layer in model.model.layers]
+        return None if any(s is None for s in layers) else cls(model, layers, caches)
 
+    @staticmethod
+    def takes(num_tokens: int, meta: AttentionMetadata) -> bool:
+        """Whether a step fits: decodes only, at most kernels.MAX_M tokens."""
+        return meta.num_prefills == 0 and 0 < num_tokens <= kernels.MAX_M
 
-def run(plan: list[LayerC], x: torch.Tensor, positions: torch.Tensor, cis: torch.Tensor, meta, caches):
-    """x [T, d] fp32 (the embeddings) through every layer, in place."""
-    cs, lens = torch.view_as_real(cis), positions + 1
-    index = [t.contiguous() for t in (meta.slot_mapping, meta.gather_index, meta.token_seq)]
-    step = StepC(x.shape[0], index[1].shape[0], index[1].shape[1], caches[0].shape[0], cs.data_ptr(),
-                 *(t.data_ptr() for t in index), lens.data_ptr())
-    fn, threads = kernels.library().decode_layer_f32, torch.get_num_threads()
-    for i, (layer, cache) in enumerate(zip(plan, caches)):
-        code = fn(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), cache.data_ptr(), threads)
-        if code:
-            raise RuntimeError(f"fused decode layer {i} failed with code {code} (see kernels/decode_layer.c)")
+    def __call__(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        x, caches = self.model.embed(input_ids), self.caches
+        cs, lens = torch.view_as_real(self.model.rotary.rotation(positions)), positions + 1
+        index = [t.contiguous() for t in (meta.slot_mapping, meta.gather_index, meta.token_seq)]
+        step = StepC(x.shape[0], index[1].shape[0], index[1].shape[1], caches[0].shape[0], cs.data_ptr(),
+                     *(t.data_ptr() for t in index), lens.data_ptr())
+        threads = torch.get_num_threads()
+        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
+            code = run_layer(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), threads)
+            if code:
+                raise RuntimeError(f"fused decode layer {i} failed with code {code} (see kernels/decode_layer.c)")
+        return self.model.norm(x)

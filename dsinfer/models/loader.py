@@ -17,8 +17,19 @@ from dsinfer.quant.fp8 import FP8_DTYPES, check_fp8_config, dequantize_fp8
 from dsinfer.quant.qtensor import QTensor, expand_groups
 
 
+DEFAULT_MODEL = Path(__file__).parent.parent / "default_model"  # the built-in model, shipped as package data
+
+
 class CheckpointError(ValueError):
     """The checkpoint directory or one of its files is not what a DeepSeek checkpoint must be."""
+
+
+def default_model_path() -> Path:
+    """DEFAULT_MODEL, checked: an install without its files gets a clear error instead of a missing-file one."""
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise ValueError(f"no model given, and the built-in default model is missing from {DEFAULT_MODEL}; "
+                         "pass a checkpoint path or reinstall dsinfer")
+    return DEFAULT_MODEL
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

@@ -17,14 +17,14 @@ def test_blocks_equal_sdpa(ql, cl, block):
     torch.testing.assert_close(causal_blocks(q, k, v, 0.3, block), want, rtol=1e-5, atol=1e-5)
 
 
-def test_prefill_is_the_same_with_the_torch_attention(ckpts, monkeypatch):
-    from dsinfer import LLM, SamplingParams, kernels
+def test_prefill_is_the_same_with_the_torch_attention(ckpts):
+    from dsinfer import LLM, SamplingParams
     from tests.conftest import random_prompts
     prompts = [{"prompt_token_ids": p} for p in random_prompts([150, 20])]
     sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     llm = LLM(ckpts["v2-lite"], max_num_batched_tokens=64)  # chunks: queries after a cached part too
     blocked = llm.generate(prompts, sp, use_tqdm=False)
-    monkeypatch.setitem(kernels._state, "enabled", False)
+    llm = LLM(ckpts["v2-lite"], max_num_batched_tokens=64, cpu_kernels=False)
     plain = llm.generate(prompts, sp, use_tqdm=False)
     for a, b in zip(blocked, plain):
         la = [next(iter(d.values())).logprob for d in a.prompt_logprobs[1:]]

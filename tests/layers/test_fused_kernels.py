@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from dsinfer import kernels
 from dsinfer.config import ModelConfig
+from dsinfer.kernels import KernelConfig
 from dsinfer.layers.attention import MLA
 from dsinfer.layers.norm import RMSNorm
 
@@ -21,17 +22,21 @@ def test_rms_norm_equals_torch_on_strided_rows(n):
 
 
 def test_norm_module_takes_the_kernel_only_when_switched_on(monkeypatch):
-    norm = RMSNorm(40)
+    calls, real = [], kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    norm, plain = RMSNorm(40, kc=KernelConfig()), RMSNorm(40)
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(3, 40)
     on = norm(x)
-    monkeypatch.setitem(kernels._state, "enabled", False)
-    torch.testing.assert_close(on, norm(x))
+    assert calls == [1]
+    plain.weight.data.copy_(norm.weight.data)
+    torch.testing.assert_close(on, plain(x))
+    assert calls == [1]
 
 
-def mla_inputs(t: int, seed: int):
+def mla_inputs(t: int, seed: int, cpu_kernels: bool = True):
     g = torch.Generator().manual_seed(seed)
-    mla = MLA(ModelConfig.from_dict(CFG))
+    mla = MLA(ModelConfig.from_dict(CFG), kc=KernelConfig(cpu_kernels=cpu_kernels))
     torch.nn.init.normal_(mla.kv_a_layernorm.weight, generator=g)
     q = torch.randn(t, 3, 18, generator=g)
     kv = torch.randn(t, 26, generator=g)
@@ -41,10 +46,9 @@ def mla_inputs(t: int, seed: int):
 
 @pytest.mark.parametrize("t", [1, 5, 33])
 def test_rope_and_cache_write_equal_the_torch_path(t, monkeypatch):
-    mla, q, kv, cis, slots = mla_inputs(t, seed=t)
     caches, parts = [], []
     for on in (True, False):
-        monkeypatch.setitem(kernels._state, "enabled", on)
+        mla, q, kv, cis, slots = mla_inputs(t, seed=t, cpu_kernels=on)
         cache = torch.zeros(40, 26)
         parts.append([p.clone() for p in mla.rope_and_cache(q.clone(), kv, cis, cache, slots)])
         caches.append(cache)

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from dsinfer import kernels
-from dsinfer.layers import linear as linear_module
-from dsinfer.layers.linear import linear
+from dsinfer.kernels import KernelConfig
+from dsinfer.layers.linear import Matmul
+
+linear = Matmul(KernelConfig())  # the kernels on, as a model built with the defaults binds them
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
 
@@ -66,7 +68,7 @@ def calls(monkeypatch):
     """Counts linear()'s calls of gemm_small."""
     seen = []
     real = kernels.gemm_small
-    monkeypatch.setattr(linear_module.kernels, "gemm_small", lambda x, w: seen.append(x.shape[0]) or real(x, w))
+    monkeypatch.setattr(kernels, "gemm_small", lambda x, w: seen.append(x.shape[0]) or real(x, w))
     return seen
 
 
@@ -77,17 +79,16 @@ def test_linear_takes_it_for_9_to_64_rows(calls, m, taken):
     assert calls == ([m] if taken else [])
 
 
-@pytest.mark.parametrize("switch", ["small_gemm", "enabled"])
-def test_linear_leaves_it_when_switched_off(calls, monkeypatch, switch):
-    monkeypatch.setitem(kernels._state, switch, False)
+@pytest.mark.parametrize("switch", ["small_gemm", "cpu_kernels"])
+def test_linear_leaves_it_when_switched_off(calls, switch):
     x, w = torch.randn(48, 32), torch.randn(20, 32)
-    torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(Matmul(KernelConfig(**{switch: False}))(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
     assert calls == []
 
 
 @pytest.mark.parametrize("value,on", [("0", "False"), ("1", "True")])
 def test_env_switch(value, on):
-    code = "from dsinfer import kernels; print(kernels._state['small_gemm'])"
+    code = "from dsinfer.kernels import KernelConfig; print(KernelConfig.from_options().small_gemm)"
     env = {**os.environ, "DSINFER_SMALL_GEMM": value}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip() == on

@@ -5,6 +5,7 @@ import torch
 
 from dsinfer import kernels
 from dsinfer.config import ModelConfig
+from dsinfer.kernels import KernelConfig
 from dsinfer.layers.mlp import silu_and_mul
 from dsinfer.layers.moe import Experts, Router
 
@@ -13,8 +14,8 @@ BASE = dict(model_type="deepseek_v3", vocab_size=16, hidden_size=8, num_hidden_l
             moe_intermediate_size=4, n_routed_experts=8, num_experts_per_tok=2)
 
 
-def router(**kw) -> Router:
-    r = Router(ModelConfig.from_dict({**BASE, **kw}))
+def router(cpu_kernels: bool = True, **kw) -> Router:
+    r = Router(ModelConfig.from_dict({**BASE, **kw}), KernelConfig(cpu_kernels=cpu_kernels))
     torch.nn.init.normal_(r.weight)
     return r
 
@@ -47,9 +48,8 @@ def brute_force(scores, bias, n_group, topk_group, k, by_top2):
 @pytest.mark.parametrize("method, scoring, n_group", [("greedy", "softmax", 1), ("group_limited_greedy", "softmax", 4),
                                                       ("noaux_tc", "sigmoid", 4), ("noaux_tc", "sigmoid", 1)])
 @on_off
-def test_selection_matches_definition(method, scoring, n_group, cpu_kernels, monkeypatch):
-    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
-    r = router(topk_method=method, scoring_func=scoring, n_group=n_group, topk_group=min(2, n_group), num_experts_per_tok=3)
+def test_selection_matches_definition(method, scoring, n_group, cpu_kernels):
+    r = router(cpu_kernels, topk_method=method, scoring_func=scoring, n_group=n_group, topk_group=min(2, n_group), num_experts_per_tok=3)
     if method == "noaux_tc":
         r.e_score_correction_bias.normal_(0, 0.5)
     x = torch.randn(64, 8)
@@ -62,9 +62,8 @@ def test_selection_matches_definition(method, scoring, n_group, cpu_kernels, mon
 
 
 @on_off
-def test_bias_changes_selection_never_weights(cpu_kernels, monkeypatch):
-    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
-    r = router(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=False, routed_scaling_factor=2.5)
+def test_bias_changes_selection_never_weights(cpu_kernels):
+    r = router(cpu_kernels, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=False, routed_scaling_factor=2.5)
     x = torch.randn(32, 8)
     r.e_score_correction_bias.zero_()
     r.e_score_correction_bias[3] = 10.0  # expert 3 always chosen, but weighted by its plain score
@@ -75,22 +74,21 @@ def test_bias_changes_selection_never_weights(cpu_kernels, monkeypatch):
 
 
 @on_off
-def test_norm_topk_prob_and_scaling(cpu_kernels, monkeypatch):
-    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
-    r = router(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
+def test_norm_topk_prob_and_scaling(cpu_kernels):
+    r = router(cpu_kernels, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
     w, _ = call(r, torch.randn(16, 8), cpu_kernels)
     assert torch.allclose(w.sum(-1), torch.full((16,), 2.5))
-    r = router(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=16.0)
+    r = router(cpu_kernels, topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+               routed_scaling_factor=16.0)
     x = torch.randn(16, 8)
     w, ids = call(r, x, cpu_kernels)
     assert torch.allclose(w, (x @ r.weight.T).softmax(-1).gather(1, ids) * 16)
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False])
-def test_experts_batched_equal_token_by_token(cpu_kernels, monkeypatch):
-    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
+def test_experts_batched_equal_token_by_token(cpu_kernels):
     torch.manual_seed(0)
-    ex = Experts(8, 16, 12)
+    ex = Experts(8, 16, 12, KernelConfig(cpu_kernels=cpu_kernels))
     torch.nn.init.normal_(ex.gate_up_proj)
     torch.nn.init.normal_(ex.down_proj)
     tokens = 40 if not cpu_kernels else kernels.MAX_M  # decode-sized batches take the fused kernel
@@ -139,9 +137,8 @@ def test_route_kernel_matches_plain(method, scoring, n_group, topk_group, norm, 
 
 
 @on_off
-def test_router_counts_each_choice_once(cpu_kernels, monkeypatch):
-    monkeypatch.setitem(kernels._state, "enabled", cpu_kernels)
-    r = router(topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2, num_experts_per_tok=3)
+def test_router_counts_each_choice_once(cpu_kernels):
+    r = router(cpu_kernels, topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2, num_experts_per_tok=3)
     counts = torch.zeros(8, dtype=torch.long)
     x = torch.randn(kernels.MAX_M, 8)
     _, ids = r(x, counts)

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from dsinfer import kernels
+from dsinfer.kernels import KernelConfig
+from dsinfer.layers.moe import Experts
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
 
@@ -91,5 +93,13 @@ def test_bad_inputs_are_errors():
 
 
 def test_switch_off_is_respected(monkeypatch):
-    monkeypatch.setitem(kernels._state, "enabled", False)
-    assert not kernels.moe_usable(torch.randn(2, 16), torch.randn(4, 16, 16))
+    calls, real = [], kernels.moe_decode
+    monkeypatch.setattr(kernels, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    x, ids, weights = torch.randn(2, 16), torch.tensor([[0, 1], [2, 3]]), torch.rand(2, 2)
+    on, off = Experts(4, 16, 8, KernelConfig()), Experts(4, 16, 8, KernelConfig(cpu_kernels=False))
+    for ex in (on, off):
+        torch.manual_seed(0)
+        torch.nn.init.normal_(ex.gate_up_proj)
+        torch.nn.init.normal_(ex.down_proj)
+    torch.testing.assert_close(on(x, weights, ids), off(x, weights, ids), rtol=1e-5, atol=1e-5)
+    assert calls == [1]

@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from dsinfer import kernels
+from dsinfer.kernels import KernelConfig
 from dsinfer.layers.mlp import MLP
 from dsinfer.layers.moe import Experts
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
 
 
-def experts(e, d, inter, seed):
+def experts(e, d, inter, seed, kc=KernelConfig()):
     torch.manual_seed(seed)
-    ex = Experts(e, d, inter)
+    ex = Experts(e, d, inter, kc)
     torch.nn.init.normal_(ex.gate_up_proj, std=d ** -0.5)
     torch.nn.init.normal_(ex.down_proj, std=inter ** -0.5)
     return ex
@@ -52,7 +53,7 @@ def test_uneven_loads_and_blocks_of_more_than_256_tokens():
 @pytest.mark.parametrize("t", [9, 24, 257, 600])
 def test_dense_mlp_equals_the_torch_path(t):
     torch.manual_seed(t)
-    m = MLP(40, 33)
+    m = MLP(40, 33, KernelConfig())
     torch.nn.init.normal_(m.gate_up_proj, std=0.2)
     torch.nn.init.normal_(m.down_proj, std=0.2)
     x = torch.randn(t, 40)
@@ -118,16 +119,14 @@ def test_bad_inputs_are_errors():
     assert not kernels.moe_prefill_usable(x, gu.transpose(1, 2))
 
 
-def test_switch_sends_layers_to_the_torch_path(monkeypatch):
-    ex = experts(8, 32, 16, seed=7)
+@pytest.mark.parametrize("switch", ["moe_prefill", "cpu_kernels"])
+def test_switch_sends_layers_to_the_torch_path(switch, monkeypatch):
+    calls, real = [], kernels.moe_prefill
+    monkeypatch.setattr(kernels, "moe_prefill", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(30, 32)
     ids, weights = routing(30, 8, 2, seed=4)
-    assert kernels.moe_prefill_usable(x, ex.gate_up_proj)
-    kernels.set_moe_prefill(False)
-    try:
-        assert not kernels.moe_prefill_usable(x, ex.gate_up_proj)
-        assert torch.equal(ex(x, weights, ids), ex.grouped(x, weights, ids))
-    finally:
-        kernels.set_moe_prefill(True)
-    monkeypatch.setitem(kernels._state, "enabled", False)
-    assert not kernels.moe_prefill_usable(x, ex.gate_up_proj)
+    on, off = experts(8, 32, 16, seed=7), experts(8, 32, 16, seed=7, kc=KernelConfig(**{switch: False}))
+    torch.testing.assert_close(on(x, weights, ids), off(x, weights, ids), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    assert torch.equal(off(x, weights, ids), off.grouped(x, weights, ids))
+    assert calls == [1]

@@ -3,14 +3,13 @@ import pytest
 import torch
 
 from dsinfer import kernels
+from dsinfer.kernels import KernelConfig
+from dsinfer.layers.linear import Matmul
+from dsinfer.quant.qtensor import QTensor
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
 
 
-@pytest.fixture(autouse=True)
-def fp32_activations(monkeypatch):
-    """The fp32-activation path unless a test asks for int8 activations, whatever DSINFER_INT8_ACTIVATIONS says."""
-    monkeypatch.setitem(kernels._state, "int8_activations", False)
 
 # (N, K, G): per-channel (G = K, also K not a multiple of 8), groups of 32 / 128, a partial last group, a group
 # size above K (one group of 64), rows spanning several row blocks, and K large enough to be walked in chunks.
@@ -98,15 +97,12 @@ def test_a_mismatched_format_is_refused():
         kernels.qgemv(torch.randn(1, 64), q, scales, None, 4, 64)  # wrong number of groups
 
 
-def test_only_decode_sized_fp32_cpu_inputs_take_the_kernel(monkeypatch):
+def test_only_decode_sized_fp32_cpu_inputs_take_the_kernel():
     assert kernels.q_usable(torch.randn(kernels.MAX_M, 32))
     assert not kernels.q_usable(torch.randn(kernels.MAX_M + 1, 32))
     assert not kernels.q_usable(torch.randn(2, 32, dtype=torch.bfloat16))
     assert not kernels.q_usable(torch.randn(1, 2, 32))
     assert kernels.dequant_usable(torch.zeros(4, 8, dtype=torch.int8))
-    monkeypatch.setitem(kernels._state, "enabled", False)
-    assert not kernels.q_usable(torch.randn(2, 32))
-    assert not kernels.dequant_usable(torch.zeros(4, 8, dtype=torch.int8))
 
 
 def ref_int8_activations(x):
@@ -125,15 +121,10 @@ INT8X_SHAPES = [(256, 128), (256, 256), (256, 64), (1408, 128), (1408, 1408), (1
                 (2048, 2048), (2048, 64)]
 
 
-@pytest.fixture
-def int8_activations(monkeypatch):
-    monkeypatch.setitem(kernels._state, "int8_activations", True)
-
-
 @pytest.mark.parametrize("k,g", INT8X_SHAPES)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("with_mins", [False, True])
-def test_int8_activations_equal_quantize_x_then_matmul(k, g, bits, with_mins, int8_activations):
+def test_int8_activations_equal_quantize_x_then_matmul(k, g, bits, with_mins):
     assert kernels.int8_activations_fit(bits, k, g)
     n = 19  # a partial row block, and an odd split over threads
     q, scales, mins = random_quantized(n, k, g, bits, with_mins, seed=n * 3 + k + g + bits)
@@ -141,7 +132,7 @@ def test_int8_activations_equal_quantize_x_then_matmul(k, g, bits, with_mins, in
     x = torch.randn(kernels.MAX_M, k, generator=torch.Generator().manual_seed(k + g))
     x[-1, :32] = 0  # an all-zero block: d = 0
     for m in range(1, kernels.MAX_M + 1):
-        y = kernels.qgemv(x[:m], q, scales, mins, bits, g)
+        y = kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=True)
         ref = (ref_int8_activations(x[:m]) @ w.T).float()
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 + 1e-6 * k)  # fp32 sum order
         exact = x[:m].double() @ w.T
@@ -149,46 +140,42 @@ def test_int8_activations_equal_quantize_x_then_matmul(k, g, bits, with_mins, in
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_int8_activations_far_from_zero_mean(bits, int8_activations):
+def test_int8_activations_far_from_zero_mean(bits):
     q, scales, mins = random_quantized(24, 2048, 128, bits, True, seed=4)
     w = ref_dequant(q, scales, mins, bits, 128, 2048)
     x = torch.randn(kernels.MAX_M, 2048, generator=torch.Generator().manual_seed(5)) + 3
     ref = (ref_int8_activations(x) @ w.T).float()
-    torch.testing.assert_close(kernels.qgemv(x, q, scales, mins, bits, 128), ref, rtol=1e-5, atol=1e-5 + 1e-6 * 2048)
+    torch.testing.assert_close(kernels.qgemv(x, q, scales, mins, bits, 128, int8_activations=True), ref, rtol=1e-5, atol=1e-5 + 1e-6 * 2048)
 
 
 @pytest.mark.parametrize("bits,k,g", [(4, 200, 128), (8, 200, 128), (4, 96, 32), (4, 160, 160), (8, 80, 80),
                                       (4, 224, 128), (8, 200, 64)])
-def test_int8_activations_fall_back_to_fp32_where_blocks_would_straddle(bits, k, g, int8_activations):
+def test_int8_activations_fall_back_to_fp32_where_blocks_would_straddle(bits, k, g):
     assert not kernels.int8_activations_fit(bits, k, g)
     q, scales, mins = random_quantized(9, k, g, bits, True, seed=k + g)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(k))
     fp32 = kernels.qgemv(x, q, scales, mins, bits, g, int8_activations=False)
-    assert torch.equal(kernels.qgemv(x, q, scales, mins, bits, g), fp32)
+    assert torch.equal(kernels.qgemv(x, q, scales, mins, bits, g, int8_activations=True), fp32)
     torch.testing.assert_close(fp32, (x.double() @ ref_dequant(q, scales, mins, bits, g, k).T).float(),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_the_int8_activation_switch():
-    assert not kernels.int8_activations_enabled()  # the autouse fixture's
     q, scales, _ = random_quantized(16, 256, 128, 4, False, seed=6)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
     fp32 = kernels.qgemv(x, q, scales, None, 4, 128)
     forced = kernels.qgemv(x, q, scales, None, 4, 128, int8_activations=True)
     assert not torch.equal(fp32, forced)
-    kernels.set_int8_activations(True)
-    assert kernels.int8_activations_enabled()
-    assert torch.equal(kernels.qgemv(x, q, scales, None, 4, 128), forced)
-    assert torch.equal(kernels.qgemv(x, q, scales, None, 4, 128, int8_activations=False), fp32)
-    kernels.set_int8_activations(False)
-    assert not kernels.int8_activations_enabled()
-    assert torch.equal(kernels.qgemv(x, q, scales, None, 4, 128), fp32)
+    qt = QTensor(q, scales, None, 4, 128, 256)
+    on, off = Matmul(KernelConfig(int8_activations=True)), Matmul(KernelConfig(int8_activations=False))
+    assert torch.equal(on(x, qt), forced) and torch.equal(off(x, qt), fp32)
 
 
 
 def test_the_int8_activation_switch_reads_the_environment(monkeypatch):
     monkeypatch.delenv("DSINFER_INT8_ACTIVATIONS", raising=False)
-    assert kernels.int8_activations_from_env()  # on by default
+    assert KernelConfig.from_options().int8_activations  # on by default
     for value, on in (("1", True), ("0", False), ("yes", True)):
         monkeypatch.setenv("DSINFER_INT8_ACTIVATIONS", value)
-        assert kernels.int8_activations_from_env() is on
+        assert KernelConfig.from_options().int8_activations is on
+    assert KernelConfig.from_options(int8_activations=True).int8_activations  # an option wins

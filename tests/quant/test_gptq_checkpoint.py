@@ -71,7 +71,7 @@ def write_gptq(src, out, ref, bits: int, group: int, desc_act: bool, shared_orde
 @pytest.mark.parametrize("bits,group,desc_act", [(4, 32, True), (4, 128, False), (8, 16, True)])
 def test_hub_gptq_checkpoint_loads_and_matches_its_dequantized_weights(ckpts, tmp_path, bits, group, desc_act,
                                                                        monkeypatch):
-    monkeypatch.setitem(kernels._state, "int8_activations", False)  # exact weights, exact activations
+    monkeypatch.setenv("DSINFER_INT8_ACTIVATIONS", "0")  # exact weights, exact activations
     write_gptq(ckpts["v3"], tmp_path / "gptq", tmp_path / "ref", bits, group, desc_act)
     quant, ref = LLM(tmp_path / "gptq"), LLM(tmp_path / "ref")
     assert quant.quantization["model.layers.2.mlp.experts.gate_up_proj"] == bits

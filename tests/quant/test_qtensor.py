@@ -57,11 +57,8 @@ def test_quantized_linear_equals_dequantize_then_matmul(m, bits, mins, perm, mon
         qt.perm = torch.randperm(k)
     x = torch.randn(m, k)
     want = F.linear(x, qt.to_dense())
-    monkeypatch.setitem(kernels._state, "int8_activations", False)
     for on in (True, False):
-        kernels.set_enabled(on)
-        torch.testing.assert_close(qlinear(x, qt), want, rtol=1e-4, atol=1e-4)
-    kernels.set_enabled(True)
+        torch.testing.assert_close(qlinear(x, qt, use_kernels=on), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("m", [1, 5, 8])
@@ -72,9 +69,7 @@ def test_int8_activations_stay_close_to_the_exact_result(m, monkeypatch):
         qt = QTensor.empty((96, k), bits, 128)
         qt.store(torch.randn(96, k))
         exact = F.linear(x, qt.to_dense())
-        monkeypatch.setitem(kernels._state, "int8_activations", True)
-        y = qlinear(x, qt)
-        monkeypatch.setitem(kernels._state, "int8_activations", False)
+        y = qlinear(x, qt, use_kernels=True, int8=True)
         assert not torch.allclose(y, exact, rtol=1e-6, atol=1e-6)  # the integer path really ran
         assert float((y - exact).norm() / exact.norm()) < 2e-2
 
@@ -88,12 +83,11 @@ def test_bad_bits_are_refused():
 
 def test_prefill_tiles_round_activations_as_the_decode_kernel_does(monkeypatch):
     """With int8 activations a row gives the same result in a decode batch (kernel) and in a prefill (tiles)."""
-    monkeypatch.setitem(kernels._state, "int8_activations", True)
     qt = QTensor.empty((80, 256), 4, 128)
     qt.store(torch.randn(80, 256))
     x = torch.randn(20, 256)
-    big = qlinear(x, qt)                        # 20 rows: dequantized tiles
-    small = torch.cat([qlinear(x[i:i + 4], qt) for i in range(0, 20, 4)])  # 4 rows: the kernel
+    big = qlinear(x, qt, use_kernels=True, int8=True)  # 20 rows: dequantized tiles
+    small = torch.cat([qlinear(x[i:i + 4], qt, use_kernels=True, int8=True) for i in range(0, 20, 4)])  # the kernel
     torch.testing.assert_close(big, small, rtol=1e-5, atol=1e-5)
     blocks = x.unflatten(-1, (-1, 32))
     d = blocks.abs().amax(-1, keepdim=True) / 127

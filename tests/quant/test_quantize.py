@@ -13,8 +13,8 @@ from dsinfer import LLM, SamplingParams
 from dsinfer.cli import main
 from dsinfer.engine.model_runner import score
 from dsinfer.models.loader import ShardReader
-from dsinfer.quant import mixed
-from dsinfer.quant.gptq import gptq, output_error
+from dsinfer.tools.quantize import mixed
+from dsinfer.tools.quantize.gptq import gptq, output_error
 from dsinfer.quant.qtensor import expand_groups, quantize_codes, symmetric_scales
 from tests.conftest import random_prompts
 

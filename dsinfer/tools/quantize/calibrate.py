@@ -4,7 +4,8 @@ of its inputs H = sum of x x^T over the tokens that reached it (per routed exper
 import torch
 
 from dsinfer.engine.model_runner import score
-from dsinfer.layers import linear as linear_mod
+from dsinfer.layers.linear import Matmul
+from dsinfer.tools.train.corpus import read, split, stdlib_files
 
 PRIOR_TOKENS = 16  # weight, in tokens, of the pooled prior every expert's Hessian is blended with
 
@@ -45,20 +46,35 @@ class HessianRecorder:
 
 @torch.inference_mode()
 def record(model, sequences: list[list[int]]) -> HessianRecorder:
+    """Runs the sequences through the model with every layer's matmul recording its inputs (the model should be
+    built without the CPU kernels, whose fused layers bypass the matmuls)."""
     recorder = HessianRecorder()
-    linear_mod.RECORDERS.append(recorder)
+    owners = [m for m in model.modules() if isinstance(getattr(m, "matmul", None), Matmul)]
+    for m in owners:
+        m.matmul = Recording(m.matmul, recorder)
     try:
         for ids in sequences:
             score(model, ids)
     finally:
-        linear_mod.RECORDERS.remove(recorder)
+        for m in owners:
+            m.matmul = m.matmul.inner
     return recorder
+
+
+class Recording:
+    """A layer's Matmul that shows each (x, w) to the recorder first."""
+
+    def __init__(self, inner: Matmul, recorder: HessianRecorder):
+        self.inner, self.recorder = inner, recorder
+
+    def __call__(self, x, w, bias=None):
+        self.recorder(x, w)
+        return self.inner(x, w, bias)
 
 
 def default_calibration_text(limit_chars: int = 400_000) -> str:
     """Offline default: every 7th training-side source file of the Python standard library this interpreter
-    ships with (dsinfer.train's split: the built-in model's held-out files are never used)."""
-    from dsinfer.train.corpus import read, split, stdlib_files
+    ships with (the trainer's split: the built-in model's held-out files are never used)."""
     text, size = [], 0
     for f in split(stdlib_files())[0][::7]:
         text.append(read(f))

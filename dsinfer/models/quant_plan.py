@@ -12,6 +12,8 @@ from torch import nn
 from dsinfer.layers.linear import Linear
 from dsinfer.layers.mlp import MLP
 from dsinfer.layers.moe import Experts
+from dsinfer.models.loader import SAFETENSORS_DTYPES, CheckpointError, checkpoint_views, file_rows, tensor_info
+from dsinfer.quant.gptq_format import bits_of
 from dsinfer.quant.qtensor import QTensor
 
 KEEP = ("kv_b_proj",)
@@ -49,7 +51,6 @@ def units(model: nn.Module) -> list[Unit]:
 
 
 def _checkpoint_names(module: nn.Module, path: str, attr: str) -> list[str]:
-    from dsinfer.models.loader import checkpoint_views
     target = getattr(module, attr)
     views = checkpoint_views(module, f"{path}.")
     return [n for n, v in views.items() if _shares(v, target)]
@@ -81,7 +82,6 @@ def keep_embedding(model: nn.Module, path, dtype: torch.dtype, mapped: bool):
     """Embeddings stay as they are in the checkpoint (bf16 or fp16: exact), not widened to fp32. `mapped`:
     the table stays in the checkpoint file and a lookup reads its rows from there (FileRows), so none of it
     is resident in the process; else it is copied in at load. A tied table is the LM head too: copied in."""
-    from dsinfer.models.loader import file_rows
     inner = model.model
     if mapped and model.lm_head is not None:
         inner._parameters.pop("embed_tokens")
@@ -113,7 +113,6 @@ def prepare(model: nn.Module, path, quantization: str | None, group_size: int | 
             map_embeddings: bool = True) -> dict[str, int] | None:
     """Swaps weights for empty QTensors, as a GPTQ checkpoint's tensors or `quantization` (quantize on load)
     say, before the loader fills them. Returns bits per unit, or None for a full-precision model."""
-    from dsinfer.models.loader import SAFETENSORS_DTYPES, tensor_info
     qc = model.config.quantization_config or {}
     if quantization is not None and quantization not in MODES:
         raise ValueError(f"quantization must be one of {MODES} or None, got {quantization!r}")
@@ -139,8 +138,6 @@ def prepare(model: nn.Module, path, quantization: str | None, group_size: int | 
 
 
 def _prepare_gptq_unit(unit: Unit, qc: dict, info: dict):
-    from dsinfer.models.loader import CheckpointError
-    from dsinfer.quant.gptq_format import bits_of
     qnames = [n[:-6] + "qweight" for n in unit.checkpoint_names]
     present = [n for n in qnames if n in info]
     if not present:

@@ -10,21 +10,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dsinfer.quant import gptq_format, mixed
-from dsinfer.quant.calibrate import (
-    HessianRecorder,
-    calibration_sequences,
-    default_calibration_text,
-    record,
-)
-from dsinfer.quant.gptq import gptq, output_error
-from dsinfer.quant.plan import Unit, group_size_for, quantize_unit, summary, units
-from dsinfer.quant.qtensor import (
-    QTensor,
-    expand_groups,
-    quantize_codes,
-    symmetric_scales,
-)
+from dsinfer.llm import LLM
+from dsinfer.models.loader import SAFETENSORS_DTYPES, checkpoint_views, tensor_info
+from dsinfer.models.quant_plan import Unit, group_size_for, quantize_unit, summary, units
+from dsinfer.quant import gptq_format
+from dsinfer.quant.qtensor import QTensor, expand_groups, quantize_codes, symmetric_scales
+from dsinfer.tools.quantize import mixed
+from dsinfer.tools.quantize.calibrate import HessianRecorder, calibration_sequences, default_calibration_text, record
+from dsinfer.tools.quantize.gptq import gptq, output_error
 
 METHODS = ("rtn", "gptq", "mixed")
 
@@ -83,9 +76,8 @@ def quantize_weights(unit: Unit, rec: HessianRecorder, bits: int, args: Quantize
 
 
 def quantize_checkpoint(src: str, dst: str, args: QuantizeArgs, log=print) -> dict[str, int]:
-    from dsinfer import LLM
     args.check()
-    llm = LLM(src, dtype="float32", device="cpu", max_model_len=None)
+    llm = LLM(src, dtype="float32", device="cpu", cpu_kernels=False)  # calibration records the torch path
     if llm.tokenizer is None:
         raise ValueError(f"{src} has no tokenizer.json, which calibration needs")
     text = default_calibration_text() if args.calibration == "default" else Path(args.calibration).read_text()
@@ -113,7 +105,6 @@ def quantize_checkpoint(src: str, dst: str, args: QuantizeArgs, log=print) -> di
 
 
 def write_checkpoint(llm, src: Path, dst: Path, args: QuantizeArgs):
-    from dsinfer.models.loader import SAFETENSORS_DTYPES, checkpoint_views, tensor_info
     info = tensor_info(src)
     tensors = {}
     for name, v in checkpoint_views(llm.model).items():

@@ -1,0 +1,65 @@
+"""KernelConfig: which of dsinfer's own kernels a model runs. Made once per LLM from its options (environment
+variables are read here and nowhere else), resolved against what this machine can run, and handed to the
+layers when the model is built: each layer binds its implementation then, so two models in one process with
+different settings never affect each other."""
+import logging
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from dsinfer.kernels.lib import cpu_flags, library
+
+log = logging.getLogger("dsinfer")
+ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECODE",
+       "small_gemm": "DSINFER_SMALL_GEMM", "moe_prefill": "DSINFER_MOE_PREFILL",
+       "int8_activations": "DSINFER_INT8_ACTIVATIONS"}
+
+
+@dataclass(slots=True, frozen=True)
+class KernelConfig:
+    cpu_kernels: bool = True       # the C kernels where a call's shapes fit them; off: torch everywhere
+    fused_decode: bool = True      # a decode batch through each whole layer in one C call (needs cpu_kernels)
+    small_gemm: bool = True        # fp32 matmuls of 9-64 rows (a prefill's per-expert products) in C
+    moe_prefill: bool = True       # prefill MoE / MLP layers in one C call, no [T, 2I] intermediate
+    int8_activations: bool = True  # quantized decode matmuls round x to int8 and multiply in integers
+    ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
+
+    def __post_init__(self):
+        if not self.cpu_kernels:  # every other switch picks among the kernels
+            for name in ("fused_decode", "small_gemm", "moe_prefill", "int8_activations"):
+                object.__setattr__(self, name, False)
+
+    @classmethod
+    def from_options(cls, **given) -> "KernelConfig":
+        """Options given as None fall back to their environment variable (0 turns a switch off), then to the
+        default."""
+        values = {name: _env_switch(var) for name, var in ENV.items()}
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def resolve(self, device: torch.device) -> "KernelConfig":
+        """This configuration less what cannot run here: every kernel off where the device is not a CPU or the
+        library cannot be built."""
+        if self.ffn_chunk_tokens is None or self.ffn_chunk_tokens < 0:
+            raise ValueError(f"ffn_chunk_tokens must be >= 0, got {self.ffn_chunk_tokens}")
+        runs = torch.device(device).type == "cpu" and library() is not None
+        kc = self if runs else replace(self, cpu_kernels=False)
+        log.info("kernels: %s (CPU: %s)", kc.describe(), " ".join(sorted(cpu_flags())) or "unknown")
+        return kc
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+PLAIN = KernelConfig(cpu_kernels=False)  # the torch reference every kernel is tested against
+
+
+def _env_switch(var: str) -> bool | None:
+    value = os.environ.get(var)
+    if value is None:
+        return None
+    if value.strip() not in ("0", "1"):
+        log.warning("%s=%r is neither 0 nor 1; it is ignored", var, value)
+        return None
+    return value.strip() == "1"

@@ -1,0 +1,57 @@
+"""The ctypes mirror of decode_layer.c's structs, checked against the compiled library when it loads, and the
+call that runs a decode batch through one layer. The structs are filled by dsinfer/models/fused_decode.py."""
+import ctypes
+
+P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class LayerC(ctypes.Structure):
+    _fields_ = [(n, I64) for n in ("d", "h", "dn", "dr", "dv", "r", "qr")] + [("eps", F32), ("scale", F32)] + \
+        [(n, P) for n in ("in_norm", "post_norm", "q_a", "q_a_norm", "q_b", "kv_a", "kv_norm", "kv_b", "o")] + \
+        [(n, I64) for n in ("experts", "top_k", "n_group", "topk_group", "method", "sigmoid", "norm_topk")] + \
+        [("route_scale", F32)] + [(n, P) for n in ("router", "bias", "gate_up", "down")] + [("inter", I64)] + \
+        [("sh_gate_up", P), ("sh_down", P), ("sh_inter", I64), ("counts", P)]
+
+
+class StepC(ctypes.Structure):
+    _fields_ = [(n, I64) for n in ("t", "b", "lmax", "cache_rows")] + \
+        [(n, P) for n in ("cs", "slots", "rows", "seq", "lens")]
+
+
+STRUCTS = {0: LayerC, 1: StepC}  # the codes decode_layer_layout knows
+
+
+class LayoutError(RuntimeError):
+    pass
+
+
+def c_layout(lib: ctypes.CDLL, which: int) -> tuple[int, dict[str, int]]:
+    """(sizeof, {field: offset}) of the C struct, as compiled."""
+    names = lib.decode_layer_names(which).decode().rstrip(",").split(",")
+    out = (I64 * (len(names) + 1))()
+    n = lib.decode_layer_layout(which, out, len(out))
+    if n != len(names) + 1:
+        raise LayoutError(f"decode_layer_layout({which}) gave {n} values for {len(names)} fields")
+    return out[0], dict(zip(names, out[1:]))
+
+
+def check_layout(lib: ctypes.CDLL, structs: dict[int, type] = STRUCTS):
+    """Raises LayoutError naming the first field whose offset (or the struct whose size or fields) differs
+    between the C structs and their ctypes mirrors."""
+    for which, mirror in structs.items():
+        size, offsets = c_layout(lib, which)
+        ours = {name: getattr(mirror, name).offset for name, _ in mirror._fields_}
+        if set(ours) != set(offsets):
+            raise LayoutError(f"{mirror.__name__} fields {sorted(set(ours) ^ set(offsets))} are in only one of "
+                              "the C struct and its ctypes mirror")
+        for name, offset in offsets.items():
+            if ours[name] != offset:
+                raise LayoutError(f"{mirror.__name__}.{name} is at byte {ours[name]} in the ctypes mirror but at "
+                                  f"{offset} in the compiled library")
+        if ctypes.sizeof(mirror) != size:
+            raise LayoutError(f"{mirror.__name__} is {ctypes.sizeof(mirror)} bytes in ctypes, {size} in C")
+
+
+def run_layer(lib: ctypes.CDLL, layer: LayerC, step: StepC, x_ptr: int, cache_ptr: int, threads: int) -> int:
+    """x [T, d] through one decoder layer in place; 0 or the C error code."""
+    return lib.decode_layer_f32(ctypes.byref(layer), ctypes.byref(step), x_ptr, cache_ptr, threads)

@@ -1,0 +1,111 @@
+"""The C kernels' shared library: compiled once per source version with the system C compiler (AVX2 + FMA,
+OpenMP), cached under ~/.cache/dsinfer (or $DSINFER_CACHE), loaded with ctypes, and its entry points declared.
+`library()` is None where it cannot be built (no compiler, no AVX2); callers then run the torch path."""
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from dsinfer.kernels.decode_layer import check_layout
+
+log = logging.getLogger("dsinfer")
+HERE = Path(__file__).parent
+SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c", "mla_decode_avx2.c",
+                                    "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
+                                    "gemm_small_avx2.c", "moe_prefill_avx2.c")]
+HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h")]
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
+             "amx_bf16", "amx_int8", "amx_tile")
+P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set extensions of this CPU that dsinfer cares about, from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    present = set(line.split(":", 1)[-1].split())
+    return frozenset(f for f in ISA_FLAGS if f in present)
+
+
+def cpu_has_avx2() -> bool:
+    return {"avx2", "fma"} <= cpu_flags()
+
+
+def build() -> ctypes.CDLL:
+    """Compiles the kernels once per source version into the cache directory and loads them."""
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS)).hexdigest()[:16]
+    cache_dir = Path(os.environ.get("DSINFER_CACHE", Path.home() / ".cache" / "dsinfer"))
+    target = cache_dir / f"gemv_avx2-{digest}.so"
+    if not target.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            out = Path(tmp) / target.name
+            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
+                   *map(str, SOURCES), "-o", str(out), "-lm"]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            out.replace(target)
+    lib = ctypes.CDLL(str(target))
+    declare(lib)
+    return lib
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; None where it cannot be (the reason is logged once)."""
+    if not cpu_has_avx2():
+        return None
+    try:
+        lib = build()
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("CPU kernels unavailable (%s); using torch's ops", exc)
+        return None
+    check_layout(lib)  # the C structs must match their ctypes mirrors
+    return lib
+
+
+def _sig(lib: ctypes.CDLL, names: tuple[str, ...], args: list, res=None):
+    for name in names:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+def declare(lib: ctypes.CDLL):
+    """The argument types of every entry point (the comments name the C parameters in order)."""
+    # x, w, y, m, n, k, threads
+    _sig(lib, ("gemv_f32", "gemv_bf16", "gemm_small_f32"), [P] * 3 + [I64] * 3 + [INT])
+    # x, q, scales, mins, y, m, n, k, group size, threads; _x8: int8 activations
+    _sig(lib, ("qgemv_i8", "qgemv_i4", "qgemv_i8_x8", "qgemv_i4_x8"), [P] * 5 + [I64] * 4 + [INT])
+    _sig(lib, ("round_x_i8",), [P] * 2 + [I64] * 2 + [INT])
+    # q, scales, mins, out, k, group size, n0, n1, threads
+    _sig(lib, ("dequant_i8", "dequant_i4"), [P] * 4 + [I64] * 4 + [INT])
+    # q, cache, rows, seq, lens, out, t, h, r, dr, lmax, b, cache rows, scale, threads -> 0 or an error code
+    _sig(lib, ("mla_decode_f32", "mla_decode_bf16"), [P] * 6 + [I64] * 7 + [F32, INT], INT)
+    _sig(lib, ("rms_norm_f32",), [P] * 3 + [I64] * 3 + [F32])
+    # q, kv, norm weight, eps, cos/sin, cache, slots, t, h, dn, dr, r, cache rows -> 0 or 1 (bad slot)
+    _sig(lib, ("mla_rope_cache_f32",), [P] * 3 + [F32] + [P] * 3 + [I64] * 6, INT)
+    # x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads -> 0 or an error code
+    _sig(lib, ("moe_decode_f32", "moe_decode_bf16", "moe_prefill_f32"), [P] * 6 + [I64] * 5 + [INT], INT)
+    # x, weight, weight is bf16, bias, out weights, out ids, counts, t, d, e, top_k, n_group, topk_group, method,
+    # sigmoid, norm_topk_prob, scale -> 0 or an error code
+    _sig(lib, ("route_f32",), [P, P, INT] + [P] * 4 + [I64] * 6 + [INT] * 3 + [F32], INT)
+    # q_nope, its (token, head) stride, q_pe, its stride, kv_b, qc, t, h, dn, dr, dv, r, threads
+    _sig(lib, ("mla_absorb_f32",), [P, I64] * 2 + [P] * 2 + [I64] * 6 + [INT])
+    # o_lat, kv_b, attn, t, h, dn, dv, r, threads
+    _sig(lib, ("mla_expand_f32",), [P] * 3 + [I64] * 5 + [INT])
+    # layer, step (structs of decode_layer.py), x, cache, threads -> 0 or an error code
+    _sig(lib, ("decode_layer_f32",), [P] * 4 + [INT], INT)
+    # which struct (0 Layer, 1 Step), out [n] -> how many values: sizeof, then each field's offset
+    _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
+    _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)
+
+
+def ptr(t) -> int | None:
+    return None if t is None else t.data_ptr()

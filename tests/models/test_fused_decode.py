@@ -1,0 +1,88 @@
+"""Decode batches through whole layers in one C call (models/fused_decode.py) against the Python layers, the
+C struct layout check, and the switches that keep the Python layers."""
+import ctypes
+
+import pytest
+
+from dsinfer import LLM, SamplingParams, kernels
+from dsinfer.kernels.decode_layer import LayerC, LayoutError, StepC, check_layout
+from dsinfer.models.fused_decode import FusedDecoder
+from tests.conftest import random_prompts
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
+
+
+@pytest.fixture
+def fused_runs(monkeypatch):
+    """The token counts of every fused decode step, whichever LLM ran it."""
+    calls, call = [], FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__", lambda self, ids, *a: calls.append(ids.shape[0]) or call(self, ids, *a))
+    return calls
+
+
+def generate(llm, prompts):
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+
+
+def assert_same(results_a, results_b):
+    for a, b in zip(results_a, results_b):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+
+
+@pytest.mark.parametrize("name", ["v2-lite", "v2", "v3"])
+def test_fused_layers_generate_what_the_python_layers_do(name, ckpts, fused_runs):
+    prompts = random_prompts([5, 17, 40]) + random_prompts([300], seed=7)  # 300: several attention chunks
+    results = []
+    for eager in (False, True):
+        llm = LLM(ckpts[name], enforce_eager=eager)
+        results.append([generate(llm, prompts), generate(llm, prompts[-1:])])  # batched decodes, then one stream
+    assert fused_runs and max(fused_runs) == len(prompts) and min(fused_runs) == 1  # the first LLM only
+    for fused, plain in zip(*results):
+        assert_same(fused, plain)
+
+
+@pytest.mark.parametrize("options", [{"enforce_eager": True}, {"cpu_kernels": False, "enforce_eager": False},
+                                     {"quantization": "int8", "enforce_eager": False},
+                                     {"mla_mode": "decompressed"}])
+def test_switches_and_unsupported_weights_keep_the_python_layers(options, ckpts, fused_runs):
+    llm = LLM(ckpts["v3"], **options)
+    generate(llm, random_prompts([6, 9]))
+    assert llm.engine.runner.fused is None and fused_runs == []
+
+
+def test_two_llms_with_different_settings_do_not_affect_each_other(ckpts, fused_runs):
+    prompts = random_prompts([5, 12])
+    fused, plain = LLM(ckpts["v3"]), LLM(ckpts["v3"], cpu_kernels=False)
+    first = generate(fused, prompts)
+    assert fused_runs, "the first LLM decodes fused"
+    del fused_runs[:]
+    plain_out = generate(plain, prompts)
+    assert fused_runs == [], "the second LLM's setting is its own"
+    assert not plain.model.model.layers[0].input_layernorm.fused and fused.model.model.layers[0].input_layernorm.fused
+    again = generate(fused, prompts)
+    assert fused_runs, "creating the second LLM did not switch the first one's kernels off"
+    assert_same(first, again)
+    assert_same(first, plain_out)
+
+
+class SwappedLayer(ctypes.Structure):  # LayerC with two fields in the wrong order
+    _fields_ = [(n, t) for n, t in LayerC._fields_ if n not in ("dn", "dr")][:2] + \
+        [("dr", ctypes.c_int64), ("dn", ctypes.c_int64)] + [(n, t) for n, t in LayerC._fields_[4:]]
+
+
+class ShortStep(ctypes.Structure):  # StepC without its last field
+    _fields_ = StepC._fields_[:-1]
+
+
+def test_the_library_layout_matches_the_ctypes_mirrors():
+    check_layout(kernels.library())  # also run when the library loads
+
+
+def test_a_layout_that_differs_is_an_error_naming_the_field():
+    with pytest.raises(LayoutError, match=r"SwappedLayer\.dn"):
+        check_layout(kernels.library(), {0: SwappedLayer})
+    with pytest.raises(LayoutError, match="lens"):
+        check_layout(kernels.library(), {1: ShortStep})
