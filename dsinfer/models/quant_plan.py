@@ -74,7 +74,8 @@ def quantize_unit(unit: Unit, bits: int, group_size: int | None, with_mins: bool
     qt = QTensor.empty(shape, bits, group_size_for(bits, group_size, shape[-1]), device, with_mins)
     if with_perm:
         qt.perm = torch.arange(shape[-1], device=device).expand(*shape[:-2], shape[-1]).contiguous()
-    unit.module._parameters.pop(unit.attr, None)
+    if isinstance(getattr(unit.module, unit.attr), nn.Parameter):
+        delattr(unit.module, unit.attr)  # a module's parameter cannot be replaced by a plain object
     setattr(unit.module, unit.attr, qt)
 
 
@@ -84,7 +85,7 @@ def keep_embedding(model: nn.Module, path, dtype: torch.dtype, mapped: bool):
     is resident in the process; else it is copied in at load. A tied table is the LM head too: copied in."""
     inner = model.model
     if mapped and model.lm_head is not None:
-        inner._parameters.pop("embed_tokens")
+        delattr(inner, "embed_tokens")
         inner.embed_tokens = file_rows(path, "model.embed_tokens.weight")
         inner.embed_mapped = True
     elif inner.embed_tokens.dtype != dtype:
