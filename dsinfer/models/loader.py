@@ -230,15 +230,8 @@ def _gptq_tensors(handles, where, base: str) -> dict[str, torch.Tensor]:
 def _load_gptq(dest: torch.Tensor | QTensor, t: dict[str, torch.Tensor], qc: dict, name: str):
     """Repacks one GPTQ layer into a QTensor (exactly), or dequantizes it for a full-precision destination."""
     n, k = dest.shape[-2:]
-    bits = gptq_format.bits_of(t["qweight"].shape, k)
-    group = k if qc.get("group_size", -1) == -1 else min(qc["group_size"], k)
-    ng = -(-k // group)
-    for key, shape in (("qweight", (k * bits // 32, n)), ("scales", (ng, n))):
-        if tuple(t[key].shape) != shape or bits not in (4, 8):
-            raise CheckpointError(f"{name[:-7]}.{key} has shape {tuple(t[key].shape)}, expected {shape} for a "
-                                  f"{n}x{k} weight in {qc.get('bits')}-bit groups of {group}")
     try:
-        codes, scales, mins, perm = gptq_format.unpack(t, bits, group, n, k, qc.get("checkpoint_format") == "gptq_v2", name[:-7])
+        bits, group, codes, scales, mins, perm = gptq_format.read_layer(t, qc, n, k, name[:-7])
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(dest, QTensor):

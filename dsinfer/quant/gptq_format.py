@@ -56,6 +56,19 @@ def bits_of(qweight_shape, k: int) -> int:
     return 32 * qweight_shape[0] // k
 
 
+def read_layer(t: dict[str, torch.Tensor], qc: dict, n: int, k: int, name: str):
+    """One layer's GPTQ tensors for an [N, K] weight under quantization_config qc, checked -> (bits, group size,
+    codes, scales, mins, perm) as `unpack` gives them; ValueError names the tensor that does not fit."""
+    bits = bits_of(t["qweight"].shape, k)
+    group = k if qc.get("group_size", -1) == -1 else min(qc["group_size"], k)
+    ng = -(-k // group)
+    for key, shape in (("qweight", (k * bits // 32, n)), ("scales", (ng, n))):
+        if tuple(t[key].shape) != shape or bits not in (4, 8):
+            raise ValueError(f"{name}.{key} has shape {tuple(t[key].shape)}, expected {shape} for a {n}x{k} "
+                             f"weight in {qc.get('bits')}-bit groups of {group}")
+    return (bits, group, *unpack(t, bits, group, n, k, qc.get("checkpoint_format") == "gptq_v2", name))
+
+
 def unpack(t: dict[str, torch.Tensor], bits: int, group_size: int, n: int, k: int, v2: bool, name: str):
     """GPTQ tensors of one layer -> (codes int8 [N, K], scales [N, G], mins [N, G] or None, perm [K] or None)
     in dsinfer's form W = scales * code + mins, code = q - 2^(b-1), with columns reordered by `perm` so that
