@@ -1,25 +1,87 @@
 """Command line: `dsinfer generate` (streams to the terminal), `dsinfer chat` (multi-turn), `dsinfer bench`,
-`dsinfer serve`, `dsinfer quantize`."""
+`dsinfer serve`, `dsinfer quantize`. Bad arguments fail in the parser, before any model loads: one line on
+stderr, exit status 2."""
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from dsinfer.models.loader import CheckpointError
+from dsinfer.engine.config import DTYPES, resolve_device
+from dsinfer.models.loader import CheckpointError, read_config
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (no usage block), exit status 2 as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def checked(kind, ok, rule: str):
+    """An argparse type: `kind` (int or float) parsed from the text, refused unless ok(value)."""
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+COUNT = checked(int, lambda v: v >= 1, ">= 1")
+SIZE = checked(int, lambda v: v >= 0, ">= 0")
+PORT = checked(int, lambda v: 0 <= v <= 65535, "in 0..65535 (0: any free port)")
+SIMILARITY = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+CONTEXT = checked(int, lambda v: v >= 2, ">= 2")
+
+
+def model_dir(text: str) -> str:
+    """--model: a directory with a readable config.json (the weights load later)."""
+    try:
+        read_config(text)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def device(text: str) -> str:
+    try:
+        resolve_device(text)
+    except (ValueError, RuntimeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write at the end of a run: its directory must exist now, not after the run."""
+    if not Path(text).parent.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {str(Path(text).parent)!r} does not exist")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    return text
+
+
+def add_load_args(p: argparse.ArgumentParser):
+    """What every command that loads a model takes."""
+    p.add_argument("--model", type=model_dir, default=None,
+                   help="checkpoint directory (HF layout); default: the built-in model")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
+    add_quant_arg(p)
+    p.add_argument("--max-model-len", type=CONTEXT, default=None,
+                   help="longest sequence in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", default=None, help="checkpoint directory (HF layout); default: the built-in model")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    add_quant_arg(p)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    """Sampling flags are checked by SamplingParams, before the model loads (see load)."""
+    add_load_args(p)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]")
+    p.add_argument("--top-k", type=int, default=-1, help="-1: no limit")
+    p.add_argument("--min-p", type=float, default=0.0, help="in [0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 is none")
 
 
 def add_quant_arg(p: argparse.ArgumentParser):
@@ -44,7 +106,7 @@ def add_quantize_args(p: argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsinfer", description="Inference for DeepSeek-architecture models")
+    p = Parser(prog="dsinfer", description="Inference for DeepSeek-architecture models")
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete a prompt, printing tokens as they are made")
     add_model_args(gen)
@@ -59,24 +121,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_serve_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", default=None, help="checkpoint directory; default: the built-in model")
+    add_load_args(p)
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    add_quant_arg(p)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    p.add_argument("--port", type=PORT, default=8000, help="0 picks a free port (the log says which)")
+    p.add_argument("--max-num-seqs", type=COUNT, default=64)
+    p.add_argument("--kv-cache-memory", type=COUNT, default=None, help="bytes for the latent cache")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (or set DSINFER_API_KEY)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued sequences past which requests get 429")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-tokens-cap", type=int, default=4096)
-    p.add_argument("--response-cache-size", type=int, default=512, help="0 turns the response cache off")
-    p.add_argument("--semantic-cache-threshold", type=float, default=None,
+    p.add_argument("--max-waiting", type=COUNT, default=256, help="queued sequences past which requests get 429")
+    p.add_argument("--max-body-bytes", type=COUNT, default=1 << 20)
+    p.add_argument("--max-tokens-cap", type=COUNT, default=4096)
+    p.add_argument("--response-cache-size", type=SIZE, default=512, help="0 turns the response cache off")
+    p.add_argument("--semantic-cache-threshold", type=SIMILARITY, default=None,
                    help="answer near-duplicate deterministic prompts from the cache (cosine similarity, e.g. 0.95)")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -88,34 +145,40 @@ def length_range(text: str) -> tuple[int, int]:
 
 
 def add_bench_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", default=None, help="checkpoint directory; default: the built-in model")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    add_quant_arg(p)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--num-requests", type=int, default=32)
+    add_load_args(p)
+    p.add_argument("--num-requests", type=COUNT, default=32)
     p.add_argument("--input-len", type=length_range, default=(32, 256), help="LO:HI prompt tokens")
     p.add_argument("--output-len", type=length_range, default=(16, 128), help="LO:HI generated tokens")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight for the latency figures")
-    p.add_argument("--decode-tokens", type=int, default=64, help="tokens for the single-stream decode figure")
-    p.add_argument("--prefix-len", type=int, default=2000, help="shared prefix for the prefix-cache figure")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the latent cache")
+    p.add_argument("--concurrency", type=COUNT, default=8, help="requests in flight for the latency figures")
+    p.add_argument("--decode-tokens", type=checked(int, lambda v: v >= 2, ">= 2"), default=64,
+                   help="tokens for the single-stream decode figure")
+    p.add_argument("--prefix-len", type=COUNT, default=2000, help="shared prefix for the prefix-cache figure")
+    p.add_argument("--max-num-seqs", type=COUNT, default=256)
+    p.add_argument("--max-num-batched-tokens", type=COUNT, default=None)
+    p.add_argument("--kv-cache-memory", type=COUNT, default=None, help="bytes for the latent cache")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-chunked-prefill", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=COUNT, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compare", choices=["transformers"], default=None,
-                   help="also run Hugging Face transformers' generate on the same model and prompts")
+                   help="also run Hugging Face transformers' generate on the same model and prompts "
+                        "(needs transformers)")
+    p.add_argument("--json", type=output_file, default=None, metavar="PATH",
+                   help="write the raw results to PATH as JSON: every figure, the settings, the CPU model and its "
+                        "ISA flags (avx2, avx512f, avx512_bf16, amx...), versions and the date")
+    p.add_argument("--plot", type=output_file, default=None, metavar="PATH",
+                   help="draw the figures to PATH as a PNG bar chart, dsinfer beside transformers with --compare "
+                        "(needs matplotlib: pip install 'dsinfer[plot]')")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (they are drawn on stderr, and only when stderr is a terminal)")
 
 
 def load(args):
+    """The sampling flags become SamplingParams first, so that a bad one fails before the model loads."""
     from dsinfer import LLM, SamplingParams
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-              quantization=args.quantization)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+              quantization=args.quantization)
     return llm, params
 
 
@@ -156,49 +219,13 @@ def chat(args):
 
 
 def bench(args):
-    import torch
-
-    from dsinfer import LLM, default_model_path
-    from dsinfer import bench as dsbench
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-              enable_chunked_prefill=not args.no_chunked_prefill, quantization=args.quantization)
-    print(f"dsinfer bench: {args.model or default_model_path()}, {llm.dtype}, {llm.device}, "
-          f"{torch.get_num_threads()} threads, {args.num_requests} requests, input {args.input_len}, "
-          f"output {args.output_len}, concurrency {args.concurrency}")
-    ours = dsbench.run(llm, args)
-    peer = {}
-    if args.compare:
-        from dsinfer.bench_hf import run as run_hf
-        dtype, path = llm.dtype, args.model or default_model_path()
-        del llm
-        peer = run_hf(path, dtype, args, ours["_vocab"], ours["_max_model_len"])
-    print_report(ours, peer)
-
-
-def print_report(ours: dict, peer: dict):
-    """ratio = dsinfer / transformers: above 1 is better for rates, below 1 is better for times (ms)."""
-    ours = {k: v for k, v in ours.items() if not k.startswith("_")}
-    header = f"{'figure':<46}{'dsinfer':>12}" + (f"{'transformers':>14}{'ratio':>9}" if peer else "")
-    for section, figures in ours.items():
-        print(f"\n[{section}]\n{header}")
-        for name, value in figures.items():
-            line = f"{name:<46}{value:>12.2f}"
-            other = peer.get(section, {}).get(name)
-            if other is not None:
-                line += f"{other:>14.2f}{value / other:>9.2f}"
-            print(line)
-    if peer:
-        print("\nratio = dsinfer / transformers: higher is better for rates, lower is better for times (ms)")
+    from dsinfer.tools.bench.command import run
+    run(args)
 
 
 def serve(args):
     import os
     import signal
-    from pathlib import Path
 
     import uvicorn
 
@@ -228,7 +255,10 @@ def quantize(args):
 
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # argparse's errors (status 2, one line; see Parser) and --help (status 0)
+        return e.code
     try:
         {"generate": generate, "chat": chat, "bench": bench, "serve": serve, "quantize": quantize}[args.command](args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
