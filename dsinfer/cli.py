@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from dsinfer.engine.config import DTYPES, resolve_device
+from dsinfer.layers.kv_format import KV_CACHE_DTYPES
 from dsinfer.models.loader import CheckpointError, read_config
 
 
@@ -71,6 +72,19 @@ def add_load_args(p: argparse.ArgumentParser):
     p.add_argument("--max-model-len", type=CONTEXT, default=None,
                    help="longest sequence in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="the latent cache's format: auto (the model's dtype), float32, bfloat16, fp8 (656 bytes "
+                        "a token and layer at DeepSeek's shapes)")
+    p.add_argument("--prefix-cache-dir", default=None,
+                   help="a directory where prefix-cache blocks evicted from memory are kept, across restarts")
+    p.add_argument("--prefix-cache-dir-bytes", type=COUNT, default=None, help="its size limit (default 10 GiB)")
+
+
+def load_options(args) -> dict:
+    """The LLM options every command that loads a model takes from its flags."""
+    return dict(dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                prefix_cache_dir=args.prefix_cache_dir, prefix_cache_dir_bytes=args.prefix_cache_dir_bytes)
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -177,9 +191,7 @@ def load(args):
     from dsinfer import LLM, SamplingParams
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-              quantization=args.quantization)
-    return llm, params
+    return LLM(args.model, **load_options(args)), params
 
 
 def stream_text(llm, prompt, params) -> str:
@@ -220,7 +232,7 @@ def chat(args):
 
 def bench(args):
     from dsinfer.tools.bench.command import run
-    run(args)
+    run(args, load_options(args))
 
 
 def serve(args):
@@ -232,8 +244,7 @@ def serve(args):
     from dsinfer import LLM
     from dsinfer.engine.async_engine import AsyncLLM
     from dsinfer.server.app import ServerConfig, build_app
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory, **load_options(args))
     name = args.served_model_name or (Path(args.model).name if args.model else "dsinfer-default")
     cfg = ServerConfig(name, args.api_key or os.environ.get("DSINFER_API_KEY"), args.max_waiting,
                        args.max_body_bytes, args.max_tokens_cap, args.response_cache_size,

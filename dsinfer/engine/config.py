@@ -8,6 +8,7 @@ import torch
 from dsinfer.config import ModelConfig
 from dsinfer.kernels import KernelConfig
 from dsinfer.layers.attention import MLA_MODES
+from dsinfer.layers.kv_format import KV_CACHE_DTYPES
 from dsinfer.models.quant_plan import MODES as QUANTIZATIONS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -38,6 +39,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     kv_cache_memory: int | None = None      # bytes for the latent cache; None: a fraction of free memory
     kv_cache_memory_fraction: float = 0.2
+    kv_cache_dtype: str = "auto"            # auto (the model's dtype), float32, bfloat16, fp8 (DeepSeek's layout)
+    prefix_cache_dir: str | os.PathLike | None = None  # a disk tier for evicted prefix-cache blocks
+    prefix_cache_dir_bytes: int | None = None  # its size limit; None: 10 GiB
     length_bucketing: bool = True           # admit waiting requests of similar length together
     bucket_window: int = 64                 # how far past the head of the queue bucketing looks
     mla_mode: str = "auto"                  # auto: prefill decompressed, decode absorbed
@@ -62,12 +66,14 @@ class EngineConfig:
     def check(self):
         """Checks what can be checked before the model's config is read."""
         positive = ("max_num_seqs", "block_size", "bucket_window")
-        for name in positive + ("max_num_batched_tokens", "max_model_len"):
+        for name in positive + ("max_num_batched_tokens", "max_model_len", "prefix_cache_dir_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be at least 1, got {value!r}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.mla_mode not in MLA_MODES:
             raise ValueError(f"mla_mode must be one of {MLA_MODES}, got {self.mla_mode!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

@@ -1,14 +1,17 @@
-"""The latent KV cache: per layer, a fixed number of blocks of rows, each row kv_lora_rank + qk_rope_head_dim
-values (one token). Its size comes from a memory budget; BlockManager decides who owns which block."""
+"""The latent KV cache: per layer, a fixed number of blocks of rows, each row one token's kv_lora_rank +
+qk_rope_head_dim values in the cache's format (layers/kv_format.py: fp32, bf16 or fp8). Its size comes from a
+memory budget; BlockManager decides who owns which block."""
 import os
 
 import torch
 
 from dsinfer.config import ModelConfig
+from dsinfer.layers import kv_format
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return cfg.num_hidden_layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+def bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
+    """Cache bytes per token over all layers: num_hidden_layers x row_bytes (kv_format)."""
+    return cfg.num_hidden_layers * kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
 
 def available_memory(device: torch.device) -> int:
@@ -23,10 +26,10 @@ def available_memory(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def plan_blocks(cfg: ModelConfig, dtype, device, block_size: int, memory: int | None, fraction: float,
+def plan_blocks(cfg: ModelConfig, kv_dtype: str, device, block_size: int, memory: int | None, fraction: float,
                 max_tokens: int) -> int:
     """Blocks that fit in `memory` bytes, or else in `fraction` of free memory but no more than max_tokens need."""
-    per_block = bytes_per_token(cfg, dtype) * block_size
+    per_block = bytes_per_token(cfg, kv_dtype) * block_size
     if memory is not None:
         return memory // per_block
     by_fraction = int(available_memory(torch.device(device)) * fraction) // per_block
@@ -34,11 +37,24 @@ def plan_blocks(cfg: ModelConfig, dtype, device, block_size: int, memory: int | 
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, num_blocks: int, block_size: int = 16):
-        self.block_size, self.num_blocks, self.dtype, self.device = block_size, num_blocks, dtype, torch.device(device)
-        self.bytes_per_token = bytes_per_token(cfg, dtype)
-        self.layers = [torch.zeros(num_blocks * block_size, cfg.kv_cache_dim, dtype=dtype, device=self.device)
+    def __init__(self, cfg: ModelConfig, kv_dtype: str, device, num_blocks: int, block_size: int = 16):
+        """kv_dtype: float32, bfloat16 or fp8 (kv_format.resolve turns auto into one of them)."""
+        self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
+        self.kv_dtype, self.bytes_per_token = kv_dtype, bytes_per_token(cfg, kv_dtype)
+        r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.layers = [kv_format.allocate(kv_dtype, num_blocks * block_size, r, dr, self.device)
                        for _ in range(cfg.num_hidden_layers)]
+
+    def read_block(self, block_id: int) -> list[torch.Tensor]:
+        """A copy of one block's rows in every layer, as stored ([block_size, row width] each)."""
+        rows = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
+        return [layer[rows].clone() for layer in self.layers]
+
+    def write_block(self, block_id: int, rows: list[torch.Tensor]):
+        """Puts rows, as read_block gave them, back into one block."""
+        span = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
+        for layer, part in zip(self.layers, rows):
+            layer[span].copy_(part)
 
     @property
     def nbytes(self) -> int:

@@ -16,6 +16,7 @@ from dsinfer.engine.sampler import apply_penalties, block_stops, sample, token_l
 from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
 from dsinfer.engine.stats import EngineStats, collect_stats
+from dsinfer.layers import kv_format
 from dsinfer.models import load_model
 from dsinfer.models.loader import default_model_path, read_config
 from dsinfer.outputs import RequestOutput
@@ -63,12 +64,13 @@ class LLMEngine:
     def make_cache(self, mcfg, dtype) -> KVCache:
         """Fixed-size cache from the memory budget; it must hold at least one sequence of max_model_len."""
         cfg = self.cfg
-        blocks = plan_blocks(mcfg, dtype, self.device, cfg.block_size, cfg.kv_cache_memory,
+        kv_dtype = kv_format.resolve(cfg.kv_cache_dtype, dtype)
+        blocks = plan_blocks(mcfg, kv_dtype, self.device, cfg.block_size, cfg.kv_cache_memory,
                              cfg.kv_cache_memory_fraction, cfg.max_num_seqs * cfg.max_model_len)
         if blocks * cfg.block_size < cfg.max_model_len:
             raise ValueError(f"the KV cache budget holds {blocks * cfg.block_size} tokens, fewer than max_model_len "
                              f"({cfg.max_model_len}); raise kv_cache_memory or lower max_model_len")
-        return KVCache(mcfg, dtype, self.device, blocks, cfg.block_size)
+        return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
         self.check_prompt(prompt_ids)

@@ -3,6 +3,7 @@ import torch
 
 from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.sequence import Sequence
+from dsinfer.layers import kv_format
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.models.fused_decode import FusedDecoder
 
@@ -74,7 +75,8 @@ def scratch_forward(model, ids: list[int], block_size: int = 16) -> torch.Tensor
     """Final hidden states [n, hidden] of one sequence through a scratch cache of its own, so that no engine
     blocks are touched (embeddings, calibration, scoring)."""
     weight = model.model.norm.weight
-    cache = KVCache(model.config, weight.dtype, weight.device, -(-len(ids) // block_size), block_size)
+    kv_dtype = kv_format.resolve("auto", weight.dtype)
+    cache = KVCache(model.config, kv_dtype, weight.device, -(-len(ids) // block_size), block_size)
     runner = ModelRunner(model, cache)
     return runner.run_model(*runner.inputs([(list(ids), 0, list(range(cache.num_blocks)), len(ids))]))
 

@@ -8,6 +8,7 @@ from torch import nn
 from dsinfer import kernels
 from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
+from dsinfer.layers import kv_format
 from dsinfer.layers.linear import Linear
 from dsinfer.layers.norm import RMSNorm
 from dsinfer.layers.rope import RotaryEmbedding, apply_rope, softmax_scale
@@ -75,8 +76,7 @@ class MLA(nn.Module):
             kernels.mla_rope_cache(q, kv, norm.weight, norm.eps, cis, cache, slots, self.dn)  # one call
             return q[..., :self.dn], q[..., self.dn:]
         latent, k_pe = kv.split([self.r, self.dr], dim=-1)
-        row = torch.cat([norm(latent), apply_rope(k_pe, cis)], -1)
-        cache.index_copy_(0, slots, row.to(cache.dtype))
+        kv_format.write_rows(cache, slots, norm(latent), apply_rope(k_pe, cis))
         return q[..., :self.dn], apply_rope(q[..., self.dn:], cis)
 
     def mixed(self, q_nope, q_pe, positions, meta, cache) -> torch.Tensor:
@@ -97,7 +97,7 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], -1)
         out, start = [], 0
         for i, (ql, cl) in enumerate(zip(meta.query_lens[:num_seqs], meta.context_lens)):
-            ctx = rows(cache, meta.gather_index[i, :cl]).to(q.dtype)                 # [L, r + dr]
+            ctx = kv_format.read_rows(cache, meta.gather_index[i, :cl], self.r, q.dtype)  # [L, r + dr]
             kv = F.linear(ctx[:, :self.r], self.kv_b_proj.weight).view(cl, self.h, -1)
             k = torch.cat([kv[..., :self.dn], ctx[:, None, self.r:].expand(cl, self.h, self.dr)], -1)
             qi, v = q[start:start + ql].transpose(0, 1), kv[..., self.dn:].transpose(0, 1)  # [H, ql, dn + dr]
@@ -128,7 +128,7 @@ class MLA(nn.Module):
 
     def latent_attention(self, qc, positions, gather_index, token_seq, cache) -> torch.Tensor:
         """softmax(scale * qc . c_j) over each token's positions, applied to the latents: [T, H, r]."""
-        ctx = rows(cache, gather_index).to(qc.dtype)                                    # [B, L, r + dr]
+        ctx = kv_format.read_rows(cache, gather_index, self.r, qc.dtype)                # [B, L, r + dr]
         if ctx.shape[0] != qc.shape[0]:
             ctx = ctx[token_seq]
         scores = torch.bmm(ctx, qc.transpose(1, 2)).transpose(1, 2).float() * self.scale  # [T, H, L]

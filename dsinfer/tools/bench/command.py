@@ -8,12 +8,12 @@ from dsinfer.tools.bench import engine, hf, measure, plot, report
 from dsinfer.tools.bench.progress import Progress, phase_count
 
 
-def load(args):
+def load(args, options: dict):
+    """options: what every model-loading command takes from its flags (dtype, device, cache format...)."""
     from dsinfer import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    return LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-               enable_chunked_prefill=not args.no_chunked_prefill, quantization=args.quantization)
+               enable_chunked_prefill=not args.no_chunked_prefill, **options)
 
 
 def settings(args, llm) -> dict:
@@ -30,11 +30,11 @@ def header(s: dict) -> str:
             f"concurrency {s['concurrency']}")
 
 
-def measure_all(args, progress: Progress) -> tuple[dict, dict, dict]:
+def measure_all(args, options: dict, progress: Progress) -> tuple[dict, dict, dict]:
     """(settings, dsinfer's figures, transformers' figures or {}); dsinfer's model is freed before
     transformers loads its own."""
     with progress.phase("dsinfer: loading, warming up"):
-        llm = load(args)
+        llm = load(args, options)
         w = measure.workload(args, llm.model.config.vocab_size, llm.max_model_len)
         engine.warm_up(llm, w)
     s = settings(args, llm)
@@ -46,7 +46,7 @@ def measure_all(args, progress: Progress) -> tuple[dict, dict, dict]:
     return s, ours, peer
 
 
-def run(args):
+def run(args, options: dict):
     if args.plot:
         plot.require()
     if args.compare:
@@ -56,7 +56,7 @@ def run(args):
     enabled = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = Progress(phase_count(bool(args.compare)), enabled)
     try:
-        s, ours, peer = measure_all(args, progress)
+        s, ours, peer = measure_all(args, options, progress)
     finally:
         progress.close()
     report.print_report(ours, peer)
