@@ -71,11 +71,11 @@ def _pad(tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-def scratch_forward(model, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Final hidden states [n, hidden] of one sequence through a scratch cache of its own, so that no engine
-    blocks are touched (embeddings, calibration, scoring)."""
+def scratch_forward(model, ids: list[int], block_size: int = 16, kv_dtype: str = "auto") -> torch.Tensor:
+    """Final hidden states [n, hidden] of one sequence through a scratch cache of its own (in kv_dtype), so that
+    no engine blocks are touched (embeddings, calibration, scoring)."""
     weight = model.model.norm.weight
-    kv_dtype = kv_format.resolve("auto", weight.dtype)
+    kv_dtype = kv_format.resolve(kv_dtype, weight.dtype)
     cache = KVCache(model.config, kv_dtype, weight.device, -(-len(ids) // block_size), block_size)
     runner = ModelRunner(model, cache)
     return runner.run_model(*runner.inputs([(list(ids), 0, list(range(cache.num_blocks)), len(ids))]))
@@ -88,6 +88,6 @@ def embed(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score(model, ids: list[int]) -> torch.Tensor:
-    """Next-token logits [n, vocab] at every position of one sequence."""
-    return model.compute_logits(scratch_forward(model, ids))
+def score(model, ids: list[int], kv_dtype: str = "auto") -> torch.Tensor:
+    """Next-token logits [n, vocab] at every position of one sequence, its cache in kv_dtype."""
+    return model.compute_logits(scratch_forward(model, ids, kv_dtype=kv_dtype))
