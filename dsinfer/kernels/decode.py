@@ -11,10 +11,20 @@ _MLA_ERRORS = {1: "bad arguments (lens must be in 1..Lmax, seq in 0..B-1)", 2: "
                3: "out of memory for the kernel's scratch"}
 
 
+FP8_GROUP = 128  # latent values per scale in an fp8 cache row (dsinfer/layers/kv_format.py)
+
+
+def fp8_row_bytes(r: int, dr: int) -> int:
+    """An fp8 cache row: r e4m3 latent values, an fp32 scale per FP8_GROUP of them, dr bf16 rope values."""
+    return r + 4 * -(-r // FP8_GROUP) + 2 * dr
+
+
 def mla_usable(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether `mla_decode` takes these: fp32 [T, H, D] queries and a contiguous fp32 / bf16 [N, D] cache on CPU."""
+    """Whether `mla_decode` takes these: fp32 [T, H, D] queries and a contiguous fp32 / bf16 [N, D] or fp8 (uint8
+    rows) cache on CPU."""
     return (q.device.type == "cpu" and cache.device.type == "cpu" and q.dim() == 3
-            and q.dtype == torch.float32 and cache.dim() == 2 and cache.dtype in (torch.float32, torch.bfloat16)
+            and q.dtype == torch.float32 and cache.dim() == 2
+            and cache.dtype in (torch.float32, torch.bfloat16, torch.uint8)
             and cache.is_contiguous() and library() is not None)
 
 
@@ -26,16 +36,19 @@ def _int64(x: torch.Tensor, dims: int, what: str):
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, seq: torch.Tensor, lens: torch.Tensor,
                scale: float, r: int) -> torch.Tensor:
     """Absorbed MLA decode attention (see mla_decode_avx2.c): q fp32 [T, H, D], cache fp32 / bf16 [N, D] (D = r +
-    rope dims), rows int64 [B, Lmax] cache rows of each sequence's positions, seq int64 [T] each token's sequence,
-    lens int64 [T] how many leading positions it sees -> softmax(scale * q . ctx) @ ctx[:, :r], fp32 [T, H, r]."""
+    rope dims) or fp8 uint8 [N, fp8_row_bytes(r, D - r)], rows int64 [B, Lmax] cache rows of each sequence's
+    positions, seq int64 [T] each token's sequence, lens int64 [T] how many leading positions it sees ->
+    softmax(scale * q . ctx) @ ctx[:, :r], fp32 [T, H, r]."""
     if q.dtype != torch.float32 or q.dim() != 3 or q.device.type != "cpu" or q.shape[0] < 1 or q.shape[1] < 1:
         raise ValueError(f"q must be fp32 [T, H, D] on CPU, not {q.dtype} {tuple(q.shape)} on {q.device}")
     t, h, d = q.shape
-    if cache.dtype not in (torch.float32, torch.bfloat16) or cache.dim() != 2 or cache.shape[1] != d \
-            or cache.device.type != "cpu":
-        raise ValueError(f"cache must be fp32 or bf16 [N, {d}] on CPU, not {cache.dtype} {tuple(cache.shape)}")
     if not 1 <= r <= d:
         raise ValueError(f"r must be in 1..{d}, not {r}")
+    width = fp8_row_bytes(r, d - r) if cache.dtype == torch.uint8 else d
+    if cache.dtype not in (torch.float32, torch.bfloat16, torch.uint8) or cache.dim() != 2 \
+            or cache.shape[1] != width or cache.device.type != "cpu":
+        raise ValueError(f"cache must be fp32 or bf16 [N, {d}] or fp8 uint8 [N, {fp8_row_bytes(r, d - r)}] on CPU, "
+                         f"not {cache.dtype} {tuple(cache.shape)}")
     _int64(rows, 2, "rows must be int64 [B, Lmax] on CPU")
     _int64(seq, 1, f"seq must be int64 [{t}] on CPU")
     _int64(lens, 1, f"lens must be int64 [{t}] on CPU")
@@ -45,7 +58,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor, seq: to
                          f"{tuple(seq.shape)}, lens {tuple(lens.shape)}, rows {tuple(rows.shape)}")
     q, cache, rows, seq, lens = (x.contiguous() for x in (q, cache, rows, seq, lens))
     out = torch.empty(t, h, r, dtype=torch.float32)
-    fn = library().mla_decode_f32 if cache.dtype == torch.float32 else library().mla_decode_bf16
+    fn = {torch.float32: library().mla_decode_f32, torch.bfloat16: library().mla_decode_bf16,
+          torch.uint8: library().mla_decode_fp8}[cache.dtype]
     code = fn(q.data_ptr(), cache.data_ptr(), rows.data_ptr(), seq.data_ptr(), lens.data_ptr(), out.data_ptr(),
               t, h, r, d - r, lmax, b, cache.shape[0], float(scale), torch.get_num_threads())
     if code:  # the kernel checks seq, lens and every row index it would read before reading any

@@ -87,7 +87,7 @@ def declare(lib: ctypes.CDLL):
     # q, scales, mins, out, k, group size, n0, n1, threads
     _sig(lib, ("dequant_i8", "dequant_i4"), [P] * 4 + [I64] * 4 + [INT])
     # q, cache, rows, seq, lens, out, t, h, r, dr, lmax, b, cache rows, scale, threads -> 0 or an error code
-    _sig(lib, ("mla_decode_f32", "mla_decode_bf16"), [P] * 6 + [I64] * 7 + [F32, INT], INT)
+    _sig(lib, ("mla_decode_f32", "mla_decode_bf16", "mla_decode_fp8"), [P] * 6 + [I64] * 7 + [F32, INT], INT)
     _sig(lib, ("rms_norm_f32",), [P] * 3 + [I64] * 3 + [F32])
     # q, kv, norm weight, eps, cos/sin, cache, slots, t, h, dn, dr, r, cache rows -> 0 or 1 (bad slot)
     _sig(lib, ("mla_rope_cache_f32",), [P] * 3 + [F32] + [P] * 3 + [I64] * 6, INT)

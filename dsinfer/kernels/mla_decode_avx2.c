@@ -3,11 +3,13 @@
  *   out[t,h,:] = sum_j softmax(s)_j * cache[row_j, :R].
  * Algorithm (flash-decoding): a token's context is split into chunks, one work item each, so that a single
  * long context keeps every thread busy. An item walks its chunk in blocks of BLK cache rows: each row is read
- * from memory once (bf16 widened to fp32 into a per-thread buffer) and used for all H heads while it is in
+ * from memory once (bf16 widened, or fp8 decoded, to fp32 into a per-thread buffer) and used for all H heads while it is in
  * L1. Per block: the H x BLK scores, then an online softmax step per head (running max m, running sum l,
  * accumulator acc[R] rescaled by exp(m_old - m_new) once per block), then acc += p_j * c_j. A token with one
  * item writes acc / l straight to out; a split token's partial (m, l, acc) are merged per head by log-sum-exp
- * rescaling once all items are done. All arithmetic is fp32. */
+ * rescaling once all items are done. All arithmetic is fp32.
+ * Cache formats (dsinfer/layers/kv_format.py): fp32 or bf16 rows of D = R + DR values, or fp8 rows of bytes:
+ * R e4m3 latent values, one fp32 scale per FP8_GROUP of them, then DR bf16 rope values. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -19,6 +21,9 @@
 #define BLK 8        /* cache rows per block */
 #define CHUNK 256     /* positions per work item, */
 #define MAX_CHUNKS 16 /* up to this many per token (longer contexts: longer chunks), which bounds the scratch */
+#define FP8_GROUP 128 /* latent values per fp8 scale */
+
+enum { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_FP8 = 2 };
 
 enum { MLA_OK = 0, MLA_BAD_ARGS = 1, MLA_BAD_INDEX = 2, MLA_NO_MEMORY = 3 };
 
@@ -29,25 +34,66 @@ typedef struct {
     float *out;
     int64_t t, h, r, d, lmax, b; /* b: sequences (rows of `rows`) */
     float scale;
-    int bf16;
+    int format;      /* CACHE_F32, CACHE_BF16 or CACHE_FP8 */
+    int64_t stride;  /* bytes from one cache row to the next */
 } Args;
 
 static inline int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* Pointers to the block's nb rows in fp32: the cache itself, or bf16 rows widened into buf. */
+static float e4m3_lut[256]; /* float8_e4m3fn byte -> value */
+
+/* Fills e4m3_lut once: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal, 0x7f / 0xff NaN. */
+static void init_e4m3(void) {
+    static int ready = 0;
+    if (ready) return;
+    for (int b = 0; b < 256; b++) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+        if (e == 15 && m == 7) v = NAN;
+        e4m3_lut[b] = b & 128 ? -v : v;
+    }
+    ready = 1;
+}
+
+/* One fp8 row (see the top of the file) as d = r + dr fp32 values in dst. The scales and rope values may sit
+ * at odd byte offsets, so they are read with memcpy. */
+static void decode_fp8_row(const uint8_t *src, float *dst, int64_t r, int64_t d) {
+    const uint8_t *scales = src + r, *rope = scales + 4 * ((r + FP8_GROUP - 1) / FP8_GROUP);
+    float sc = 0.0f;
+    int64_t i = 0;
+    for (; i + 8 <= r; i += 8) {
+        if (i % FP8_GROUP == 0) memcpy(&sc, scales + 4 * (i / FP8_GROUP), 4);
+        __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)));
+        __m256 v = _mm256_i32gather_ps(e4m3_lut, idx, 4);
+        _mm256_store_ps(dst + i, _mm256_mul_ps(v, _mm256_set1_ps(sc)));
+    }
+    for (; i < r; i++) {
+        memcpy(&sc, scales + 4 * (i / FP8_GROUP), 4);
+        dst[i] = e4m3_lut[src[i]] * sc;
+    }
+    for (int64_t j = 0; j < d - r; j++) {
+        uint16_t v;
+        memcpy(&v, rope + 2 * j, 2);
+        dst[r + j] = bf16_to_f32(v);
+    }
+}
+
+/* Pointers to the block's nb rows in fp32: the cache itself, or bf16 / fp8 rows turned to fp32 in buf. */
 static void fetch(const Args *a, const int64_t *idx, int nb, const float **rp, float *buf) {
     const int64_t d = a->d;
     for (int j = 0; j < nb; j++) {
-        if (!a->bf16) { rp[j] = (const float *)a->cache + idx[j] * d; continue; }
-        const uint16_t *src = (const uint16_t *)a->cache + idx[j] * d;
+        const char *row = (const char *)a->cache + idx[j] * a->stride;
+        if (a->format == CACHE_F32) { rp[j] = (const float *)row; continue; }
         float *dst = buf + j * round16(d);
+        rp[j] = dst;
+        if (a->format == CACHE_FP8) { decode_fp8_row((const uint8_t *)row, dst, a->r, d); continue; }
+        const uint16_t *src = (const uint16_t *)row;
         int64_t i = 0;
         for (; i + 8 <= d; i += 8) {
             __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
             _mm256_store_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
         }
         for (; i < d; i++) dst[i] = bf16_to_f32(src[i]);
-        rp[j] = dst;
     }
 }
 
@@ -278,13 +324,15 @@ static int mla_decode(const Args *a, int64_t n_cache_rows, int threads) {
     return MLA_OK;
 }
 
-#define ENTRY(NAME, CACHE_T, IS_BF16)                                                                     \
+#define ENTRY(NAME, CACHE_T, FORMAT, STRIDE)                                                              \
 int NAME(const float *q, const CACHE_T *cache, const int64_t *rows, const int64_t *seq, const int64_t *lens, \
          float *out, int64_t t, int64_t h, int64_t r, int64_t dr, int64_t lmax, int64_t b,                \
          int64_t n_cache_rows, float scale, int threads) {                                                \
-    Args a = { q, cache, rows, seq, lens, out, t, h, r, r + dr, lmax, b, scale, IS_BF16 };               \
+    if (FORMAT == CACHE_FP8) init_e4m3();                                                                 \
+    Args a = { q, cache, rows, seq, lens, out, t, h, r, r + dr, lmax, b, scale, FORMAT, STRIDE };        \
     return dr < 0 ? MLA_BAD_ARGS : mla_decode(&a, n_cache_rows, threads);                                \
 }
 
-ENTRY(mla_decode_f32, float, 0)
-ENTRY(mla_decode_bf16, uint16_t, 1)
+ENTRY(mla_decode_f32, float, CACHE_F32, 4 * (r + dr))
+ENTRY(mla_decode_bf16, uint16_t, CACHE_BF16, 2 * (r + dr))
+ENTRY(mla_decode_fp8, uint8_t, CACHE_FP8, r + 4 * ((r + FP8_GROUP - 1) / FP8_GROUP) + 2 * dr)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dsinfer import kernels
+from dsinfer.layers import kv_format
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernel cannot be built on this machine")
 
@@ -136,3 +137,25 @@ def test_usable_only_for_cpu_fp32_queries_and_contiguous_cache(monkeypatch):
     assert not kernels.mla_usable(q.bfloat16(), cache)
     assert not kernels.mla_usable(q, cache.t().contiguous().t())
     assert not kernels.mla_usable(q[0], cache)
+
+
+def fp8_case(h, r, dr, t, lmax, b, seed, n_cache=None):
+    """case() with the cache in fp8 rows (layers/kv_format.py), and its dequantized fp32 twin for the reference."""
+    q, cache, rows, seq, lens, scale = case(h, r, dr, t, lmax, b, torch.float32, seed, n_cache)
+    packed = kv_format.encode_fp8(cache[:, :r] * 3, cache[:, r:])  # * 3: scales other than 1
+    return q, packed, kv_format.decode_fp8(packed, r), rows, seq, lens, scale
+
+
+@pytest.mark.parametrize("h,r,dr", SHAPES + [(2, 300, 8)])  # 300: a partial scale group, odd byte offsets
+@pytest.mark.parametrize("t,lmax", [(1, 37), (3, 37), (8, 37), (1, 3000)])
+def test_fp8_cache_equals_torch_over_the_dequantized_rows(h, r, dr, t, lmax):
+    q, packed, plain, rows, seq, lens, scale = fp8_case(h, r, dr, t, lmax, b=2, seed=h + r + t,
+                                                        n_cache=2 * lmax + 7)
+    got = kernels.mla_decode(q, packed, rows, seq, lens, scale, r)
+    torch.testing.assert_close(got, reference(q, plain, rows, seq, lens, scale, r), rtol=1e-5, atol=1e-5)  # |x| ~ 9
+
+
+def test_fp8_cache_of_the_wrong_width_is_refused():
+    q, packed, _, rows, seq, lens, scale = fp8_case(4, 64, 16, t=2, lmax=20, b=2, seed=1)
+    with pytest.raises(ValueError, match="fp8 uint8"):
+        kernels.mla_decode(q, packed[:, :-2].contiguous(), rows, seq, lens, scale, 64)
