@@ -3,6 +3,7 @@
  * and kernel calls of a few microseconds each from Python; here it is one call. The math is the Python
  * layer's (dsinfer/layers): RMSNorm, MLA with absorbed attention over the latent cache, then MoE or a dense MLP. */
 #include <immintrin.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,9 +14,13 @@ void gemv_f32(const float *x, const float *w, float *y, int64_t m, int64_t n, in
 void rms_norm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t n, int64_t x_stride, float eps);
 int mla_rope_cache_f32(float *q, const float *kv, const float *w, float eps, const float *cs, float *cache,
                        const int64_t *slots, int64_t t, int64_t h, int64_t dn, int64_t dr, int64_t r, int64_t n);
-int mla_decode_f32(const float *q, const float *cache, const int64_t *rows, const int64_t *seq, const int64_t *lens,
-                   float *out, int64_t t, int64_t h, int64_t r, int64_t dr, int64_t lmax, int64_t b,
-                   int64_t n_cache_rows, float scale, int threads);
+#define MLA_DECODE(NAME, CACHE_T)                                                                          \
+    int NAME(const float *q, const CACHE_T *cache, const int64_t *rows, const int64_t *seq, const int64_t *lens, \
+             float *out, int64_t t, int64_t h, int64_t r, int64_t dr, int64_t lmax, int64_t b,             \
+             int64_t n_cache_rows, float scale, int threads);
+MLA_DECODE(mla_decode_f32, float)
+MLA_DECODE(mla_decode_bf16, uint16_t)
+MLA_DECODE(mla_decode_fp8, uint8_t)
 int moe_decode_f32(const float *x, const int64_t *ids, const float *weights, const float *gate_up,
                    const float *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter,
                    int threads);
@@ -44,9 +49,10 @@ typedef struct {
     int64_t *counts;                                 /* tokens per expert, [E] */
 } Layer;
 
-/* One step's inputs, the same for every layer. */
+/* One step's inputs, the same for every layer. cache_format: how the cache stores a row (0 fp32, 1 bf16,
+ * 2 fp8; see dsinfer/layers/kv_format.py). */
 typedef struct {
-    int64_t t, b, lmax, cache_rows;
+    int64_t t, b, lmax, cache_rows, cache_format;
     const float *cs;                                 /* [T, dr/2, 2] cos, sin */
     const int64_t *slots, *rows, *seq, *lens;        /* [T], [B, lmax], [T], [T] */
 } Step;
@@ -56,7 +62,7 @@ typedef struct {
     X(q_a_norm) X(q_b) X(kv_a) X(kv_norm) X(kv_b) X(o) X(experts) X(top_k) X(n_group) X(topk_group) X(method) \
     X(sigmoid) X(norm_topk) X(route_scale) X(router) X(bias) X(gate_up) X(down) X(inter) X(sh_gate_up) \
     X(sh_down) X(sh_inter) X(counts)
-#define STEP_FIELDS(X) X(t) X(b) X(lmax) X(cache_rows) X(cs) X(slots) X(rows) X(seq) X(lens)
+#define STEP_FIELDS(X) X(t) X(b) X(lmax) X(cache_rows) X(cache_format) X(cs) X(slots) X(rows) X(seq) X(lens)
 
 #define FIELD_NAME(f) #f ","
 
@@ -123,16 +129,104 @@ void mla_expand_f32(const float *o_lat, const float *kv_b, float *attn, int64_t 
     }
 }
 
+enum { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_FP8 = 2 };
+#define FP8_GROUP 128
+#define FP8_MAX 448.0f
+
+static uint16_t f32_to_bf16(float v) {  /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static float e4m3_value(int code) {  /* the finite float8_e4m3fn values, codes 0..126 (positive) */
+    const int e = (code >> 3) & 15, m = code & 7;
+    return e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+}
+
+/* The e4m3 byte nearest to v (ties to the even code, as torch's .to(torch.float8_e4m3fn)); |v| <= 448. */
+static uint8_t f32_to_e4m3(float v) {
+    const float a = fabsf(v);
+    int lo = 0, hi = 126;  /* the largest code whose value is <= a */
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (e4m3_value(mid) <= a) lo = mid; else hi = mid - 1;
+    }
+    int code = lo;
+    if (lo < 126) {
+        const float below = a - e4m3_value(lo), above = e4m3_value(lo + 1) - a;
+        if (above < below || (above == below && (lo & 1))) code = lo + 1;
+    }
+    return (uint8_t)(code | (v < 0 && code ? 128 : 0));
+}
+
+/* A fp32 row (r latent, dr rope values) stored at dst in the cache's format (layers/kv_format.py). */
+static void store_row(const float *row, void *dst, int64_t r, int64_t dr, int64_t format) {
+    if (format == CACHE_BF16) {
+        for (int64_t i = 0; i < r + dr; i++) ((uint16_t *)dst)[i] = f32_to_bf16(row[i]);
+        return;
+    }
+    uint8_t *bytes = dst, *scales = bytes + r, *rope = scales + 4 * ((r + FP8_GROUP - 1) / FP8_GROUP);
+    for (int64_t g = 0; g < r; g += FP8_GROUP) {
+        const int64_t end = g + FP8_GROUP < r ? g + FP8_GROUP : r;
+        float amax = 0.0f;
+        for (int64_t i = g; i < end; i++) amax = fabsf(row[i]) > amax ? fabsf(row[i]) : amax;
+        const float scale = (amax > 1e-12f ? amax : 1e-12f) / FP8_MAX;
+        for (int64_t i = g; i < end; i++) bytes[i] = f32_to_e4m3(row[i] / scale);
+        memcpy(scales + 4 * (g / FP8_GROUP), &scale, 4);
+    }
+    for (int64_t j = 0; j < dr; j++) {
+        const uint16_t v = f32_to_bf16(row[r + j]);
+        memcpy(rope + 2 * j, &v, 2);
+    }
+}
+
+static int64_t row_bytes(int64_t r, int64_t dr, int64_t format) {
+    if (format == CACHE_FP8) return r + 4 * ((r + FP8_GROUP - 1) / FP8_GROUP) + 2 * dr;
+    return (r + dr) * (format == CACHE_BF16 ? 2 : 4);
+}
+
+/* The new tokens' rows (rope + norm done into the fp32 rows `fresh`, [t, r + dr]) and q's rope: fp32 caches are
+ * written in place, others through `fresh` and store_row. 0, or 2 for a slot outside the cache. */
+static int write_rows(const Layer *L, const Step *S, float *q, const float *kv, void *cache, float *fresh) {
+    const int64_t t = S->t, dc = L->r + L->dr;
+    if (S->cache_format == CACHE_F32)
+        return mla_rope_cache_f32(q, kv, L->kv_norm, L->eps, S->cs, cache, S->slots, t, L->h, L->dn, L->dr, L->r,
+                                  S->cache_rows) ? 2 : 0;
+    int64_t at[MAX_T];
+    for (int64_t i = 0; i < t; i++) {
+        if (S->slots[i] < 0 || S->slots[i] >= S->cache_rows) return 2;
+        at[i] = i;
+    }
+    mla_rope_cache_f32(q, kv, L->kv_norm, L->eps, S->cs, fresh, at, t, L->h, L->dn, L->dr, L->r, t);
+    const int64_t stride = row_bytes(L->r, L->dr, S->cache_format);
+    for (int64_t i = 0; i < t; i++)
+        store_row(fresh + i * dc, (char *)cache + S->slots[i] * stride, L->r, L->dr, S->cache_format);
+    return 0;
+}
+
+/* Absorbed attention of qc over the cache in its format; 0 or the kernel's error code. */
+static int attend(const Layer *L, const Step *S, const float *qc, const void *cache, float *o_lat, int threads) {
+    if (S->cache_format == CACHE_BF16)
+        return mla_decode_bf16(qc, cache, S->rows, S->seq, S->lens, o_lat, S->t, L->h, L->r, L->dr, S->lmax, S->b,
+                               S->cache_rows, L->scale, threads);
+    if (S->cache_format == CACHE_FP8)
+        return mla_decode_fp8(qc, cache, S->rows, S->seq, S->lens, o_lat, S->t, L->h, L->r, L->dr, S->lmax, S->b,
+                              S->cache_rows, L->scale, threads);
+    return mla_decode_f32(qc, cache, S->rows, S->seq, S->lens, o_lat, S->t, L->h, L->r, L->dr, S->lmax, S->b,
+                          S->cache_rows, L->scale, threads);
+}
+
 static void add_into(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
 /* x += MLA(RMSNorm(x)); scratch as laid out in decode_layer_f32. */
-static int attention(const Layer *L, const Step *S, float *x, float *cache, float *buf, int threads) {
+static int attention(const Layer *L, const Step *S, float *x, void *cache, float *buf, int threads) {
     const int64_t t = S->t, hq = L->h * (L->dn + L->dr);
     float *h = buf, *qa = h + t * L->d, *q = qa + t * L->qr, *kv = q + t * hq;
     float *qc = kv + t * (L->r + L->dr), *o_lat = qc + t * L->h * (L->r + L->dr), *attn = o_lat + t * L->h * L->r;
-    float *out = attn + t * L->h * L->dv;
+    float *out = attn + t * L->h * L->dv, *fresh = out + t * L->d;
     rms_norm_f32(x, L->in_norm, h, t, L->d, L->d, L->eps);
     if (L->qr) {
         gemv_f32(h, L->q_a, qa, t, L->qr, L->d, threads);
@@ -142,13 +236,10 @@ static int attention(const Layer *L, const Step *S, float *x, float *cache, floa
         gemv_f32(h, L->q_b, q, t, hq, L->d, threads);
     }
     gemv_f32(h, L->kv_a, kv, t, L->r + L->dr, L->d, threads);
-    if (mla_rope_cache_f32(q, kv, L->kv_norm, L->eps, S->cs, cache, S->slots, t, L->h, L->dn, L->dr, L->r,
-                           S->cache_rows))
-        return 2;
+    if (write_rows(L, S, q, kv, cache, fresh)) return 2;
     mla_absorb_f32(q, L->dn + L->dr, q + L->dn, L->dn + L->dr, L->kv_b, qc, t, L->h, L->dn, L->dr, L->dv, L->r,
                    threads);
-    int err = mla_decode_f32(qc, cache, S->rows, S->seq, S->lens, o_lat, t, L->h, L->r, L->dr, S->lmax, S->b,
-                             S->cache_rows, L->scale, threads);
+    int err = attend(L, S, qc, cache, o_lat, threads);
     if (err) return 10 + err;
     mla_expand_f32(o_lat, L->kv_b, attn, t, L->h, L->dn, L->dv, L->r, threads);
     gemv_f32(attn, L->o, out, t, L->d, L->h * L->dv, threads);
@@ -184,10 +275,12 @@ static int feed_forward(const Layer *L, const Step *S, float *x, float *buf, int
 
 /* x [T, d] (the residual stream) goes through the layer in place. Returns 0, or a code naming the failed
  * part: 1 bad sizes or no memory, 2 a slot outside the cache, 1x attention, 2x router, 3x experts. */
-int decode_layer_f32(const Layer *L, const Step *S, float *x, float *cache, int threads) {
+int decode_layer_f32(const Layer *L, const Step *S, float *x, void *cache, int threads) {
     if (S->t < 1 || S->t > MAX_T || (L->experts && (L->top_k < 1 || L->top_k > MAX_K))) return 1;
+    if (S->cache_format < CACHE_F32 || S->cache_format > CACHE_FP8) return 1;
     const int64_t t = S->t, hq = L->h * (L->dn + L->dr), wide = L->h * (L->r + L->dr);
-    const int64_t attn_floats = t * (L->d + L->qr + hq + (L->r + L->dr) + wide + L->h * L->r + L->h * L->dv + L->d);
+    const int64_t attn_floats = t * (L->d + L->qr + hq + (L->r + L->dr) + wide + L->h * L->r + L->h * L->dv + L->d
+                                     + L->r + L->dr);
     const int64_t ffn_floats = 3 * t * L->d;
     float *buf = malloc(sizeof(float) * (attn_floats > ffn_floats ? attn_floats : ffn_floats));
     if (!buf) return 1;

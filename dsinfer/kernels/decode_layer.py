@@ -14,11 +14,12 @@ class LayerC(ctypes.Structure):
 
 
 class StepC(ctypes.Structure):
-    _fields_ = [(n, I64) for n in ("t", "b", "lmax", "cache_rows")] + \
+    _fields_ = [(n, I64) for n in ("t", "b", "lmax", "cache_rows", "cache_format")] + \
         [(n, P) for n in ("cs", "slots", "rows", "seq", "lens")]
 
 
 STRUCTS = {0: LayerC, 1: StepC}  # the codes decode_layer_layout knows
+CACHE_FORMATS = {"float32": 0, "bfloat16": 1, "uint8": 2}  # StepC.cache_format by the cache tensor's dtype (uint8: fp8)
 
 
 class LayoutError(RuntimeError):

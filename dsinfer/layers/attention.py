@@ -72,8 +72,13 @@ class MLA(nn.Module):
         latent and the turned shared key. Returns q's two parts, (nope [T, H, dn], roped [T, H, dr])."""
         norm = self.kv_a_layernorm
         fused = self.kernels and q.is_contiguous() and kv.is_contiguous()
-        if fused and kernels.fused_usable(q, kv, cache, norm.weight):
-            kernels.mla_rope_cache(q, kv, norm.weight, norm.eps, cis, cache, slots, self.dn)  # one call
+        if fused and kernels.fused_usable(q, kv, norm.weight) and cache.device.type == "cpu":
+            if cache.dtype == torch.float32:
+                kernels.mla_rope_cache(q, kv, norm.weight, norm.eps, cis, cache, slots, self.dn)  # one call
+            else:  # fp32 rows first, then stored in the cache's format, as the fused decode layer does
+                fresh, at = torch.empty(q.shape[0], self.r + self.dr), torch.arange(q.shape[0])
+                kernels.mla_rope_cache(q, kv, norm.weight, norm.eps, cis, fresh, at, self.dn)
+                kv_format.write_rows(cache, slots, fresh[:, :self.r], fresh[:, self.r:])
             return q[..., :self.dn], q[..., self.dn:]
         latent, k_pe = kv.split([self.r, self.dr], dim=-1)
         kv_format.write_rows(cache, slots, norm(latent), apply_rope(k_pe, cis))

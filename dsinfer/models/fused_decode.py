@@ -4,11 +4,12 @@ A decode step of a small model is dispatch, not arithmetic: each layer is some f
 of a few microseconds each. The decoder holds every layer's weight pointers and shapes (taken once, after
 loading; weights do not move after that), and a step passes only its own inputs. It takes models whose layers
 are all fp32 on CPU without projection biases, and steps of decodes only (no prefill chunk) of at most
-kernels.MAX_M tokens; the runner sends every other step to the Python layers, which are its reference."""
+kernels.MAX_M tokens; the runner sends every other step to the Python layers, which are its reference. The
+latent cache may be fp32, bf16 or fp8 (layers/kv_format.py): the C layer writes and reads each format."""
 import torch
 
 from dsinfer import kernels
-from dsinfer.kernels.decode_layer import LayerC, StepC, run_layer
+from dsinfer.kernels.decode_layer import CACHE_FORMATS, LayerC, StepC, run_layer
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.moe import MoE
 
@@ -16,6 +17,13 @@ from dsinfer.layers.moe import MoE
 def _fp32(*tensors) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
                and t.is_contiguous() for t in tensors)
+
+
+def _cpu_caches(caches: list[torch.Tensor]) -> bool:
+    """Contiguous CPU caches of one format the C layer knows (fp32, bf16, or fp8 as uint8 rows)."""
+    formats = {str(c.dtype).removeprefix("torch.") for c in caches}
+    return (len(formats) == 1 and formats <= set(CACHE_FORMATS)
+            and all(c.device.type == "cpu" and c.is_contiguous() for c in caches))
 
 
 def _ptr(t: torch.Tensor | None):
@@ -70,12 +78,13 @@ class FusedDecoder:
 
     def __init__(self, model, layers: list[LayerC], caches: list[torch.Tensor]):
         self.model, self.layers, self.caches, self.lib = model.model, layers, caches, kernels.library()
+        self.cache_format = CACHE_FORMATS[str(caches[0].dtype).removeprefix("torch.")]
 
     @classmethod
     def build(cls, model, caches: list[torch.Tensor]) -> "FusedDecoder | None":
         """The decoder for a loaded model whose KernelConfig asks for it, writing into `caches` (one per layer),
         or None if it does not ask or if any layer or cache cannot take the fused path."""
-        if not model.kernel_config.fused_decode or kernels.library() is None or not _fp32(*caches):
+        if not model.kernel_config.fused_decode or kernels.library() is None or not _cpu_caches(caches):
             return None
         layers = [layer_struct(layer, model.config.hidden_size) for layer in model.model.layers]
         return None if any(s is None for s in layers) else cls(model, layers, caches)
@@ -89,8 +98,8 @@ class FusedDecoder:
         x, caches = self.model.embed(input_ids), self.caches
         cs, lens = torch.view_as_real(self.model.rotary.rotation(positions)), positions + 1
         index = [t.contiguous() for t in (meta.slot_mapping, meta.gather_index, meta.token_seq)]
-        step = StepC(x.shape[0], index[1].shape[0], index[1].shape[1], caches[0].shape[0], cs.data_ptr(),
-                     *(t.data_ptr() for t in index), lens.data_ptr())
+        step = StepC(x.shape[0], index[1].shape[0], index[1].shape[1], caches[0].shape[0], self.cache_format,
+                     cs.data_ptr(), *(t.data_ptr() for t in index), lens.data_ptr())
         threads = torch.get_num_threads()
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             code = run_layer(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), threads)

@@ -3,6 +3,7 @@ C struct layout check, and the switches that keep the Python layers."""
 import ctypes
 
 import pytest
+import torch
 
 from dsinfer import LLM, SamplingParams, kernels
 from dsinfer.kernels.decode_layer import LayerC, LayoutError, StepC, check_layout
@@ -42,6 +43,21 @@ def test_fused_layers_generate_what_the_python_layers_do(name, ckpts, fused_runs
     assert fused_runs and max(fused_runs) == len(prompts) and min(fused_runs) == 1  # the first LLM only
     for fused, plain in zip(*results):
         assert_same(fused, plain)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "fp8"])
+def test_fused_layers_write_and_read_compact_caches_as_the_python_layers_do(kv_dtype, ckpts, fused_runs):
+    """The C layer stores bf16 (round to nearest even) and fp8 rows (layers/kv_format.py) as torch does."""
+    prompts = random_prompts([5, 17, 40])
+    results = []
+    for eager in (False, True):
+        llm = LLM(ckpts["v3"], enforce_eager=eager, kv_cache_dtype=kv_dtype)
+        results.append(generate(llm, prompts))
+        results.append([c.clone() for c in llm.engine.cache.layers])
+    assert fused_runs and max(fused_runs) == len(prompts)
+    assert_same(results[0], results[2])
+    for fused, plain in zip(results[1], results[3]):
+        assert torch.equal(fused, plain)  # the same bytes in every row
 
 
 @pytest.mark.parametrize("options", [{"enforce_eager": True}, {"cpu_kernels": False, "enforce_eager": False},
