@@ -56,22 +56,38 @@ class Scheduler:
                 break
             if self.waits_for_sibling(seq):
                 continue
-            hits = self.blocks.cached_prefix(seq)
-            cached = len(hits) * self.blocks.block_size
-            n = len(seq) - cached
-            if n > budget and not self.cfg.enable_chunked_prefill:
+            n = self.admit(seq, budget)
+            if n is None:
                 break
-            n = min(n, budget)
-            if not self.blocks.can_allocate(seq, cached + n, hits):
-                break
-            self.blocks.allocate(seq, hits)
-            self.blocks.reserve(seq, cached + n)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def admit(self, seq: Sequence, budget: int) -> int | None:
+        """Gives a waiting seq its cached prefix and blocks for its first chunk; returns the chunk's size, or None
+        if it does not fit now. A block that fails to load from the disk tier is computed instead, so the chunk
+        may grow; if it then no longer fits an unchunked step, the seq gives its blocks back and waits."""
+        hits = self.blocks.cached_prefix(seq)
+        cached = len(hits) * self.blocks.block_size
+        n = self.fit(len(seq) - cached, budget)
+        if n is None or not self.blocks.can_allocate(seq, cached + n, hits):
+            return None
+        self.blocks.allocate(seq, hits)
+        n = self.fit(len(seq) - seq.num_cached, budget)
+        if n is None:
+            self.blocks.free_seq(seq)
+            return None
+        self.blocks.reserve(seq, seq.num_cached + n)
+        return n
+
+    def fit(self, n: int, budget: int) -> int | None:
+        """Tokens of an n-token prefill to compute now: all, or with chunked prefill as many as the budget allows."""
+        if n > budget and not self.cfg.enable_chunked_prefill:
+            return None
+        return min(n, budget)
 
     def admission_order(self) -> list[Sequence]:
         """The head of the queue first (no request waits forever), then the next ones nearest its length."""

@@ -1,3 +1,5 @@
+import hashlib
+import struct
 from enum import Enum, auto
 
 import torch
@@ -12,19 +14,26 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
+def block_digest(previous: bytes, tokens) -> bytes:
+    """A full block's stable name: blake2b over the previous block's name (b"" for the first) and this block's
+    token ids as little-endian int64, so one name stands for the whole prefix, the same in every process."""
+    return hashlib.blake2b(previous + struct.pack(f"<{len(tokens)}q", *tokens), digest_size=16).digest()
+
 
 class Sequence:
     """One sample of one request: its tokens, where they sit in the cache, and what it has produced."""
     __slots__ = ("seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_cached",
-                 "block_table", "block_hashes", "status", "generator", "detok", "text", "logprobs", "cumulative_logprob",
-                 "prompt_logprobs", "finish_reason", "stop_reason", "max_tokens", "first",
+                 "block_table", "digests", "num_named", "status", "generator", "detok", "text", "logprobs",
+                 "cumulative_logprob", "prompt_logprobs", "finish_reason", "stop_reason", "max_tokens", "first",
                  "sent_text", "sent_tokens")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, generator: torch.Generator | None):
         self.seq_id, self.request_id, self.index, self.params = seq_id, request_id, index, params
         self.token_ids, self.num_prompt_tokens = list(prompt_ids), len(prompt_ids)
-        self.num_cached, self.block_table, self.block_hashes, self.status = 0, [], [], SequenceStatus.WAITING
+        self.num_cached, self.block_table, self.status = 0, [], SequenceStatus.WAITING
+        self.digests: list[bytes] = []  # chained names of the full blocks of token_ids, computed as needed
+        self.num_named = 0  # leading blocks of block_table that the block manager has named
         self.generator, self.detok, self.text, self.max_tokens = generator, None, "", max_tokens
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0 if params.logprobs is not None else None
@@ -35,6 +44,15 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def block_digests(self, block_size: int, count: int) -> list[bytes]:
+        """The chained names of the first `count` full blocks (at least), each computed once: tokens only grow."""
+        digests = self.digests
+        while len(digests) < count:
+            i = len(digests)
+            tokens = self.token_ids[i * block_size:(i + 1) * block_size]
+            digests.append(block_digest(digests[-1] if digests else b"", tokens))
+        return digests
 
     @property
     def output_ids(self) -> list[int]:

@@ -148,3 +148,30 @@ def test_bad_engine_options(ckpts):
         LLM(ckpts["v3"], max_model_len=200, enable_chunked_prefill=False, max_num_batched_tokens=64)
     with pytest.raises(ValueError, match="max_num_seqs must be at least 1"):
         LLM(ckpts["v3"], max_num_seqs=0)
+
+
+def test_a_block_that_fails_to_load_from_the_tier_is_computed_instead():
+    """Without chunked prefill, a prompt whose tier block fails to load may no longer fit the step's budget left:
+    it gives its blocks back, waits, and is admitted whole the next step. No block leaks."""
+    from dsinfer.engine.block_manager import BlockManager
+    from dsinfer.engine.config import EngineConfig
+    from dsinfer.engine.scheduler import Scheduler
+    from dsinfer.engine.sequence import Sequence
+    from tests.engine.test_block_manager import DictTier, Rows, admit, evict_all, seq
+
+    tier = DictTier()
+    bm = BlockManager(8, 4, tier=tier, cache=Rows())
+    a = seq(list(range(13)))
+    admit(bm, a), bm.free_seq(a)
+    evict_all(bm)
+    sched = Scheduler(EngineConfig(max_num_batched_tokens=16, enable_chunked_prefill=False), bm)
+    first, again = seq([7] * 6, 1), seq(list(range(13)), 2)
+    sched.add(first), sched.add(again)
+    tier.broken.add(bm.cached_prefix(again).on_tier[0])
+    assert sched.schedule() == [(first, 6)] and again.block_table == [] and list(sched.waiting) == [again]
+    first.num_cached = 6
+    first.token_ids.append(8)
+    assert sched.schedule() == [(first, 1), (again, 13)]
+    for s in (first, again):
+        sched.finish(s)
+    assert bm.num_free == 8
