@@ -166,9 +166,15 @@ class BlockManager:
         self._take(block_id)
         return block_id
 
-    def spill(self, block: Block):
+    def spill(self, block: Block, wait: bool = False):
         if self.tier is not None and not self.tier.has(block.hash):
-            self.tier.spill(block.hash, block.token_ids, self.cache.read_block(block.block_id))
+            self.tier.spill(block.hash, block.token_ids, self.cache.read_block(block.block_id), wait)
+
+    def spill_cached(self):
+        """Copies every named block still in memory out to the tier (at shutdown, so that a restart finds them),
+        waiting for room in the tier's queue rather than dropping any."""
+        for block_id in list(self.hash_to_block.values()):
+            self.spill(self.blocks[block_id], wait=True)
 
     def _take(self, block_id: int):
         block = self.blocks[block_id]

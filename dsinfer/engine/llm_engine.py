@@ -8,6 +8,7 @@ import torch
 
 from dsinfer.engine.block_manager import BlockManager
 from dsinfer.engine.config import EngineConfig
+from dsinfer.engine.disk_cache import DiskTier, cache_layout, model_key
 from dsinfer.engine.input_processor import InputProcessor
 from dsinfer.engine.kv_cache import KVCache, plan_blocks
 from dsinfer.engine.model_runner import ModelRunner
@@ -28,13 +29,17 @@ log = logging.getLogger("dsinfer")
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer: Tokenizer | None, cfg: EngineConfig, dtype, device, seed: int = 0):
-        """model: loaded; cfg: fitted to the model (EngineConfig.fit_to)."""
+    def __init__(self, model, tokenizer: Tokenizer | None, cfg: EngineConfig, dtype, device, seed: int = 0,
+                 checkpoint: Path | None = None):
+        """model: loaded; cfg: fitted to the model (EngineConfig.fit_to); checkpoint: the model's directory (names
+        the disk tier's blocks, needed with cfg.prefix_cache_dir)."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, torch.device(device)
         self.dtype, self.quantization, self.mtp_tensors = dtype, None, {}
         self.max_model_len = cfg.max_model_len
         self.cache = self.make_cache(model.config, dtype)
-        self.blocks = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.disk_tier = self.make_disk_tier(checkpoint)
+        self.blocks = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, self.disk_tier,
+                                   self.cache)
         self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(model, self.cache)
         self.inputs, self.outputs = InputProcessor(tokenizer), OutputProcessor(tokenizer)
@@ -57,7 +62,7 @@ class LLMEngine:
         torch.manual_seed(cfg.seed)
         model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, cfg.kernel_config(device),
                                       cfg.quantization, cfg.quant_group_size, cfg.map_embeddings)
-        engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed)
+        engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed, path)
         engine.quantization, engine.mtp_tensors = bits, mtp  # bits per quantized unit; tensors left unused
         return engine
 
@@ -71,6 +76,31 @@ class LLMEngine:
             raise ValueError(f"the KV cache budget holds {blocks * cfg.block_size} tokens, fewer than max_model_len "
                              f"({cfg.max_model_len}); raise kv_cache_memory or lower max_model_len")
         return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size)
+
+    def make_disk_tier(self, checkpoint: Path | None) -> DiskTier | None:
+        """The prefix cache's disk tier, in a subdirectory of prefix_cache_dir named for this model and setting."""
+        cfg = self.cfg
+        if cfg.prefix_cache_dir is None:
+            return None
+        if not cfg.enable_prefix_caching:
+            raise ValueError("prefix_cache_dir keeps blocks evicted from the prefix cache: it needs "
+                             "enable_prefix_caching=True")
+        if checkpoint is None:
+            raise ValueError("prefix_cache_dir needs the checkpoint directory to name the model's blocks; build the "
+                             "engine with LLMEngine.from_config")
+        settings = dict(dtype=str(self.dtype), kv_cache_dtype=self.cache.kv_dtype, block_size=cfg.block_size,
+                        num_layers=len(self.cache.layers), quantization=cfg.quantization,
+                        quant_group_size=cfg.quant_group_size)
+        directory = Path(cfg.prefix_cache_dir) / model_key(Path(checkpoint), settings)
+        return DiskTier(directory, cfg.prefix_cache_dir_bytes, cache_layout(self.cache))
+
+    def close(self):
+        """Writes the prefix-cache blocks still in memory and those queued to the disk tier, and stops its writer
+        thread. Without close, the thread (a daemon) ends with the process: queued blocks are lost, but no file
+        is ever left half written."""
+        if self.disk_tier is not None:
+            self.blocks.spill_cached()
+            self.disk_tier.close()
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
         self.check_prompt(prompt_ids)

@@ -18,6 +18,7 @@ class EngineCollector:
                                  ("kv_cache_usage", s.kv_blocks_used / max(1, s.kv_blocks_total), "share in use"),
                                  ("prefix_cache_hit_rate", s.prefix_cache_hit_rate, "prompt tokens found cached")]:
             yield GaugeMetricFamily(f"dsinfer_{name}", doc, value=value)
+        yield from prefix_cache_metrics(s)
         yield CounterMetricFamily("dsinfer_preemptions", "sequences preempted", value=s.num_preemptions)
         yield CounterMetricFamily("dsinfer_generated_tokens", "tokens generated", value=s.generated_tokens)
         experts = CounterMetricFamily("dsinfer_expert_tokens", "tokens routed to each expert",
@@ -32,6 +33,35 @@ class EngineCollector:
             yield CounterMetricFamily("dsinfer_semantic_cache_hits", "semantic cache hits", value=self.semantic.hits)
             yield CounterMetricFamily("dsinfer_semantic_cache_misses", "semantic cache misses",
                                       value=self.semantic.misses)
+
+
+def prefix_cache_metrics(s):
+    """Prefix-cache lookups in blocks by tier (memory; disk when prefix_cache_dir is set) and the disk tier's state."""
+    tiers = [("memory", s.memory_hit_blocks, s.memory_miss_blocks)]
+    if s.disk_enabled:
+        tiers.append(("disk", s.disk_hit_blocks, s.disk_miss_blocks))
+    hits = CounterMetricFamily("dsinfer_prefix_cache_hit_blocks", "full prompt blocks found cached", labels=["tier"])
+    misses = CounterMetricFamily("dsinfer_prefix_cache_miss_blocks", "full prompt blocks looked up and not found",
+                                 labels=["tier"])
+    for tier, hit, miss in tiers:
+        hits.add_metric([tier], hit)
+        misses.add_metric([tier], miss)
+    yield from (hits, misses)
+    if s.disk_enabled:
+        yield from disk_tier_metrics(s)
+
+
+def disk_tier_metrics(s):
+    for name, value, doc in [("blocks", s.disk_blocks, "block files in the disk tier"),
+                             ("bytes", s.disk_bytes, "bytes of block files in the disk tier"),
+                             ("store_seconds_mean", s.disk_store_seconds_mean, "mean time to write a block file"),
+                             ("load_seconds_mean", s.disk_load_seconds_mean, "mean time to load a block")]:
+        yield GaugeMetricFamily(f"dsinfer_prefix_cache_disk_{name}", doc, value=value)
+    for name, value, doc in [("stored_blocks", s.disk_stored_blocks, "blocks written to disk"),
+                             ("dropped_blocks", s.disk_dropped_blocks, "evicted blocks not written (writer behind)"),
+                             ("discarded_blocks", s.disk_discarded_blocks, "bad block files deleted"),
+                             ("evicted_blocks", s.disk_evicted_blocks, "block files deleted to stay under the limit")]:
+        yield CounterMetricFamily(f"dsinfer_prefix_cache_disk_{name}", doc, value=value)
 
 
 class Metrics:

@@ -124,7 +124,7 @@ class DictTier:
     def has(self, digest):
         return digest in self.entries
 
-    def spill(self, digest, token_ids, rows):
+    def spill(self, digest, token_ids, rows, wait=False):
         self.entries[digest] = (tuple(token_ids), rows)
 
     def fetch(self, digest, token_ids):

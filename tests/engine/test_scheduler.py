@@ -3,7 +3,11 @@ are batched, chunked, cached or preempted; no block leaks; admission stays insid
 import pytest
 
 from dsinfer import LLM, SamplingParams
+from dsinfer.engine.block_manager import BlockManager
+from dsinfer.engine.config import EngineConfig
+from dsinfer.engine.scheduler import Scheduler
 from tests.conftest import random_prompts
+from tests.engine.test_block_manager import DictTier, Rows, admit, evict_all, seq
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 LENGTHS = [5, 40, 90, 17, 33, 64, 3, 120]
@@ -153,12 +157,6 @@ def test_bad_engine_options(ckpts):
 def test_a_block_that_fails_to_load_from_the_tier_is_computed_instead():
     """Without chunked prefill, a prompt whose tier block fails to load may no longer fit the step's budget left:
     it gives its blocks back, waits, and is admitted whole the next step. No block leaks."""
-    from dsinfer.engine.block_manager import BlockManager
-    from dsinfer.engine.config import EngineConfig
-    from dsinfer.engine.scheduler import Scheduler
-    from dsinfer.engine.sequence import Sequence
-    from tests.engine.test_block_manager import DictTier, Rows, admit, evict_all, seq
-
     tier = DictTier()
     bm = BlockManager(8, 4, tier=tier, cache=Rows())
     a = seq(list(range(13)))
