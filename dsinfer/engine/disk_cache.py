@@ -222,6 +222,7 @@ class Writer:
         self.pending: dict[bytes, tuple[tuple, list[torch.Tensor]]] = {}  # digest -> (token ids, rows)
         self.stored = self.dropped = self.errors = 0
         self.store_seconds = 0.0
+        self.stopping = threading.Event()
 
     def submit(self, digest: bytes, token_ids: tuple, rows: list[torch.Tensor], wait: bool):
         with self.lock:
@@ -245,12 +246,15 @@ class Writer:
         return entry[1] if entry is not None and entry[0] == token_ids else None
 
     def run(self):
-        while (digest := self.queue.get()) is not None:
+        while not self.stopping.is_set():
+            digest = self.queue.get()
             try:
-                self.write(digest)
+                if digest is None:
+                    return
+                if not self.stopping.is_set():
+                    self.write(digest)
             finally:
                 self.queue.task_done()
-        self.queue.task_done()
 
     def write(self, digest: bytes):
         with self.lock:
@@ -292,7 +296,7 @@ class DiskTier:
         self.load_seconds = 0.0
         self.thread = threading.Thread(target=self.writer.run, name="dsinfer-prefix-cache-writer", daemon=True)
         self.thread.start()
-        weakref.finalize(self, self.writer.queue.put, None).atexit = False  # the thread ends with its tier
+        weakref.finalize(self, stop_writer, self.writer, self.thread)  # at exit, or when the tier is collected
 
     @property
     def directory(self) -> Path:
@@ -335,7 +339,8 @@ class DiskTier:
 
     def flush(self):
         """Waits until every queued block is on disk."""
-        self.writer.queue.join()
+        if self.thread.is_alive():
+            self.writer.queue.join()
 
     def close(self):
         """Writes what is queued and stops the writer thread; spills after this are dropped."""
@@ -348,6 +353,17 @@ class DiskTier:
         return TierStats(len(f.index), f.total, w.stored, w.dropped, self.discarded, f.evicted,
                          w.store_seconds / w.stored if w.stored else 0.0,
                          self.load_seconds / self.loaded if self.loaded else 0.0)
+
+
+def stop_writer(writer: Writer, thread: threading.Thread, timeout: float = 10.0):
+    """Ends the writer after the block it is writing; the queued ones are lost. Run at exit, so that the thread
+    is not still inside torch while the interpreter shuts down (which aborts the process)."""
+    writer.stopping.set()
+    try:
+        writer.queue.put_nowait(None)
+    except queue.Full:  # the writer sees the flag once its block is written
+        pass
+    thread.join(timeout)
 
 
 def make_directory(directory: Path) -> Path:
