@@ -23,6 +23,17 @@ class LLM:
         self.quantization, self.mtp_tensors = self.engine.quantization, self.engine.mtp_tensors
         self.request_counter = 0
 
+    def close(self):
+        """Writes the prefix-cache blocks still in memory to the disk tier (prefix_cache_dir), so that a later
+        process finds them; nothing to do without one. Also on leaving a `with LLM(...) as llm:` block."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
 

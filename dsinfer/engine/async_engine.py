@@ -99,3 +99,5 @@ class AsyncLLM:
             self.stopped = True
         self.wake.set()
         self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.engine.close()  # the prefix cache's disk tier keeps what is still in memory

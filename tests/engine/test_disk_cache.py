@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsinfer import LLM, SamplingParams
-from dsinfer.engine.disk_cache import BadBlockFile, DiskTier, decode_block, encode_block, model_key
+from dsinfer.engine.disk_cache import SUFFIX, BadBlockFile, DiskTier, decode_block, encode_block, model_key
 from dsinfer.engine.kv_cache import bytes_per_token
 from dsinfer.engine.sequence import block_digest
 from dsinfer.models.loader import read_config
@@ -248,3 +248,11 @@ def test_stats_and_metrics_show_both_tiers(ckpts, tmp_path):
     for name in ("prefix_cache_miss_blocks", "prefix_cache_disk_blocks", "prefix_cache_disk_stored_blocks",
                  "prefix_cache_disk_store_seconds_mean", "prefix_cache_disk_load_seconds_mean"):
         assert f"dsinfer_{name}" in families
+
+
+def test_leaving_a_with_block_writes_what_memory_still_holds(ckpts, tmp_path):
+    with LLM(ckpts["v3"], prefix_cache_dir=tmp_path, max_model_len=256) as llm:
+        run(llm, prompts(1)[0])
+        assert llm.engine.stats().disk_blocks == 0  # nothing evicted yet
+        tier = llm.engine.disk_tier
+    assert len(list(tier.directory.glob("*" + SUFFIX))) == 6  # the prompt's full blocks, written on the way out
