@@ -76,16 +76,17 @@ def chat_workload(args, kv: str, directory: str | None) -> dict:
 
 
 def long_prefix(args, kv: str, directory: str) -> dict:
-    """TTFT of a max-length prompt: computed by a fresh engine, then by a restarted one that finds its prefix on
-    disk (written at the first engine's close)."""
+    """TTFT of a --prefix-tokens prompt (default: the model's max length): computed by a fresh engine, then by a
+    restarted one that finds its prefix on disk (written at the first engine's close)."""
     cfg = model_config(args)
-    n = cfg.max_position_embeddings - 1
+    n = min(args.prefix_tokens or cfg.max_position_embeddings, cfg.max_position_embeddings) - 1
     ids = torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
-    kw = options(args, kv, directory, cfg.max_position_embeddings)
+    kw = options(args, kv, directory, n + 1)
     cold = LLM(args.model, **kw)
     timed_request(cold, ids[:8][::-1], 1)  # warm-up
     computed, out = timed_request(cold, ids, 1)
-    cold.engine.close()
+    cold.close()
+    del cold  # one model in memory at a time
     warm = LLM(args.model, **kw)
     timed_request(warm, ids[:8][::-1], 1)
     loaded, again = timed_request(warm, ids, 1)
@@ -114,6 +115,17 @@ def in_process(job: dict) -> dict:
 
 
 def print_tables(chats: list[dict], longs: list[dict], args):
+    if chats:
+        print_chats(chats, args)
+    print("\n| cache dtype | prompt tokens | TTFT computed (ms) | TTFT prefix from disk (ms) | disk hit blocks | "
+          "same token |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in longs:
+        print(f"| {r['kv']} | {r['tokens']} | {r['computed_ms']:.1f} | {r['loaded_ms']:.1f} | {r['disk_hits']} | "
+              f"{r['same']} |")
+
+
+def print_chats(chats: list[dict], args):
     print(f"{args.conversations} conversations x {args.turns} turns, {args.user_tokens}-token user messages, "
           f"{args.reply_tokens}-token replies; in-memory cache: one conversation's full length")
     print("| cache dtype | disk tier | TTFT returning turns (ms) | TTFT first turns (ms) | prompt tokens computed "
@@ -125,12 +137,6 @@ def print_tables(chats: list[dict], longs: list[dict], args):
     for kv in DTYPES:
         off, on = (next(r for r in chats if r["kv"] == kv and r["tier"] == t) for t in (False, True))
         print(f"{kv}: replies with the tier on equal those with it off: {off['replies'] == on['replies']}")
-    print("\n| cache dtype | prompt tokens | TTFT computed (ms) | TTFT prefix from disk (ms) | disk hit blocks | "
-          "same token |")
-    print("|---|---:|---:|---:|---:|---|")
-    for r in longs:
-        print(f"| {r['kv']} | {r['tokens']} | {r['computed_ms']:.1f} | {r['loaded_ms']:.1f} | {r['disk_hits']} | "
-              f"{r['same']} |")
 
 
 def main():
@@ -142,12 +148,16 @@ def main():
     ap.add_argument("--reply-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefix-tokens", type=int, default=None, help="the long prompt's length (default: the "
+                    "model's max_position_embeddings)")
+    ap.add_argument("--long-only", action="store_true", help="only the long-prefix figure, not the chat workload")
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.job:
         return print(json.dumps(run_job(args, json.loads(args.job))))
-    chats = [in_process(dict(kind="chat", kv=kv, tier=t)) for kv in DTYPES for t in (False, True)]
+    chats = [] if args.long_only else [in_process(dict(kind="chat", kv=kv, tier=t)) for kv in DTYPES
+                                       for t in (False, True)]
     longs = [in_process(dict(kind="long", kv=kv)) for kv in DTYPES]
     print_tables(chats, longs, args)
 
