@@ -173,3 +173,18 @@ def test_a_block_that_fails_to_load_from_the_tier_is_computed_instead():
     for s in (first, again):
         sched.finish(s)
     assert bm.num_free == 8
+
+
+@pytest.mark.parametrize("kv", ["bfloat16", "fp8"])
+def test_compact_caches_do_not_depend_on_scheduling_either(ckpts, kv):
+    """With a bf16 or fp8 cache too: batched, chunked, prefix-cached and preempted runs give each prompt's tokens
+    run alone (every path reads the same stored rows)."""
+    alone = LLM(ckpts["v3"], kv_cache_dtype=kv, enable_prefix_caching=False, enable_chunked_prefill=False)
+    want = [token_ids(alone, [p])[0] for p in prompts()]
+    row = {"bfloat16": 48 * 2, "fp8": 32 + 4 + 16 * 2}[kv]  # bytes a token and layer at r = 32, dr = 16
+    for options in (dict(max_num_batched_tokens=13), dict(kv_cache_memory=13 * 16 * 4 * row)):
+        llm = LLM(ckpts["v3"], max_model_len=200, kv_cache_dtype=kv, **options)
+        assert token_ids(llm, prompts() + prompts()[:3]) == want + want[:3]  # the repeats hit the prefix cache
+        stats = llm.engine.stats()
+        assert stats.kv_blocks_used == 0 and stats.prefix_cache_hit_tokens > 0
+    assert stats.num_preemptions > 0
