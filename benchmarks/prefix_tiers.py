@@ -57,7 +57,7 @@ def conversations(args, vocab: int) -> list[list[list[int]]]:
 
 
 def chat_workload(args, kv: str, directory: str | None) -> dict:
-    max_len = args.turns * (args.user_tokens + args.reply_tokens) + 16
+    max_len = -(-(args.turns * (args.user_tokens + args.reply_tokens) + 16) // 16) * 16  # whole cache blocks
     llm = LLM(args.model, **options(args, kv, directory, max_len))
     talks = conversations(args, llm.model.config.vocab_size)
     history, first, returning, replies = [[] for _ in talks], [], [], []
