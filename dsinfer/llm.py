@@ -21,6 +21,7 @@ class LLM:
         self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
         self.device, self.dtype, self.max_model_len = self.engine.device, self.engine.dtype, self.engine.max_model_len
         self.quantization, self.mtp_tensors = self.engine.quantization, self.engine.mtp_tensors
+        self.kernel_config, self.kv_cache_dtype = self.model.kernel_config, self.engine.cache.kv_dtype  # as resolved
         self.request_counter = 0
 
     def close(self):

@@ -42,6 +42,8 @@ def test_json_and_plot_of_dsinfer_alone(ckpts, tmp_path, capsys):
     assert rec["machine"]["cpu_model"] and isinstance(rec["machine"]["isa"], list)
     settings = rec["settings"]
     assert settings["num_requests"] == 4 and settings["input_len"] == [4, 20] and settings["dtype"] == "float32"
+    assert settings["kv_cache_dtype"] == "float32" and "cpu_kernels=" in settings["kernels"]
+    assert f"kernels: {settings['kernels']}" in stdout  # what was picked, beside the figures
     ours = rec["results"]["dsinfer"]
     assert list(ours) == ["throughput", "latency", "single stream", "prefix cache (64 tokens)"]
     assert ours["throughput"]["requests/s"] > 0 and ours["latency"]["TPOT ms p50"] > 0

@@ -20,14 +20,15 @@ def settings(args, llm) -> dict:
     """The command's arguments, with what `auto` and the defaults resolved to."""
     from dsinfer import default_model_path
     resolved = {"model": str(args.model or default_model_path()), "dtype": str(llm.dtype).removeprefix("torch."),
-                "device": str(llm.device), "threads": torch.get_num_threads(), "max_model_len": llm.max_model_len}
+                "device": str(llm.device), "threads": torch.get_num_threads(), "max_model_len": llm.max_model_len,
+                "kv_cache_dtype": llm.kv_cache_dtype, "kernels": llm.kernel_config.describe()}
     return {k: v for k, v in vars(args).items() if k != "command"} | resolved
 
 
 def header(s: dict) -> str:
     return (f"dsinfer bench: {s['model']}, {s['dtype']}, {s['device']}, {s['threads']} threads, "
             f"{s['num_requests']} requests, input {tuple(s['input_len'])}, output {tuple(s['output_len'])}, "
-            f"concurrency {s['concurrency']}")
+            f"concurrency {s['concurrency']}\nkernels: {s['kernels']}; cache: {s['kv_cache_dtype']}")
 
 
 def measure_all(args, options: dict, progress: Progress) -> tuple[dict, dict, dict]:
