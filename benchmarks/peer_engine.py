@@ -3,7 +3,8 @@
     cd ../peers-bench && .venv/bin/python harness.py --engine peer_engine:Engine --model models/v2lite-4L \
         --dtype fp32   # with PYTHONPATH=<dsinfer checkout>/benchmarks
 
---dtype int8 or int4 quantizes the weights on load (fp32 activations); a GPTQ checkpoint loads as it is.
+--dtype int8 or int4 quantizes the weights on load (decode rounds activations to int8 in blocks of 32 unless
+DSINFER_INT8_ACTIVATIONS=0); a GPTQ checkpoint loads as it is.
 """
 import torch
 
