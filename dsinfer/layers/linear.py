@@ -23,6 +23,8 @@ class Matmul:
     def __call__(self, x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QTensor):
             return qlinear(x, w, bias, self.kernels, self.int8_activations)
+        if self.kernels and widened(x) and kernels.usable(x.float(), w):
+            return self(x.float(), w, bias).to(x.dtype)  # 16-bit decode rows through the fp32-activation kernel
         if self.kernels and kernels.usable(x, w):
             y = kernels.gemv(x, w)
         elif self.small_gemm and kernels.small_usable(x, w):
@@ -30,6 +32,12 @@ class Matmul:
         else:
             return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), bias)
         return y if bias is None else y + bias
+
+
+def widened(x: torch.Tensor) -> bool:
+    """Whether x is a decode-sized batch of 16-bit activations, which the kernels take widened to fp32 (torch's
+    own 16-bit matmul of a few rows runs far below memory bandwidth on CPUs)."""
+    return x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2 and 0 < x.shape[0] <= kernels.MAX_M
 
 
 class Linear(nn.Module):

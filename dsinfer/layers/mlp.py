@@ -4,7 +4,7 @@ from torch import nn
 
 from dsinfer import kernels
 from dsinfer.kernels import PLAIN, KernelConfig
-from dsinfer.layers.linear import Matmul
+from dsinfer.layers.linear import Matmul, widened
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,8 @@ class MLP(nn.Module):
         """Decode batches run in the decode kernel, larger fp32 batches in the prefill kernel (which bounds its
         own intermediate); the rest through `run`, in chunks of chunk_tokens."""
         gate_up, plain = self.gate_up_proj, isinstance(self.gate_up_proj, torch.Tensor)  # not quantized
+        if plain and self.decode_kernel and widened(x):
+            return self(x.float()).to(x.dtype)
         if plain and self.decode_kernel and x.shape[0] <= kernels.MAX_M and kernels.moe_usable(x, gate_up[None]):
             return kernels.mlp_decode(x, gate_up, self.down_proj)
         if plain and self.prefill_kernel and kernels.moe_prefill_usable(x, gate_up[None]):

@@ -6,7 +6,7 @@ from torch import nn
 from dsinfer import kernels
 from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
-from dsinfer.layers.linear import Matmul
+from dsinfer.layers.linear import Matmul, widened
 from dsinfer.layers.mlp import MLP, silu_and_mul
 
 
@@ -75,6 +75,8 @@ class Experts(nn.Module):
         """The weighted sum of each token's experts' outputs [T, D]. A decode-sized batch goes to the fused CPU
         kernel (one call, every active expert's weights read once), a larger fp32 one to the prefill kernel (one
         call, no [T, 2I] intermediate); the rest runs grouped by expert, which defines the result."""
+        if self.decode_kernel and widened(x):
+            return self(x.float(), weights, ids).to(x.dtype)
         if self.decode_kernel and kernels.moe_usable(x, self.gate_up_proj):
             return kernels.moe_decode(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
         if self.prefill_kernel and kernels.moe_prefill_usable(x, self.gate_up_proj):

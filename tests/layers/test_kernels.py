@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from dsinfer import LLM, SamplingParams, kernels
 from dsinfer.kernels import KernelConfig
 from dsinfer.layers.linear import Matmul
+from dsinfer.layers.moe import Experts
 from tests.conftest import random_prompts
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernel cannot be built on this machine")
@@ -51,3 +52,25 @@ def test_generation_is_the_same_with_and_without_the_kernel(name, ckpts):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+
+
+def test_16_bit_decode_rows_take_the_kernel_widened(monkeypatch):
+    """A bf16 model's decode rows go through the fp32-activation kernels (x widened, the result rounded back),
+    not torch's bf16 matmul of a few rows, and agree with it to bf16 precision."""
+    calls, gemv, moe = [], kernels.gemv, kernels.moe_decode
+    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append("gemv") or gemv(*a))
+    monkeypatch.setattr(kernels, "moe_decode", lambda *a: calls.append("moe") or moe(*a))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=g).bfloat16(), torch.randn(40, 64, generator=g).bfloat16()
+    y = Matmul(KernelConfig())(x, w)
+    assert y.dtype == torch.bfloat16 and calls == ["gemv"]
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
+    ex = Experts(4, 64, 16, KernelConfig()).bfloat16()
+    torch.nn.init.normal_(ex.gate_up_proj, generator=g)
+    torch.nn.init.normal_(ex.down_proj, generator=g)
+    ids, weights = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2, generator=g)
+    out = ex(x, weights, ids)
+    assert out.dtype == torch.bfloat16 and calls[-1] == "moe"
+    torch.testing.assert_close(out.float(), ex.grouped(x.float(), weights, ids).float(), rtol=2e-2, atol=2e-1)
+    before = len(calls)
+    assert Matmul(KernelConfig(cpu_kernels=False))(x, w).dtype == torch.bfloat16 and len(calls) == before
