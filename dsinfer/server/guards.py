@@ -12,6 +12,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientGone(Exception):
+    pass
+
+
 class Guards:
     def __init__(self, app, api_key: str | None, max_body: int, metrics):
         self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body, metrics
@@ -28,6 +32,16 @@ class Guards:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body:
             return await self.reply(send, 413, f"the request body is over {self.max_body} bytes", scope)
+        try:
+            body = await self.read_body(receive)
+        except BodyTooLarge:
+            return await self.reply(send, 413, f"the request body is over {self.max_body} bytes", scope)
+        except ClientGone:
+            return
+        await self.counted(scope, self.replay(body, receive), send)
+
+    async def counted(self, scope, receive, send):
+        """Runs the app, counting its response's status for the metrics (an unhandled error counts as 500)."""
         status = {}
 
         async def counted_send(message):
@@ -35,25 +49,41 @@ class Guards:
                 status["code"] = message["status"]
             await send(message)
         try:
-            await self.app(scope, self.capped(receive), counted_send)
-        except BodyTooLarge:
-            return await self.reply(send, 413, f"the request body is over {self.max_body} bytes", scope)
-        self.metrics.count(scope["path"], status.get("code", 500))
+            await self.app(scope, receive, counted_send)
+        finally:
+            self.metrics.count(scope["path"], status.get("code", 500))
 
     def authorized(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        return hmac.compare_digest(header, f"Bearer {self.api_key}")
+        """The Authorization header against the key, as bytes (a key or header that is not ASCII is compared
+        as its UTF-8 bytes)."""
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(header, b"Bearer " + self.api_key.encode("utf-8"))
 
-    def capped(self, receive):
-        seen = 0
-
-        async def wrapped():
-            nonlocal seen
+    async def read_body(self, receive) -> bytes:
+        """The whole request body, read up to the cap (a chunked body has no Content-Length to check first)."""
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client left before sending it all
+                raise ClientGone()
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.max_body:
                 raise BodyTooLarge()
-            return message
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    @staticmethod
+    def replay(body: bytes, receive):
+        """A receive that gives the app the body already read, then waits on the client (for a disconnect)."""
+        sent = False
+
+        async def wrapped():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
         return wrapped
 
     async def reply(self, send, status: int, message: str, scope):
