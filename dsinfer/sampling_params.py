@@ -45,6 +45,8 @@ class SamplingParams:
         _num("min_p", self.min_p, 0, 1, "must be in [0, 1]")
         if self.seed is not None:
             _int("seed", self.seed, None)
+            if not -2**63 <= self.seed <= 2**64 - self.n:  # sample i seeds a torch generator with seed + i
+                raise ValueError(f"SamplingParams.seed must be in [-2**63, 2**64 - n], got {self.seed}")
         if self.max_tokens is not None:
             _int("max_tokens", self.max_tokens, 1)
         _int("min_tokens", self.min_tokens, 0)

@@ -104,6 +104,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
         self.check_prompt(prompt_ids)
+        self.check_params(params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         max_tokens = self.max_model_len - len(prompt_ids)
@@ -131,6 +132,17 @@ class LLMEngine:
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def check_params(self, params: SamplingParams):
+        """The sampling parameters that index the vocabulary must fit this model's; ValueError names the field."""
+        vocab = self.model.config.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                raise ValueError(f"SamplingParams.{name} must be <= the vocabulary size {vocab}, "
+                                 f"got {getattr(params, name)}")
 
     def abort(self, request_id: str):
         """Drops a request wherever it is and frees its cache blocks at once."""

@@ -41,7 +41,7 @@ class OpenAIServer:
             from dsinfer.server.semantic_cache import SemanticCache
             self.semantic = SemanticCache(async_llm.llm.model.config.hidden_size, cfg.semantic_cache_threshold)
         self.metrics = Metrics(async_llm, self.cache, self.semantic)
-        self.handler = Handler(async_llm, cfg.model_name, cfg.max_tokens_cap, self.metrics)
+        self.handler = Handler(async_llm, cfg.model_name, cfg.max_tokens_cap, self.metrics, cfg.max_waiting)
 
     async def health(self):
         return {"status": "ok"}
@@ -80,14 +80,16 @@ class OpenAIServer:
             prompt_param, logprobs = "messages", (req.top_logprobs or 0) if req.logprobs else None
         h.check_prompts(prompts, prompt_param)
         max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param, prompt_param)
-        return prompts, req.sampling_params(max_tokens, logprobs)
+        names = {"max_tokens": param, "logprobs": "logprobs" if endpoint == "completions" else "top_logprobs"}
+        return prompts, h.sampling_params(lambda: req.sampling_params(max_tokens, logprobs), names)
 
     async def serve(self, endpoint: str, req):
         self.admit()
         prompts, params = self.prepare(endpoint, req)
         if req.stream:
-            return StreamingResponse(self.sse(self.chunks(endpoint, req, prompts, params)),
-                                     media_type="text/event-stream")
+            started = self.handler.start(prompts, params)
+            return ClosingStream(self.sse(self.chunks(endpoint, req, prompts, params, started)),
+                                 on_close=lambda: self.handler.stop(started), media_type="text/event-stream")
         return JSONResponse(await self.answer(endpoint, req, prompts, params))
 
     async def answer(self, endpoint: str, req, prompts, params) -> dict:
@@ -119,10 +121,10 @@ class OpenAIServer:
         fields = self.cache.key(endpoint, req.model_copy(update=blank))
         return self.semantic.get(vector, fields), vector, fields
 
-    def chunks(self, endpoint: str, req, prompts, params):
-        """The request's stream chunks as dicts (the SSE and WebSocket routes both send these)."""
+    def chunks(self, endpoint: str, req, prompts, params, started):
+        """The started requests' stream chunks as dicts (the SSE and WebSocket routes both send these)."""
         timer = Timer(self.metrics)
-        deltas = self.handler.stream(prompts, params, timer)
+        deltas = self.handler.stream(started, params, timer)
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         if endpoint == "completions":
             return formats.completion_chunks(self.handler, R.new_id("cmpl"), deltas, prompt_tokens,
@@ -138,6 +140,21 @@ class OpenAIServer:
         except ApiError as exc:
             yield f"data: {json.dumps(errors.error_body(exc.status, exc.message, exc.param, exc.code))}\n\n"
         yield "data: [DONE]\n\n"
+
+
+class ClosingStream(StreamingResponse):
+    """A stream that calls on_close when its response ends, however it ends (even a client gone before the
+    first chunk, when the body's generator never started and so never ran its own cleanup)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def build_app(async_llm, cfg: ServerConfig) -> FastAPI:

@@ -1,10 +1,12 @@
 """What /v1/completions and /v1/chat/completions do: check the request against the model, run its prompts
 through the async engine, and shape the results as OpenAI answers or stream chunks."""
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from dsinfer.engine.async_engine import QueueFull
 from dsinfer.server.errors import ApiError
 from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -18,8 +20,9 @@ class Choice:
 
 
 class Handler:
-    def __init__(self, async_llm, model_name: str, max_tokens_cap: int, metrics=None):
+    def __init__(self, async_llm, model_name: str, max_tokens_cap: int, metrics=None, max_waiting: int | None = None):
         self.llm, self.model_name, self.cap, self.metrics = async_llm, model_name, max_tokens_cap, metrics
+        self.max_waiting = max_waiting
         self.tokenizer = async_llm.llm.tokenizer
         self.max_model_len = async_llm.llm.max_model_len
 
@@ -52,7 +55,10 @@ class Handler:
         if isinstance(item, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", param)
-            return item, self.tokenizer.encode(item)
+            try:
+                return item, self.tokenizer.encode(item)
+            except (ValueError, TypeError) as exc:  # a lone surrogate cannot be encoded
+                raise ApiError(400, f"{param} could not be tokenized: {exc}", param, "invalid_value")
         return None, list(item)
 
     def max_tokens(self, requested: int | None, prompts: list[list[int]], param: str, prompt_param: str) -> int:
@@ -79,19 +85,53 @@ class Handler:
                 code = "context_length_exceeded" if len(ids) >= self.max_model_len else "invalid_value"
                 raise ApiError(400, str(exc), param, code)
 
-    async def run(self, prompts, params) -> AsyncIterator[tuple[int, object]]:
-        """Outputs of all prompts' requests as they come, tagged with the prompt's index; leaving early (a
-        disconnect) cancels them all, which aborts them in the engine."""
+    def sampling_params(self, make, names: dict[str, str]):
+        """make() checked against the model; ValueError becomes a 400 naming the request's field (names maps
+        SamplingParams field names to the request's where they differ)."""
+        try:
+            params = make()
+            self.llm.engine.check_params(params)
+        except ValueError as exc:
+            field = re.match(r"SamplingParams\.(\w+)", str(exc))
+            param = field and names.get(field[1], field[1])
+            raise ApiError(400, str(exc).removeprefix("SamplingParams."), param, "invalid_value")
+        return params
+
+    def start(self, prompts, params) -> list[tuple[str, asyncio.Queue]]:
+        """Queues the prompts' requests if the waiting queue has room for all their sequences (n per prompt):
+        (request id, output queue) per prompt."""
+        count = len(prompts) * params.n
+        if self.max_waiting is not None and count > self.max_waiting:
+            param = "prompt" if len(prompts) > 1 else "n"
+            raise ApiError(400, f"the request asks for {count} sequences (n x prompts), more than this server "
+                           f"queues ({self.max_waiting})", param, "too_many_sequences")
+        try:
+            return self.llm.add_requests([{"prompt": t, "prompt_token_ids": ids} for t, ids in prompts], params,
+                                         self.max_waiting)
+        except QueueFull as exc:
+            raise ApiError(429, f"the server is busy ({exc.waiting} sequences waiting); retry shortly",
+                           code="queue_full", headers={"Retry-After": "1"})
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "prompt", "invalid_value")
+
+    def stop(self, started):
+        """Aborts those of the started requests that have not finished."""
+        for rid, _ in started:
+            self.llm.abort(rid)
+
+    async def run(self, started) -> AsyncIterator[tuple[int, object]]:
+        """Outputs of the started requests as they come, tagged with the prompt's index; leaving early (a
+        disconnect) aborts them all."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i, text, ids):
+        async def pump(i, rid, outputs):
             try:
-                async for out in self.llm.generate({"prompt": text, "prompt_token_ids": ids}, params):
+                async for out in self.llm.stream(rid, outputs):
                     await queue.put((i, out))
             except Exception as exc:
                 await queue.put((i, exc))
             await queue.put((i, None))
-        tasks = [asyncio.create_task(pump(i, t, ids)) for i, (t, ids) in enumerate(prompts)]
+        tasks = [asyncio.create_task(pump(i, rid, q)) for i, (rid, q) in enumerate(started)]
         try:
             remaining = len(tasks)
             while remaining:
@@ -105,10 +145,11 @@ class Handler:
         finally:
             for task in tasks:
                 task.cancel()
+            self.stop(started)
 
     async def collect(self, prompts, params, timer) -> tuple[dict[int, Choice], int]:
         choices: dict[int, Choice] = {}
-        async for i, out in self.run(prompts, params):
+        async for i, out in self.run(self.start(prompts, params)):
             for c in out.outputs:
                 timer.token(len(c.token_ids))
                 ch = choices.setdefault(i * params.n + c.index, Choice())
@@ -119,11 +160,11 @@ class Handler:
                 ch.finish_reason = c.finish_reason
         return dict(sorted(choices.items())), sum(len(ids) for _, ids in prompts)
 
-    async def stream(self, prompts, params, timer) -> AsyncIterator[tuple[int, object, bool]]:
-        """(choice index, delta CompletionOutput, first chunk of this choice?) as they come; a choice's finish
-        is reported once."""
+    async def stream(self, requests, params, timer) -> AsyncIterator[tuple[int, object, bool]]:
+        """(choice index, delta CompletionOutput, first chunk of this choice?) of the started requests as they
+        come; a choice's finish is reported once."""
         started, ended = set(), set()
-        async for i, out in self.run(prompts, params):
+        async for i, out in self.run(requests):
             for c in out.outputs:
                 index = i * params.n + c.index
                 if index in ended or not (c.text or c.token_ids or c.finish_reason):

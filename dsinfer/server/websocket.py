@@ -36,9 +36,16 @@ class WebSocketRoute:
             endpoint, req = self.parse(text)
             self.server.admit()
             prompts, params = self.server.prepare(endpoint, req)
+            started = self.server.handler.start(prompts, params)
         except (ValueError, ValidationError, ApiError) as exc:
             return await ws.send_json(error_message(exc))
-        task = asyncio.create_task(self.pump(ws, self.server.chunks(endpoint, req, prompts, params)))
+        try:
+            await self.answer(ws, self.server.chunks(endpoint, req, prompts, params, started))
+        finally:
+            self.server.handler.stop(started)
+
+    async def answer(self, ws: WebSocket, chunks):
+        task = asyncio.create_task(self.pump(ws, chunks))
         listener = asyncio.create_task(ws.receive_text())
         done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
         if listener in done:

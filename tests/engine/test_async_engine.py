@@ -51,3 +51,31 @@ def test_bad_prompt_raises_before_queueing(async_llm):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         asyncio.run(run())
     assert async_llm.num_requests == 0
+
+
+def test_a_failing_step_fails_only_its_requests(llms):
+    """A step that raises fails the requests it ran; the ones still waiting are served."""
+    async_llm = AsyncLLM(llms("v3", max_model_len=256, max_num_seqs=1))
+    runner = async_llm.engine.runner
+    run = runner.run
+
+    def failing_run(batch, want):
+        if any(s.request_id == "bad" for s, _ in batch):
+            raise RuntimeError("boom")
+        return run(batch, want)
+    runner.run = failing_run
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, output_kind="delta")
+
+    async def run_both():
+        (bad, bad_q), (good, good_q) = async_llm.add_requests(["def f(x):", "import os"], sp, request_ids=["bad", "good"])
+
+        async def outputs(rid, queue):
+            return [o async for o in async_llm.stream(rid, queue)]
+        return await asyncio.gather(outputs(bad, bad_q), outputs(good, good_q), return_exceptions=True)
+    try:
+        bad, good = asyncio.run(run_both())
+    finally:
+        del runner.run
+        async_llm.shutdown()
+    assert isinstance(bad, RuntimeError) and "boom" in str(bad)
+    assert good[-1].finished and sum(len(o.outputs[0].token_ids) for o in good) == 4
