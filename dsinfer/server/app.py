@@ -16,6 +16,7 @@ from dsinfer.server.guards import Guards
 from dsinfer.server.handlers import Handler, Timer
 from dsinfer.server.metrics import Metrics
 from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
+from dsinfer.server.utility_routes import utility_router
 from dsinfer.server.websocket import WebSocketRoute
 
 log = logging.getLogger("dsinfer.server")
@@ -175,5 +176,6 @@ def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
     app.websocket("/v1/ws")(WebSocketRoute(server))
+    app.include_router(utility_router(async_llm, cfg.model_name))
     app.state.server = server
     return app
