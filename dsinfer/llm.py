@@ -2,10 +2,12 @@
 import os
 from collections.abc import Iterator
 
+import torch
 from tqdm import tqdm
 
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.llm_engine import LLMEngine
+from dsinfer.engine.model_runner import embed
 from dsinfer.outputs import RequestOutput
 from dsinfer.sampling_params import SamplingParams
 from dsinfer.tokenizer import Tokenizer
@@ -67,6 +69,15 @@ class LLM:
             for out in self.engine.step():
                 if out.request_id == rid:
                     yield out
+
+    def embed(self, prompts) -> list[torch.Tensor]:
+        """Each prompt's embedding, as /v1/embeddings gives it: the model's final hidden states, mean-pooled and
+        L2-normalised (fp32 [hidden_size]). Prompts as for generate."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        ids = [self.engine.inputs.process(p)[1] for p in prompts]
+        for one in ids:
+            self.engine.check_prompt(one)
+        return [embed(self.model, one) for one in ids]
 
     def step(self) -> list[RequestOutput]:
         """One engine step: the state of every request that produced a token in it (for callers that drive

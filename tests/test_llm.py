@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dsinfer import LLM, SamplingParams
 
@@ -124,3 +125,17 @@ def test_cli_bench_prints_every_figure(ckpts):
                    "prefix TTFT ms (warm)", "warm/cold"):
         assert figure in r.stdout
     assert "transformers" in r.stdout and "ratio" in r.stdout
+
+
+def test_embed_is_the_pooled_normalised_hidden_state(llms):
+    """LLM.embed: mean over positions of the final hidden states, unit length; the same as the server's."""
+    llm = llms("v3")
+    ids = [[5, 9, 40, 7], [3, 3, 3]]
+    got = llm.embed([{"prompt_token_ids": p} for p in ids])
+    from dsinfer.engine.model_runner import scratch_forward
+    for vec, p in zip(got, ids):
+        want = scratch_forward(llm.model, p).float().mean(0)
+        torch.testing.assert_close(vec, want / want.norm(), rtol=1e-5, atol=1e-6)
+        assert vec.shape == (llm.model.config.hidden_size,) and abs(float(vec.norm()) - 1) < 1e-5
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.embed({"prompt_token_ids": [10 ** 6]})
