@@ -122,3 +122,18 @@ def test_a_chunked_body_over_the_cap_gets_413(make_server):
     small = httpx.post(server.url + "/v1/completions", content=iter([b'{"prompt": "a",', b' "max_tokens": 2}']),
                        headers={"content-type": "application/json"})
     assert small.status_code == 200, small.text
+
+
+def test_metrics_count_unhandled_errors(server):
+    handler = server.server.config.app.state.server.handler
+
+    def broken(name):
+        raise RuntimeError("a bug")
+    handler.check_model = broken
+    try:
+        r = post(server, {"model": "tiny-v3", "prompt": "a"})
+    finally:
+        del handler.check_model
+    assert r.status_code == 500
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'dsinfer_requests_total{route="/v1/completions",status="500"} 1.0' in metrics

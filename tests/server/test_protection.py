@@ -131,6 +131,7 @@ def test_websocket_bad_request_gets_an_error_and_the_socket_stays_open(server):
         async with websockets.connect(ws_url(server)) as ws:
             await ws.send(json.dumps({"model": "tiny-v3", "prompt": "a", "top_p": 3}))
             err = json.loads(await ws.recv())
+            assert await ws.recv() == "[DONE]"
             await ws.send(json.dumps({"model": "tiny-v3", "prompt": "a", "max_tokens": 2}))
             msgs = []
             while (msg := await ws.recv()) != "[DONE]":
