@@ -6,6 +6,7 @@ import torch
 from tqdm import tqdm
 
 from dsinfer.engine.config import EngineConfig
+from dsinfer.engine.input_processor import truncate_prompt
 from dsinfer.engine.llm_engine import LLMEngine
 from dsinfer.engine.model_runner import embed
 from dsinfer.outputs import RequestOutput
@@ -94,6 +95,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         parsed = [self.engine.inputs.process(p) for p in prompts]
+        parsed = [(text, truncate_prompt(ids, sp)) for (text, ids), sp in zip(parsed, params)]
         for text, ids in parsed:
             self.engine.check_prompt(ids)
         rids = []

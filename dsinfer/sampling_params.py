@@ -24,11 +24,17 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"  # vLLM's RequestOutputKind: cumulative, delta (new text only) or final_only
+    logit_bias: dict[int, float] | None = None  # added to the logits before sampling; JSON's string keys accepted
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words whose tokens must not be generated
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
         self.stop_list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = _int_keys(self.logit_bias)
         self.validate()
 
     @property
@@ -66,6 +72,43 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.stop must be a non-empty string or a list of them, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        self.validate_logit_rules()
+
+    def validate_logit_rules(self):
+        """logit_bias, allowed_token_ids, bad_words, include_stop_str_in_output and truncate_prompt_tokens."""
+        for value in (self.logit_bias or {}).values():
+            _num("logit_bias", value, -100, 100, "values must be in [-100, 100]")
+        _token_ids("logit_bias", list(self.logit_bias or {}), "keys")
+        if self.allowed_token_ids is not None:
+            _token_ids("allowed_token_ids", self.allowed_token_ids, "")
+            if not self.allowed_token_ids:
+                raise ValueError("SamplingParams.allowed_token_ids must not be empty")
+        if self.bad_words is not None and (not isinstance(self.bad_words, list)
+                                           or not all(isinstance(w, str) and w.strip() for w in self.bad_words)):
+            raise ValueError(f"SamplingParams.bad_words must be a list of non-blank strings, got {self.bad_words!r}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError("SamplingParams.include_stop_str_in_output must be a bool, "
+                             f"got {self.include_stop_str_in_output!r}")
+        if self.truncate_prompt_tokens is not None:
+            _int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+
+
+def _int_keys(bias) -> dict[int, float] | None:
+    """logit_bias with int keys (JSON object keys arrive as strings)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"SamplingParams.logit_bias must be a dict of token id to bias, got {bias!r:.80}")
+    try:
+        return {int(k) if isinstance(k, str) else k: v for k, v in bias.items()}
+    except ValueError:
+        raise ValueError(f"SamplingParams.logit_bias keys must be token ids, got {list(bias)[:5]!r}") from None
+
+
+def _token_ids(name, ids, what):
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError(f"SamplingParams.{name} {what + ' ' if what else ''}must be non-negative token ids, "
+                         f"got {ids!r:.80}")
 
 
 def _int(name, value, low):

@@ -3,6 +3,12 @@ into token ids, beside the output processor that turns tokens back into outputs.
 from dsinfer.tokenizer import Tokenizer
 
 
+def truncate_prompt(ids: list[int], params) -> list[int]:
+    """The prompt's last params.truncate_prompt_tokens ids (all of them when it is None)."""
+    k = params.truncate_prompt_tokens
+    return list(ids) if k is None else list(ids)[-k:]
+
+
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer | None):
         self.tokenizer = tokenizer

@@ -9,11 +9,12 @@ import torch
 from dsinfer.engine.block_manager import BlockManager
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.disk_cache import DiskTier, cache_layout, model_key
-from dsinfer.engine.input_processor import InputProcessor
+from dsinfer.engine.input_processor import InputProcessor, truncate_prompt
 from dsinfer.engine.kv_cache import KVCache, plan_blocks
 from dsinfer.engine.model_runner import ModelRunner
 from dsinfer.engine.output_processor import OutputProcessor
-from dsinfer.engine.sampler import apply_penalties, block_stops, sample, token_logprobs
+from dsinfer.engine.sampler import (apply_penalties, apply_rules, block_stops, build_rules, sample,
+                                    token_logprobs)
 from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
 from dsinfer.engine.stats import EngineStats, collect_stats
@@ -103,6 +104,7 @@ class LLMEngine:
             self.disk_tier.close()
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
+        prompt_ids = truncate_prompt(prompt_ids, params)
         self.check_prompt(prompt_ids)
         self.check_params(params)
         if request_id in self.requests:
@@ -110,13 +112,13 @@ class LLMEngine:
         max_tokens = self.max_model_len - len(prompt_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
-        seqs = []
+        seqs, rules = [], build_rules(params, self.model.config.vocab_size, self.device, self.tokenizer)
         for i in range(params.n):
             gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self.seq_counter), request_id, i, prompt_ids, params, max_tokens, gen)
             if self.tokenizer:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, len(prompt_ids), params.skip_special_tokens)
-            seq.first = seqs[0] if seqs else None
+            seq.first, seq.rules = (seqs[0] if seqs else None), rules
             seqs.append(seq)
         self.requests[request_id] = (prompt, seqs)
         for seq in seqs:
@@ -143,6 +145,12 @@ class LLMEngine:
             if (getattr(params, name) or 0) > vocab:
                 raise ValueError(f"SamplingParams.{name} must be <= the vocabulary size {vocab}, "
                                  f"got {getattr(params, name)}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or [] if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"SamplingParams.{name} token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("SamplingParams.bad_words needs a tokenizer, and this model directory has none")
 
     def abort(self, request_id: str):
         """Drops a request wherever it is and frees its cache blocks at once."""
@@ -181,7 +189,7 @@ class LLMEngine:
     def postprocess(self, seqs: list[Sequence], logits: torch.Tensor):
         want_lp = any(s.params.logprobs is not None for s in seqs)
         raw = logits.log_softmax(-1) if want_lp else None
-        logits = block_stops(apply_penalties(logits.clone(), seqs), seqs, self.eos_ids)
+        logits = block_stops(apply_penalties(apply_rules(logits.clone(), seqs), seqs), seqs, self.eos_ids)
         tokens = sample(logits, seqs, self.generator).tolist()
         self.num_generated += len(tokens)
         for i, (s, t) in enumerate(zip(seqs, tokens)):
@@ -216,7 +224,7 @@ class LLMEngine:
         hits = [(i, x) for i, x in hits if i >= 0]
         if hits:
             i, x = min(hits)
-            s.text = s.text[:i]
+            s.text = s.text[:i + len(x) if s.params.include_stop_str_in_output else i]
             s.finish("stop", x)
 
     def request_output(self, request_id: str) -> RequestOutput | None:

@@ -1,7 +1,63 @@
-"""Token selection: penalties, temperature, top-k / top-p / min-p, seeded sampling, and logprobs."""
+"""Token selection: logit bias, allowed tokens, bad words, penalties, temperature, top-k / top-p / min-p, seeded
+sampling, and logprobs."""
+from dataclasses import dataclass
+
 import torch
 
 from dsinfer.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class LogitRules:
+    """A request's fixed changes to the logits, built once at admission: bias ([V]: logit_bias, and -inf outside
+    allowed_token_ids; None without either) and the bad words' token sequences."""
+    bias: torch.Tensor | None
+    bad_words: list[list[int]]
+
+
+def build_rules(params, vocab: int, device, tokenizer) -> LogitRules | None:
+    """The request's LogitRules, or None when it has none of logit_bias, allowed_token_ids and bad_words."""
+    bias = None
+    if params.allowed_token_ids:
+        bias = torch.full((vocab,), float("-inf"), device=device)
+        bias[torch.tensor(params.allowed_token_ids, device=device)] = 0.0
+    if params.logit_bias:
+        bias = torch.zeros(vocab, device=device) if bias is None else bias
+        ids = torch.tensor(list(params.logit_bias), device=device)
+        bias[ids] += torch.tensor(list(params.logit_bias.values()), dtype=bias.dtype, device=device)
+    words = bad_word_ids(params.bad_words, tokenizer) if params.bad_words else []
+    return LogitRules(bias, words) if bias is not None or words else None
+
+
+def bad_word_ids(words: list[str], tokenizer) -> list[list[int]]:
+    """Each word's token ids as it would start the text and as it would follow a space (vLLM's two forms), kept
+    once each."""
+    forms = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in forms:
+                forms.append(ids)
+    return forms
+
+
+def banned_bad_words(s: Sequence) -> list[int]:
+    """The last token of every bad word whose other tokens end the output so far (one-token words: always)."""
+    out = s.output_ids
+    return [w[-1] for w in s.rules.bad_words
+            if len(w) - 1 <= len(out) and (len(w) == 1 or out[len(out) - len(w) + 1:] == w[:-1])]
+
+
+def apply_rules(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Adds each row's bias (logit_bias, allowed_token_ids) in one batched add and masks its bad words."""
+    rows = [i for i, s in enumerate(seqs) if s.rules is not None and s.rules.bias is not None]
+    if rows:
+        logits[rows] += torch.stack([seqs[i].rules.bias for i in rows])
+    bans = [(i, t) for i, s in enumerate(seqs) if s.rules is not None for t in banned_bad_words(s)]
+    if bans:
+        rows_t, tokens = torch.tensor(bans, device=logits.device).T
+        logits[rows_t, tokens] = float("-inf")
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
