@@ -186,3 +186,44 @@ def test_semantic_cache_answers_a_near_duplicate(make_server):
     assert near.choices[0].text == first.choices[0].text  # served from the semantic cache
     assert metric(server, "dsinfer_semantic_cache_hits_total") == 1
     assert other.choices[0].text != first.choices[0].text and len(hot.choices[0].text) <= len(first.choices[0].text)
+
+
+def test_logit_bias_and_allowed_token_ids(client, ref):
+    target = ref.get_tokenizer().encode(" x", add_special_tokens=False)[-1]
+    r = client.completions.create(model="tiny-v3", prompt="def f(x):", max_tokens=6, temperature=0,
+                                  logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == offline(ref, "def f(x):", max_tokens=6, logit_bias={target: 100}).text
+    assert offline(ref, "def f(x):", max_tokens=6, logit_bias={target: 100}).token_ids == [target] * 6
+    messages = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny-v3", messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True, "allowed_token_ids": [40, 41]})
+    out = offline(ref, ref.chat_prompt(messages), max_tokens=6, allowed_token_ids=[40, 41])
+    assert r.choices[0].message.content == out.text and set(out.token_ids) <= {40, 41}
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="tiny-v3", prompt="x", max_tokens=2, logit_bias={"1": 101})
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+        client.completions.create(model="tiny-v3", prompt="x", max_tokens=2, extra_body={"allowed_token_ids": [10**7]})
+
+
+def test_bad_words(client, ref):
+    plain = offline(ref, "class A:", max_tokens=12)
+    word = ref.get_tokenizer().decode(plain.token_ids[1:3]).strip()
+    expected = offline(ref, "class A:", max_tokens=12, bad_words=[word])
+    r = client.completions.create(model="tiny-v3", prompt="class A:", max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True, "bad_words": [word]})
+    assert r.choices[0].text == expected.text and expected.token_ids != plain.token_ids
+
+
+def test_include_stop_str_in_output(client, ref):
+    full = offline(ref, "class A:", max_tokens=16).text
+    stop = full[4:6]
+    r = client.completions.create(model="tiny-v3", prompt="class A:", max_tokens=16, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert r.choices[0].text == full[:full.index(stop) + len(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_truncate_prompt_tokens(client, ref):
+    prompt = list(range(5, 25))
+    r = client.completions.create(model="tiny-v3", prompt=prompt, max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True, "truncate_prompt_tokens": 4})
+    assert r.choices[0].text == offline(ref, {"prompt_token_ids": prompt[-4:]}, max_tokens=5).text
