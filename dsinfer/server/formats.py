@@ -5,8 +5,9 @@ from dsinfer.server import responses as R
 
 
 def completion_answer(h, rid, choices, prompt_tokens) -> dict:
-    out = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-            "logprobs": R.completion_logprobs(c, 0) if c.logprobs is not None else None}
+    """With echo, each choice's text and logprobs start with its prompt's."""
+    out = [{"index": i, "text": (c.echo.text if c.echo else "") + c.text, "finish_reason": c.finish_reason,
+            "logprobs": R.completion_logprobs(c, 0, c.echo) if c.logprobs is not None else None}
            for i, c in choices.items()]
     completion_tokens = sum(len(c.token_ids) for c in choices.values())
     return R.completion_body(rid, h.model_name, out, R.usage(prompt_tokens, completion_tokens))
@@ -21,12 +22,15 @@ def chat_answer(h, rid, choices, prompt_tokens, top_logprobs) -> dict:
 
 
 async def completion_chunks(h, rid, deltas, prompt_tokens, include_usage, timer) -> AsyncIterator[dict]:
+    """With echo, a choice's first chunk starts with its prompt's text and logprobs (deltas give its Echo)."""
     completion_tokens, offsets = 0, {}
-    async for index, c, _first in deltas:
+    async for index, c, first in deltas:
+        echo = None if isinstance(first, bool) else first
         completion_tokens += len(c.token_ids)
-        logprobs = R.completion_logprobs(c, offsets.get(index, 0)) if c.logprobs is not None else None
-        offsets[index] = offsets.get(index, 0) + len(c.text)
-        yield R.completion_body(rid, h.model_name, [{"index": index, "text": c.text, "logprobs": logprobs,
+        logprobs = R.completion_logprobs(c, offsets.get(index, 0), echo) if c.logprobs is not None else None
+        text = (echo.text if echo else "") + c.text
+        offsets[index] = offsets.get(index, 0) + len(text)
+        yield R.completion_body(rid, h.model_name, [{"index": index, "text": text, "logprobs": logprobs,
                                                      "finish_reason": c.finish_reason}], None, chunk=True)
     timer.done()
     if include_usage:

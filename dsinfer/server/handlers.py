@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dsinfer.engine.async_engine import QueueFull
+from dsinfer.outputs import CompletionOutput
 from dsinfer.server.errors import ApiError
 from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -17,6 +18,28 @@ class Choice:
     token_ids: list = field(default_factory=list)
     logprobs: list | None = None
     finish_reason: str | None = None
+    echo: "Echo | None" = None
+
+
+@dataclass(slots=True)
+class Echo:
+    """The prompt an echo choice starts with: its text, token ids, the first token's string ("" where the text
+    does not start with it, as a tokenizer-added BOS) and the engine's prompt logprobs (None without logprobs)."""
+    text: str
+    token_ids: list[int]
+    first_token: str
+    logprobs: list | None = None
+
+
+class Prompts(list):
+    """A completion request's (text, token ids) prompts, with what its echo asks for."""
+    echo: bool = False
+    drop_output: bool = False  # max_tokens 0: the one token generated (the engine needs one) is dropped
+
+
+class Started(list):
+    """(request id, output queue) per prompt, with the prompts they came from."""
+    prompts: Prompts | None = None
 
 
 class Handler:
@@ -32,16 +55,32 @@ class Handler:
                            "model", "model_not_found")
 
     def completion_prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-        for name in ("echo", "suffix"):
-            if getattr(req, name):
-                raise ApiError(400, f"{name} is not supported by this server", name, "unsupported")
+        if req.suffix:
+            raise ApiError(400, "suffix is not supported by this server", "suffix", "unsupported")
+        self.check_echo(req)
         if req.best_of not in (None, req.n):
             raise ApiError(400, "best_of is not supported by this server (leave it out or equal to n)", "best_of")
         p = req.prompt
         items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not items:
             raise ApiError(400, "prompt is empty", "prompt")
-        return [self.encode(item, "prompt") for item in items]
+        prompts = Prompts(self.encode(item, "prompt") for item in items)
+        prompts.echo, prompts.drop_output = req.echo, req.max_tokens == 0
+        return prompts
+
+    def check_echo(self, req: CompletionRequest):
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens must be >= 1 (0 is allowed only with echo)", "max_tokens",
+                           "invalid_value")
+        if req.echo and self.tokenizer is None:
+            raise ApiError(400, "echo needs the model's tokenizer, and this model has none", "echo", "unsupported")
+
+    def echo_of(self, prompt: tuple[str | None, list[int]], out) -> Echo:
+        """The Echo of a prompt, from the first output of its request."""
+        text, ids = prompt
+        text = self.tokenizer.decode(ids, False) if text is None else text
+        first = self.tokenizer.decode(ids[:1], False)
+        return Echo(text, ids, first if text.startswith(first) else "", out.prompt_logprobs)
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         conv = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -106,8 +145,10 @@ class Handler:
             raise ApiError(400, f"the request asks for {count} sequences (n x prompts), more than this server "
                            f"queues ({self.max_waiting})", param, "too_many_sequences")
         try:
-            return self.llm.add_requests([{"prompt": t, "prompt_token_ids": ids} for t, ids in prompts], params,
-                                         self.max_waiting)
+            started = Started(self.llm.add_requests([{"prompt": t, "prompt_token_ids": ids} for t, ids in prompts],
+                                                    params, self.max_waiting))
+            started.prompts = prompts if isinstance(prompts, Prompts) else None
+            return started
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy ({exc.waiting} sequences waiting); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})
@@ -149,10 +190,14 @@ class Handler:
 
     async def collect(self, prompts, params, timer) -> tuple[dict[int, Choice], int]:
         choices: dict[int, Choice] = {}
+        echo = isinstance(prompts, Prompts) and prompts.echo
         async for i, out in self.run(self.start(prompts, params)):
             for c in out.outputs:
                 timer.token(len(c.token_ids))
+                c = self.dropped(c) if echo and prompts.drop_output else c
                 ch = choices.setdefault(i * params.n + c.index, Choice())
+                if echo and ch.echo is None:
+                    ch.echo = self.echo_of(prompts[i], out)
                 ch.text += c.text
                 ch.token_ids += c.token_ids
                 if c.logprobs is not None:
@@ -160,20 +205,30 @@ class Handler:
                 ch.finish_reason = c.finish_reason
         return dict(sorted(choices.items())), sum(len(ids) for _, ids in prompts)
 
-    async def stream(self, requests, params, timer) -> AsyncIterator[tuple[int, object, bool]]:
+    async def stream(self, requests, params, timer) -> AsyncIterator[tuple[int, object, bool | Echo]]:
         """(choice index, delta CompletionOutput, first chunk of this choice?) of the started requests as they
-        come; a choice's finish is reported once."""
+        come; a choice's finish is reported once. With echo, "first" is the choice's Echo instead of True."""
         started, ended = set(), set()
+        prompts = getattr(requests, "prompts", None)
+        echo = prompts is not None and prompts.echo
         async for i, out in self.run(requests):
             for c in out.outputs:
                 index = i * params.n + c.index
+                c = self.dropped(c) if echo and prompts.drop_output else c
                 if index in ended or not (c.text or c.token_ids or c.finish_reason):
                     continue
                 timer.token(len(c.token_ids))
-                yield index, c, index not in started
+                first = index not in started
+                yield index, c, self.echo_of(prompts[i], out) if first and echo else first
                 started.add(index)
                 if c.finish_reason:
                     ended.add(index)
+
+    @staticmethod
+    def dropped(c):
+        """A delta of a max_tokens 0 echo: its one generated token left out, finished for "length"."""
+        return CompletionOutput(c.index, "", [], None, None if c.logprobs is None else [],
+                                c.finish_reason and "length")
 
 
 class Timer:

@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI API (plus vLLM's extra sampling fields), validated by pydantic, and their
 translation to SamplingParams. Unknown fields are allowed and reported, as vLLM does."""
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,12 +70,21 @@ class SamplingFields(OpenAIBody):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (the handler checks): the prompt alone
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = None
 
     def requested_max_tokens(self) -> int | None:
         return 16 if self.max_tokens is None else self.max_tokens
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """max_tokens 0 (echo) still generates one token, as the engine needs one; the handler drops it. Echo
+        with logprobs asks for the prompt's logprobs too."""
+        params = super().sampling_params(max(max_tokens, 1), logprobs)
+        if self.echo and logprobs is not None:
+            params = replace(params, prompt_logprobs=logprobs)
+        return params
 
 
 class ChatMessage(OpenAIBody):

@@ -14,20 +14,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(out: CompletionOutput, offset: int) -> dict | None:
+def completion_logprobs(out: CompletionOutput, offset: int, echo=None) -> dict | None:
     """The legacy completions format: tokens, token_logprobs, top_logprobs (the top k and the chosen token),
-    text_offset."""
+    text_offset. An Echo (handlers.Echo) puts its prompt tokens first, the first with null logprobs."""
     if out.logprobs is None:
         return None
-    tokens, lps, tops, offsets = [], [], [], []
-    for tid, entry in zip(out.token_ids, out.logprobs):
-        text = entry[tid].decoded_token or str(tid)
-        offsets.append(offset)
+    rows = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if echo is not None:
+        add_rows(rows, echo.token_ids, echo.logprobs or [None] * len(echo.token_ids), offset, echo.first_token)
+        offset += len(echo.text)
+    return add_rows(rows, out.token_ids, out.logprobs, offset)
+
+
+def add_rows(rows: dict, token_ids: list[int], entries: list, offset: int, first_token: str = "") -> dict:
+    """Appends a token per id to the legacy logprobs rows; an entry of None (the prompt's first token) has null
+    logprobs and first_token for its string."""
+    for tid, entry in zip(token_ids, entries):
+        text = first_token if entry is None else entry[tid].decoded_token or str(tid)
+        rows["text_offset"].append(offset)
         offset += len(text)
-        tokens.append(text)
-        lps.append(entry[tid].logprob)
-        tops.append({lp.decoded_token or str(t): lp.logprob for t, lp in entry.items()})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        rows["tokens"].append(text)
+        rows["token_logprobs"].append(None if entry is None else entry[tid].logprob)
+        rows["top_logprobs"].append(None if entry is None else
+                                    {lp.decoded_token or str(t): lp.logprob for t, lp in entry.items()})
+    return rows
 
 
 def chat_logprobs(out: CompletionOutput, top: int) -> dict | None:

@@ -23,7 +23,7 @@ BAD = [
     (json.dumps({"model": "tiny-v3", "prompt": "a " * 150, "max_tokens": 150}), 400, "max_tokens"),
     (json.dumps({"model": "tiny-v3", "prompt": "a " * 400}), 400, "prompt"),
     (json.dumps({"model": "tiny-v3", "prompt": [10**9]}), 400, "prompt"),
-    (json.dumps({"model": "tiny-v3", "prompt": "a", "echo": True}), 400, "echo"),
+    (json.dumps({"model": "tiny-v3", "prompt": "a", "max_tokens": 0}), 400, "max_tokens"),  # 0 needs echo
     (json.dumps({"model": "tiny-v3", "prompt": "a", "suffix": "b"}), 400, "suffix"),
     (json.dumps({"model": "tiny-v3"}), 400, "prompt"),
     (json.dumps({"model": "gpt-9", "prompt": "a"}), 404, "model"),
