@@ -79,6 +79,7 @@ class OpenAIServer:
             prompts = [h.chat_prompt(req)]
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
             prompt_param, logprobs = "messages", (req.top_logprobs or 0) if req.logprobs else None
+        h.truncate(prompts, req.truncate_prompt_tokens)
         h.check_prompts(prompts, prompt_param)
         max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param, prompt_param)
         names = {"max_tokens": param, "logprobs": "logprobs" if endpoint == "completions" else "top_logprobs"}
@@ -99,7 +100,9 @@ class OpenAIServer:
         key = self.cache.key(endpoint, req) if req.deterministic else None
         if key and (hit := self.cache.get(key)):
             return {**hit, "id": R.new_id(prefix)}
-        near = self.semantic_lookup(endpoint, req, prompts) if key and self.semantic and len(prompts) == 1 else None
+        echoes = getattr(req, "echo", False)  # an echoed answer holds its own prompt: never a near neighbour's
+        near = (self.semantic_lookup(endpoint, req, prompts)
+                if key and self.semantic and len(prompts) == 1 and not echoes else None)
         if near and near[0]:
             return {**near[0], "id": R.new_id(prefix)}
         timer = Timer(self.metrics)

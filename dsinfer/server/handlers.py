@@ -116,6 +116,13 @@ class Handler:
                            f"completion)", param, "context_length_exceeded")
         return requested
 
+    @staticmethod
+    def truncate(prompts: list, k: int | None):
+        """Each prompt's last k token ids (truncate_prompt_tokens), before the length checks and the usage count;
+        a prompt that was cut loses its text (what is echoed is then its ids' decoding)."""
+        if k:
+            prompts[:] = [(text if len(ids) <= k else None, ids[-k:]) for text, ids in prompts]
+
     def check_prompts(self, prompts, param: str):
         for _, ids in prompts:
             try:

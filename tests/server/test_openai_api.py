@@ -227,3 +227,9 @@ def test_truncate_prompt_tokens(client, ref):
     r = client.completions.create(model="tiny-v3", prompt=prompt, max_tokens=5, temperature=0,
                                   extra_body={"ignore_eos": True, "truncate_prompt_tokens": 4})
     assert r.choices[0].text == offline(ref, {"prompt_token_ids": prompt[-4:]}, max_tokens=5).text
+    assert r.usage.prompt_tokens == 4
+    long = list(range(5, 305))  # longer than the server's 256-token context: truncated before the length check
+    r = client.completions.create(model="tiny-v3", prompt=long, max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True, "truncate_prompt_tokens": 100})
+    assert r.usage.prompt_tokens == 100
+    assert r.choices[0].text == offline(ref, {"prompt_token_ids": long[-100:]}, max_tokens=5).text
