@@ -38,4 +38,4 @@ class OutputProcessor:
         done = all(s.is_finished for s in seqs)
         first = seqs[0]
         return RequestOutput(request_id, prompt, first.token_ids[:first.num_prompt_tokens], first.prompt_logprobs,
-                             [self.completion(s) for s in seqs], done)
+                             [self.completion(s) for s in seqs], done, first.metrics)

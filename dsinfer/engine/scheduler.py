@@ -2,6 +2,7 @@
 prefill chunk), then waiting ones as far as budget, sequence limit and free blocks allow. When a running
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks are freed and
 it goes back to the front of the queue to be recomputed (mostly from the prefix cache) later."""
+import time
 from collections import deque
 from itertools import islice
 
@@ -61,6 +62,8 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.metrics.first_scheduled_time is None:  # not again after a preemption
+                seq.metrics.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n

@@ -1,10 +1,11 @@
 import hashlib
 import struct
+import time
 from enum import Enum, auto
 
 import torch
 
-from dsinfer.outputs import Logprob
+from dsinfer.outputs import Logprob, RequestMetrics
 from dsinfer.sampling_params import SamplingParams
 
 
@@ -25,11 +26,12 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_cached",
                  "block_table", "digests", "num_named", "status", "generator", "detok", "text", "logprobs",
                  "cumulative_logprob", "prompt_logprobs", "finish_reason", "stop_reason", "max_tokens", "first",
-                 "sent_text", "sent_tokens", "rules")
+                 "sent_text", "sent_tokens", "rules", "metrics")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, generator: torch.Generator | None):
         self.seq_id, self.request_id, self.index, self.params = seq_id, request_id, index, params
+        self.metrics = RequestMetrics(time.monotonic())  # first_scheduled_time: set by the scheduler
         self.token_ids, self.num_prompt_tokens = list(prompt_ids), len(prompt_ids)
         self.num_cached, self.block_table, self.status = 0, [], SequenceStatus.WAITING
         self.digests: list[bytes] = []  # chained names of the full blocks of token_ids, computed as needed

@@ -105,7 +105,7 @@ class OpenAIServer:
                 if key and self.semantic and len(prompts) == 1 and not echoes else None)
         if near and near[0]:
             return {**near[0], "id": R.new_id(prefix)}
-        timer = Timer(self.metrics)
+        timer = Timer(self.metrics, sum(len(ids) for _, ids in prompts))
         choices, prompt_tokens = await self.handler.collect(prompts, params, timer)
         timer.done()
         if endpoint == "completions":
@@ -127,9 +127,9 @@ class OpenAIServer:
 
     def chunks(self, endpoint: str, req, prompts, params, started):
         """The started requests' stream chunks as dicts (the SSE and WebSocket routes both send these)."""
-        timer = Timer(self.metrics)
-        deltas = self.handler.stream(started, params, timer)
         prompt_tokens = sum(len(ids) for _, ids in prompts)
+        timer = Timer(self.metrics, prompt_tokens)
+        deltas = self.handler.stream(started, params, timer)
         if endpoint == "completions":
             return formats.completion_chunks(self.handler, R.new_id("cmpl"), deltas, prompt_tokens,
                                              req.include_usage, timer)

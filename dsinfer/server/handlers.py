@@ -199,6 +199,7 @@ class Handler:
         choices: dict[int, Choice] = {}
         echo = isinstance(prompts, Prompts) and prompts.echo
         async for i, out in self.run(self.start(prompts, params)):
+            timer.output(out)
             for c in out.outputs:
                 timer.token(len(c.token_ids))
                 c = self.dropped(c) if echo and prompts.drop_output else c
@@ -210,6 +211,8 @@ class Handler:
                 if c.logprobs is not None:
                     ch.logprobs = (ch.logprobs or []) + c.logprobs
                 ch.finish_reason = c.finish_reason
+        for ch in choices.values():
+            timer.finish(ch.finish_reason)
         return dict(sorted(choices.items())), sum(len(ids) for _, ids in prompts)
 
     async def stream(self, requests, params, timer) -> AsyncIterator[tuple[int, object, bool | Echo]]:
@@ -219,6 +222,7 @@ class Handler:
         prompts = getattr(requests, "prompts", None)
         echo = prompts is not None and prompts.echo
         async for i, out in self.run(requests):
+            timer.output(out)
             for c in out.outputs:
                 index = i * params.n + c.index
                 c = self.dropped(c) if echo and prompts.drop_output else c
@@ -230,6 +234,7 @@ class Handler:
                 started.add(index)
                 if c.finish_reason:
                     ended.add(index)
+                    timer.finish(c.finish_reason)
 
     @staticmethod
     def dropped(c):
@@ -239,10 +244,25 @@ class Handler:
 
 
 class Timer:
-    """Time to first token and time per output token of one HTTP request, for the metrics."""
+    """One HTTP request's figures for the metrics: time to first token, time per output token, end-to-end time,
+    each engine request's time in the queue, prompt tokens and how each choice finished."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics, prompt_tokens: int = 0):
         self.metrics, self.start, self.first, self.tokens = metrics, time.perf_counter(), None, 0
+        self.queued: set[str] = set()
+        if metrics:
+            metrics.prompt_tokens.inc(prompt_tokens)
+
+    def output(self, out):
+        """An engine output: its request's time in the queue, once per request."""
+        waited = out.metrics.time_in_queue if out.metrics else None
+        if self.metrics and waited is not None and out.request_id not in self.queued:
+            self.queued.add(out.request_id)
+            self.metrics.queue.observe(waited)
+
+    def finish(self, reason: str | None):
+        if self.metrics and reason:
+            self.metrics.finished.labels(reason).inc()
 
     def token(self, n: int):
         if n and self.first is None:
@@ -252,5 +272,7 @@ class Timer:
         self.tokens += n
 
     def done(self):
+        if self.metrics:
+            self.metrics.e2e.observe(time.perf_counter() - self.start)
         if self.metrics and self.first is not None and self.tokens > 1:
             self.metrics.tpot.observe((time.perf_counter() - self.first) / (self.tokens - 1))

@@ -75,6 +75,15 @@ class Metrics:
                               buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=self.registry)
         self.tpot = Histogram("dsinfer_time_per_output_token_seconds", "mean gap between output tokens",
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1), registry=self.registry)
+        self.e2e = Histogram("dsinfer_e2e_request_latency_seconds", "request start to its last token",
+                             buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry)
+        self.queue = Histogram("dsinfer_request_queue_time_seconds", "arrival to first scheduled, per request",
+                               buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                               registry=self.registry)
+        self.prompt_tokens = Counter("dsinfer_prompt_tokens", "prompt tokens of the requests served",
+                                     registry=self.registry)
+        self.finished = Counter("dsinfer_request_success", "choices finished, by reason", ["finished_reason"],
+                                registry=self.registry)
         self.registry.register(EngineCollector(async_llm, cache, semantic))
 
     def count(self, path: str, status: int):

@@ -170,6 +170,26 @@ def test_metrics_exposes_engine_and_latency(client, server):
         assert name in text
 
 
+def test_metrics_count_prompt_tokens_finish_reasons_queue_and_end_to_end_time(make_server):
+    server = make_server()  # its own, so that the counts are this test's alone
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    r = client.completions.create(model="tiny-v3", prompt=[[5, 6, 7], [8, 9]], max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    streamed = client.completions.create(model="tiny-v3", prompt=[4, 4, 4, 4], max_tokens=2, stream=True,
+                                         extra_body={"ignore_eos": True})
+    assert len(list(streamed)) > 0
+    assert r.usage.prompt_tokens == 5
+    assert metric(server, "dsinfer_prompt_tokens_total") == 5 + 4
+    assert metric(server, 'dsinfer_request_success_total{finished_reason="length"}') == 3  # one per choice
+    assert metric(server, "dsinfer_e2e_request_latency_seconds_count") == 2  # one per HTTP request
+    assert metric(server, "dsinfer_request_queue_time_seconds_count") == 3  # one per engine request
+
+
+def test_request_outputs_carry_arrival_and_first_scheduled_times(llms):
+    out = llms("v3").generate([{"prompt_token_ids": [5, 6, 7]}], use_tqdm=False)[0]
+    assert out.metrics.first_scheduled_time >= out.metrics.arrival_time and out.metrics.time_in_queue >= 0
+
+
 def test_openapi_description(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
