@@ -70,6 +70,9 @@ class OpenAIServer:
         """Checks the request against the model and the limits; returns (prompts, SamplingParams)."""
         h = self.handler
         h.check_model(req.model)
+        for name in req.unsupported_fields():
+            raise ApiError(400, f"{name} is not supported by this server (structured outputs and tool calls are "
+                           "not implemented); leave it out", name, "unsupported")
         if req.unknown_fields():
             log.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields()))
         if endpoint == "completions":

@@ -8,11 +8,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from dsinfer.sampling_params import SamplingParams
 
 
+UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call", "structured_outputs",
+               "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern")
+HARMLESS = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "tools": ([],), "functions": ([],)}
+
+
 class OpenAIBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def unsupported_fields(self) -> list[str]:
+        """Fields that would change what the output means (a JSON schema, tool calls) and that this server does
+        not implement: a request must not get free text back as if they had been honoured."""
+        extra = self.model_extra or {}
+        return [f for f in UNSUPPORTED if extra.get(f) is not None and extra[f] not in HARMLESS.get(f, ())]
 
 
 class StreamOptions(OpenAIBody):

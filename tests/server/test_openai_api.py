@@ -253,3 +253,15 @@ def test_truncate_prompt_tokens(client, ref):
                                   extra_body={"ignore_eos": True, "truncate_prompt_tokens": 100})
     assert r.usage.prompt_tokens == 100
     assert r.choices[0].text == offline(ref, {"prompt_token_ids": long[-100:]}, max_tokens=5).text
+
+
+@pytest.mark.parametrize("field,value", [("response_format", {"type": "json_object"}),
+                                         ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                         ("guided_json", {"type": "object"}), ("structured_outputs", {"json": {}})])
+def test_fields_that_change_the_output_and_are_not_implemented_are_refused(server, field, value):
+    body = {"model": "tiny-v3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    harmless = {"model": "tiny-v3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                "response_format": {"type": "text"}, "tool_choice": "none"}
+    assert httpx.post(server.url + "/v1/chat/completions", json=harmless).status_code == 200
