@@ -138,6 +138,14 @@ def tiered(num_blocks=4):
     return BlockManager(num_blocks, 4, tier=tier, cache=rows), tier, rows
 
 
+def spilled(bm, tokens: list[int]):
+    """Runs a sequence of these tokens, finishes it and pushes it out of memory: its named blocks go to the tier."""
+    a = seq(tokens)
+    admit(bm, a)
+    bm.free_seq(a)
+    evict_all(bm)
+
+
 def evict_all(bm, i=100):
     """Runs a sequence that takes every block, so every cached prefix is evicted."""
     other = seq([i] * (bm.num_blocks * 4), i)
@@ -178,10 +186,7 @@ def test_a_prefix_continues_from_the_tier_and_is_cached_in_memory_again():
 
 def test_loading_stops_at_the_first_block_that_fails():
     bm, tier, _ = tiered(6)
-    a = seq(list(range(13)))
-    admit(bm, a)
-    bm.free_seq(a)
-    evict_all(bm)
+    spilled(bm, list(range(13)))
     b = seq(list(range(13)), 1)
     hits = bm.cached_prefix(b)
     tier.broken.add(hits.on_tier[1])
@@ -196,10 +201,7 @@ def test_loading_stops_at_the_first_block_that_fails():
 
 def test_tier_hits_need_free_blocks_and_never_hold_the_last_token():
     bm, tier, _ = tiered(4)
-    a = seq(list(range(8)))  # two full blocks: only the first may come from a cache
-    admit(bm, a)
-    bm.free_seq(a)
-    evict_all(bm)
+    spilled(bm, list(range(8)))  # two full blocks: only the first may come from a cache
     b = seq(list(range(8)), 1)
     hits = bm.cached_prefix(b)
     assert len(hits.on_tier) == 1 and bm.can_allocate(b, 16, hits) and not bm.can_allocate(b, 17, hits)
@@ -207,10 +209,7 @@ def test_tier_hits_need_free_blocks_and_never_hold_the_last_token():
 
 def test_prompt_logprobs_requests_skip_the_tier():
     bm, tier, _ = tiered(4)
-    a = seq(list(range(9)))
-    admit(bm, a)
-    bm.free_seq(a)
-    evict_all(bm)
+    spilled(bm, list(range(9)))
     b = Sequence(9, "9", 0, list(range(9)), SamplingParams(prompt_logprobs=0), 1, None)
     assert len(bm.cached_prefix(b)) == 0
 

@@ -2,6 +2,7 @@ import socket
 import threading
 import time
 
+import openai
 import pytest
 import uvicorn
 
@@ -42,3 +43,20 @@ def make_server(ckpts):
     yield make
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(make_server):
+    """A module's own server on the v3 test checkpoint."""
+    return make_server()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def ref(llms):
+    """An offline LLM on the same checkpoint (the server's own engine belongs to its thread)."""
+    return llms("v3", max_model_len=256)

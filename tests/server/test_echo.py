@@ -1,28 +1,11 @@
 """echo (with and without logprobs, max_tokens 0) on /v1/completions through the official openai client against a
 real server on a loopback port, checked against the offline API's prompt logprobs."""
 import httpx
-import openai
 import pytest
 
 from dsinfer import SamplingParams
 
 PROMPT = "The cat sat on"
-
-
-@pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def ref(llms):
-    """An offline LLM on the same checkpoint (the server's own engine belongs to its thread)."""
-    return llms("v3", max_model_len=256)
 
 
 def prompt_logprobs(ref, prompt, k):

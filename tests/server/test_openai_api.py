@@ -10,22 +10,6 @@ from dsinfer import SamplingParams
 from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
-@pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def ref(llms):
-    """An offline LLM on the same checkpoint (the server's own engine belongs to its thread)."""
-    return llms("v3", max_model_len=256)
-
-
 def offline(ref, prompt, **kw):
     sp = SamplingParams(temperature=0, ignore_eos=True, **kw)
     return ref.generate(prompt, sp, use_tqdm=False)[0].outputs[0]

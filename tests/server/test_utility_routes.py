@@ -16,16 +16,6 @@ CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 
 
 @pytest.fixture(scope="module")
-def server(make_server):
-    return make_server()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
 def tok(server):
     return server.llm.get_tokenizer()
 
