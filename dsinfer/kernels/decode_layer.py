@@ -5,12 +5,21 @@ import ctypes
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
+WEIGHT_FORMATS = {"float32": 0, "bfloat16": 1, 8: 2, 4: 3}  # MatC.format by dtype, or by bits for QTensors
+
+
+class MatC(ctypes.Structure):
+    """A weight matrix: values (fp32, bf16) or int8 / int4 codes with per-group scales (and mins)."""
+    _fields_ = [(n, P) for n in ("w", "scales", "mins")] + [(n, I64) for n in ("format", "group", "int8_x")]
+
+
 class LayerC(ctypes.Structure):
     _fields_ = [(n, I64) for n in ("d", "h", "dn", "dr", "dv", "r", "qr")] + [("eps", F32), ("scale", F32)] + \
-        [(n, P) for n in ("in_norm", "post_norm", "q_a", "q_a_norm", "q_b", "kv_a", "kv_norm", "kv_b", "o")] + \
+        [(n, P) for n in ("in_norm", "post_norm", "q_a_norm", "kv_norm")] + \
+        [(n, MatC) for n in ("q_a", "q_b", "kv_a", "kv_b", "o")] + \
         [(n, I64) for n in ("experts", "top_k", "n_group", "topk_group", "method", "sigmoid", "norm_topk")] + \
-        [("route_scale", F32)] + [(n, P) for n in ("router", "bias", "gate_up", "down")] + [("inter", I64)] + \
-        [("sh_gate_up", P), ("sh_down", P), ("sh_inter", I64), ("counts", P)]
+        [("route_scale", F32), ("router", P), ("router_bf16", I64), ("bias", P), ("gate_up", MatC),
+         ("down", MatC), ("inter", I64), ("sh_gate_up", MatC), ("sh_down", MatC), ("sh_inter", I64), ("counts", P)]
 
 
 class StepC(ctypes.Structure):
@@ -18,7 +27,7 @@ class StepC(ctypes.Structure):
         [(n, P) for n in ("cs", "slots", "rows", "seq", "lens")]
 
 
-STRUCTS = {0: LayerC, 1: StepC}  # the codes decode_layer_layout knows
+STRUCTS = {0: LayerC, 1: StepC, 2: MatC}  # the codes decode_layer_layout knows
 CACHE_FORMATS = {"float32": 0, "bfloat16": 1, "uint8": 2}  # StepC.cache_format by the cache tensor's dtype (uint8: fp8)
 
 

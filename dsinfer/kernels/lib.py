@@ -16,8 +16,8 @@ log = logging.getLogger("dsinfer")
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c", "mla_decode_avx2.c",
                                     "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
-                                    "gemm_small_avx2.c", "moe_prefill_avx2.c")]
-HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h")]
+                                    "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c")]
+HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h", "decode_layer.h")]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_tile")
 P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -97,12 +97,12 @@ def declare(lib: ctypes.CDLL):
     # sigmoid, norm_topk_prob, scale -> 0 or an error code
     _sig(lib, ("route_f32",), [P, P, INT] + [P] * 4 + [I64] * 6 + [INT] * 3 + [F32], INT)
     # q_nope, its (token, head) stride, q_pe, its stride, kv_b, qc, t, h, dn, dr, dv, r, threads
-    _sig(lib, ("mla_absorb_f32",), [P, I64] * 2 + [P] * 2 + [I64] * 6 + [INT])
+    _sig(lib, ("mla_absorb_f32", "mla_absorb_bf16"), [P, I64] * 2 + [P] * 2 + [I64] * 6 + [INT])
     # o_lat, kv_b, attn, t, h, dn, dv, r, threads
-    _sig(lib, ("mla_expand_f32",), [P] * 3 + [I64] * 5 + [INT])
+    _sig(lib, ("mla_expand_f32", "mla_expand_bf16"), [P] * 3 + [I64] * 5 + [INT])
     # layer, step (structs of decode_layer.py), x, cache, threads -> 0 or an error code
     _sig(lib, ("decode_layer_f32",), [P] * 4 + [INT], INT)
-    # which struct (0 Layer, 1 Step), out [n] -> how many values: sizeof, then each field's offset
+    # which struct (0 Layer, 1 Step, 2 Mat), out [n] -> how many values: sizeof, then each field's offset
     _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)
 

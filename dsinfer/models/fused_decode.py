@@ -2,21 +2,18 @@
 
 A decode step of a small model is dispatch, not arithmetic: each layer is some forty torch ops and kernel calls
 of a few microseconds each. The decoder holds every layer's weight pointers and shapes (taken once, after
-loading; weights do not move after that), and a step passes only its own inputs. It takes models whose layers
-are all fp32 on CPU without projection biases, and steps of decodes only (no prefill chunk) of at most
+loading; weights do not move after that), and a step passes only its own inputs. It takes models on CPU whose
+matrices are fp32, bf16 or int8 / int4 codes (kernels/decode_layer.h), without projection biases or GPTQ column
+permutations, and steps of decodes only (no prefill chunk) of at most
 kernels.MAX_M tokens; the runner sends every other step to the Python layers, which are its reference. The
 latent cache may be fp32, bf16 or fp8 (layers/kv_format.py): the C layer writes and reads each format."""
 import torch
 
 from dsinfer import kernels
-from dsinfer.kernels.decode_layer import CACHE_FORMATS, LayerC, StepC, run_layer
+from dsinfer.kernels.decode_layer import CACHE_FORMATS, WEIGHT_FORMATS, LayerC, MatC, StepC, run_layer
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.moe import MoE
-
-
-def _fp32(*tensors) -> bool:
-    return all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
-               and t.is_contiguous() for t in tensors)
+from dsinfer.quant.qtensor import QTensor
 
 
 def _cpu_caches(caches: list[torch.Tensor]) -> bool:
@@ -30,54 +27,85 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def attention_fields(attn) -> dict | None:
-    """MLA's shapes and weight pointers, or None where the fused layer cannot take it."""
-    q_lora = hasattr(attn, "q_a_proj")
-    q_b = attn.q_b_proj if q_lora else attn.q_proj
-    linears = [q_b, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj] + ([attn.q_a_proj] if q_lora else [])
-    norms = [attn.kv_a_layernorm] + ([attn.q_a_layernorm] if q_lora else [])
-    if any(m.bias is not None for m in linears) or not _fp32(*(m.weight for m in linears + norms)) or attn.dr % 2 \
-            or attn.mode == "decompressed":  # the fused layer runs decode absorbed, as the auto mode does
-        return None
-    return dict(h=attn.h, dn=attn.dn, dr=attn.dr, dv=attn.dv, r=attn.r, scale=attn.scale, eps=attn.kv_a_layernorm.eps,
-                qr=attn.q_a_proj.weight.shape[0] if q_lora else 0, q_a=_ptr(attn.q_a_proj.weight) if q_lora else None,
-                q_a_norm=_ptr(attn.q_a_layernorm.weight) if q_lora else None, q_b=_ptr(q_b.weight),
-                kv_a=_ptr(attn.kv_a_proj_with_mqa.weight), kv_norm=_ptr(attn.kv_a_layernorm.weight),
-                kv_b=_ptr(attn.kv_b_proj.weight), o=_ptr(attn.o_proj.weight))
+def _cpu(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
 
 
-def ffn_fields(mlp) -> dict | None:
-    """The MoE's or dense MLP's shapes and weight pointers, or None where the fused layer cannot take it."""
-    if not isinstance(mlp, MoE):
-        if not _fp32(mlp.gate_up_proj, mlp.down_proj):
+class LayerBuilder:
+    """Fills LayerC structs. Weights are used where they lie; vectors (norms, the router's bias) are read as fp32
+    copies that the builder keeps alive. int8_activations: the model's KernelConfig switch."""
+
+    def __init__(self, int8_activations: bool):
+        self.int8, self.keep = int8_activations, []
+
+    def mat(self, w, values_only: bool = False) -> MatC | None:
+        """A matrix in a format the C layer reads: fp32 or bf16 values, or int8 / int4 codes (no GPTQ column
+        permutation); None otherwise."""
+        if isinstance(w, QTensor):
+            if values_only or w.perm is not None or not all(map(_cpu, (w.q, w.scales))) or \
+                    (w.mins is not None and not _cpu(w.mins)) or w.scales.dtype != torch.float32:
+                return None
+            int8_x = self.int8 and kernels.int8_activations_fit(w.bits, w.k, w.group_size)
+            return MatC(w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.mins), WEIGHT_FORMATS[w.bits], w.group_size,
+                        int8_x)
+        fmt = WEIGHT_FORMATS.get(str(getattr(w, "dtype", "")).removeprefix("torch."))
+        return None if fmt is None or not _cpu(w) else MatC(w.data_ptr(), None, None, fmt, 0, 0)
+
+    def vec(self, t: torch.Tensor | None):
+        """An fp32 copy of a small vector (or None), kept alive with the builder."""
+        if t is None:
             return None
-        return dict(experts=0, gate_up=_ptr(mlp.gate_up_proj), down=_ptr(mlp.down_proj), inter=mlp.inter)
-    g, ex, sh = mlp.gate, mlp.experts, mlp.shared_experts
-    bias = g.e_score_correction_bias
-    if not _fp32(g.weight, ex.gate_up_proj, ex.down_proj, *([] if bias is None else [bias]),
-                 *([] if sh is None else [sh.gate_up_proj, sh.down_proj])) or g.top_k > 64:
-        return None
-    return dict(experts=ex.n, top_k=g.top_k, n_group=g.n_group, topk_group=g.topk_group,
-                method=kernels.ROUTE_METHODS[g.method], sigmoid=int(g.scoring == "sigmoid"),
-                norm_topk=int(g.norm_topk_prob), route_scale=g.scale, router=_ptr(g.weight), bias=_ptr(bias),
-                gate_up=_ptr(ex.gate_up_proj), down=_ptr(ex.down_proj), inter=ex.inter,
-                sh_gate_up=_ptr(sh.gate_up_proj) if sh else None, sh_down=_ptr(sh.down_proj) if sh else None,
-                sh_inter=sh.inter if sh else 0, counts=_ptr(mlp.expert_counts))
+        self.keep.append(t.detach().float().contiguous())
+        return self.keep[-1].data_ptr()
 
+    def attention(self, attn) -> dict | None:
+        """MLA's shapes and weights, or None where the fused layer cannot take it."""
+        q_lora = hasattr(attn, "q_a_proj")
+        q_b = attn.q_b_proj if q_lora else attn.q_proj
+        linears = [q_b, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj] + ([attn.q_a_proj] if q_lora else [])
+        mats = dict(q_b=self.mat(q_b.weight), kv_a=self.mat(attn.kv_a_proj_with_mqa.weight),
+                    kv_b=self.mat(attn.kv_b_proj.weight, values_only=True), o=self.mat(attn.o_proj.weight),
+                    q_a=self.mat(attn.q_a_proj.weight) if q_lora else MatC())
+        if any(m.bias is not None for m in linears) or None in mats.values() or attn.dr % 2 \
+                or attn.mode == "decompressed":  # the fused layer runs decode absorbed, as the auto mode does
+            return None
+        return dict(h=attn.h, dn=attn.dn, dr=attn.dr, dv=attn.dv, r=attn.r, scale=attn.scale,
+                    eps=attn.kv_a_layernorm.eps, qr=attn.q_a_proj.weight.shape[0] if q_lora else 0,
+                    q_a_norm=self.vec(attn.q_a_layernorm.weight) if q_lora else None,
+                    kv_norm=self.vec(attn.kv_a_layernorm.weight), **mats)
 
-def layer_struct(layer, d: int) -> LayerC | None:
-    attn, ffn = attention_fields(layer.self_attn), ffn_fields(layer.mlp)
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if attn is None or ffn is None or not _fp32(*norms):
-        return None
-    return LayerC(d=d, in_norm=_ptr(norms[0]), post_norm=_ptr(norms[1]), **attn, **ffn)
+    def ffn(self, mlp) -> dict | None:
+        """The MoE's or dense MLP's shapes and weights, or None where the fused layer cannot take it."""
+        if not isinstance(mlp, MoE):
+            gate_up, down = self.mat(mlp.gate_up_proj), self.mat(mlp.down_proj)
+            return None if gate_up is None or down is None else \
+                dict(experts=0, gate_up=gate_up, down=down, inter=mlp.inter)
+        g, ex, sh = mlp.gate, mlp.experts, mlp.shared_experts
+        mats = dict(gate_up=self.mat(ex.gate_up_proj), down=self.mat(ex.down_proj),
+                    sh_gate_up=self.mat(sh.gate_up_proj) if sh else MatC(), sh_down=self.mat(sh.down_proj) if sh else MatC())
+        router_fmt = WEIGHT_FORMATS.get(str(g.weight.dtype).removeprefix("torch."))
+        if None in mats.values() or router_fmt not in (0, 1) or not _cpu(g.weight) or g.top_k > 64:
+            return None
+        return dict(experts=ex.n, top_k=g.top_k, n_group=g.n_group, topk_group=g.topk_group,
+                    method=kernels.ROUTE_METHODS[g.method], sigmoid=int(g.scoring == "sigmoid"),
+                    norm_topk=int(g.norm_topk_prob), route_scale=g.scale, router=_ptr(g.weight),
+                    router_bf16=router_fmt, bias=self.vec(g.e_score_correction_bias), inter=ex.inter,
+                    sh_inter=sh.inter if sh else 0, counts=_ptr(mlp.expert_counts), **mats)
+
+    def layer(self, layer, d: int) -> LayerC | None:
+        attn, ffn = self.attention(layer.self_attn), self.ffn(layer.mlp)
+        if attn is None or ffn is None:
+            return None
+        return LayerC(d=d, in_norm=self.vec(layer.input_layernorm.weight),
+                      post_norm=self.vec(layer.post_attention_layernorm.weight), **attn, **ffn)
 
 
 class FusedDecoder:
     """The model's decode step with each layer one C call: embedding, the layers, the final norm."""
 
-    def __init__(self, model, layers: list[LayerC], caches: list[torch.Tensor]):
+    def __init__(self, model, layers: list[LayerC], caches: list[torch.Tensor], keep: list[torch.Tensor]):
         self.model, self.layers, self.caches, self.lib = model.model, layers, caches, kernels.library()
+        self.keep = keep  # the fp32 vectors the layers point to
         self.cache_format = CACHE_FORMATS[str(caches[0].dtype).removeprefix("torch.")]
 
     @classmethod
@@ -86,8 +114,9 @@ class FusedDecoder:
         or None if it does not ask or if any layer or cache cannot take the fused path."""
         if not model.kernel_config.fused_decode or kernels.library() is None or not _cpu_caches(caches):
             return None
-        layers = [layer_struct(layer, model.config.hidden_size) for layer in model.model.layers]
-        return None if any(s is None for s in layers) else cls(model, layers, caches)
+        builder = LayerBuilder(model.kernel_config.int8_activations)
+        layers = [builder.layer(layer, model.config.hidden_size) for layer in model.model.layers]
+        return None if any(s is None for s in layers) else cls(model, layers, caches, builder.keep)
 
     @staticmethod
     def takes(num_tokens: int, meta: AttentionMetadata) -> bool:
@@ -96,6 +125,7 @@ class FusedDecoder:
 
     def __call__(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         x, caches = self.model.embed(input_ids), self.caches
+        dtype, x = x.dtype, x.float().contiguous()  # the C layer keeps the residual stream in fp32
         cs, lens = torch.view_as_real(self.model.rotary.rotation(positions)), positions + 1
         index = [t.contiguous() for t in (meta.slot_mapping, meta.gather_index, meta.token_seq)]
         step = StepC(x.shape[0], index[1].shape[0], index[1].shape[1], caches[0].shape[0], self.cache_format,
@@ -105,4 +135,4 @@ class FusedDecoder:
             code = run_layer(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), threads)
             if code:
                 raise RuntimeError(f"fused decode layer {i} failed with code {code} (see kernels/decode_layer.c)")
-        return self.model.norm(x)
+        return self.model.norm(x.to(dtype))

@@ -1,6 +1,7 @@
 """Decode batches through whole layers in one C call (models/fused_decode.py) against the Python layers, the
 C struct layout check, and the switches that keep the Python layers."""
 import ctypes
+import shutil
 
 import pytest
 import torch
@@ -60,8 +61,64 @@ def test_fused_layers_write_and_read_compact_caches_as_the_python_layers_do(kv_d
         assert torch.equal(fused, plain)  # the same bytes in every row
 
 
+@pytest.mark.parametrize("name,options", [("v3", {"quantization": "int8"}), ("v2-lite", {"quantization": "int4"}),
+                                          ("v3", {"quantization": "int4", "int8_activations": "0"}),
+                                          ("v2", {"quantization": "int8", "kv_cache_dtype": "fp8"})])
+def test_fused_layers_run_quantized_weights_as_the_python_layers_do(name, options, ckpts, fused_runs, monkeypatch):
+    """int8 / int4 codes, with and without int8 activations: the same kernels as the Python layers' qgemv."""
+    if "int8_activations" in options:
+        monkeypatch.setenv("DSINFER_INT8_ACTIVATIONS", options.pop("int8_activations"))
+    prompts = random_prompts([5, 17, 40])
+    results = [generate(LLM(ckpts[name], enforce_eager=eager, **options), prompts) for eager in (False, True)]
+    assert fused_runs and max(fused_runs) == len(prompts)
+    assert_same(*results)
+
+
+def logprob_error(run, exact, decode_only=False) -> float:
+    """The largest difference of the top logprobs of two runs over the steps where their tokens still agree
+    (decode_only: not the first token, which the prefill gives)."""
+    err = 0.0
+    for a, b in zip(run, exact):
+        for i, (ta, tb, la, lb) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids,
+                                                 a.outputs[0].logprobs, b.outputs[0].logprobs)):
+            if ta != tb:
+                break
+            if i or not decode_only:
+                err = max([err] + [abs(la[t].logprob - lb[t].logprob) for t in la.keys() & lb.keys()])
+    return err
+
+
+@pytest.fixture(scope="module")
+def bf16_exact_v3(ckpts, tmp_path_factory):
+    """The v3 checkpoint with every weight rounded to bf16 and stored in fp32: what a bf16 model computes
+    without rounding its activations."""
+    from safetensors.torch import load_file, save_file
+    src, dst = ckpts["v3"], tmp_path_factory.mktemp("v3-bf16-exact")
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16).float() for k, v in load_file(f).items()}, dst / f.name)
+        elif f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_fused_layers_run_bf16_weights_closer_to_exact_than_the_python_layers(ckpts, bf16_exact_v3, fused_runs):
+    """bf16 weights: the C layer keeps activations in fp32 where the Python layers round them to bf16 after each
+    op, so against the same weights computed in fp32 it is as close as the Python layers, or closer."""
+    prompts, sp = random_prompts([5, 17, 40]), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=8)
+    runs = [LLM(path, enforce_eager=eager, dtype=dtype, kv_cache_dtype="float32").generate(
+        [{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        for path, eager, dtype in ((ckpts["v3"], False, "bfloat16"), (ckpts["v3"], True, "bfloat16"),
+                                   (bf16_exact_v3, True, "float32"))]
+    assert fused_runs and max(fused_runs) == len(prompts)
+    err = {"fused": logprob_error(runs[0], runs[2], decode_only=True),
+           "plain": logprob_error(runs[1], runs[2], decode_only=True)}
+    err["between"] = logprob_error(runs[0], runs[1], decode_only=True)
+    # bf16 logits of this random model (magnitudes near 30) are rounded in steps of 1/8: that bounds the agreement
+    assert 0 < err["between"] < 0.2 and err["fused"] < 0.4 and err["fused"] <= err["plain"] * 1.05, err
+
+
 @pytest.mark.parametrize("options", [{"enforce_eager": True}, {"cpu_kernels": False, "enforce_eager": False},
-                                     {"quantization": "int8", "enforce_eager": False},
                                      {"mla_mode": "decompressed"}])
 def test_switches_and_unsupported_weights_keep_the_python_layers(options, ckpts, fused_runs):
     llm = LLM(ckpts["v3"], **options)
@@ -82,6 +139,18 @@ def test_two_llms_with_different_settings_do_not_affect_each_other(ckpts, fused_
     assert fused_runs, "creating the second LLM did not switch the first one's kernels off"
     assert_same(first, again)
     assert_same(first, plain_out)
+
+
+def test_unsupported_matrices_are_refused_by_name_of_format():
+    """GPTQ's column permutation and quantized kv_b have no fused path: the builder refuses them."""
+    from dsinfer.models.fused_decode import LayerBuilder
+    from dsinfer.quant.qtensor import QTensor
+    builder, qt = LayerBuilder(True), QTensor.empty((64, 128), 8, 32)
+    assert builder.mat(qt) is not None and builder.mat(qt, values_only=True) is None
+    qt.perm = torch.arange(128)
+    assert builder.mat(qt) is None
+    assert builder.mat(torch.zeros(4, 8, dtype=torch.float16)) is None
+    assert builder.mat(torch.zeros(8, 4).t()) is None  # not contiguous
 
 
 class SwappedLayer(ctypes.Structure):  # LayerC with two fields in the wrong order
