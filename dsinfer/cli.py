@@ -66,7 +66,8 @@ def add_load_args(p: argparse.ArgumentParser):
     """What every command that loads a model takes."""
     p.add_argument("--model", type=model_dir, default=None,
                    help="checkpoint directory (HF layout); default: the built-in model")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 on other CPUs")
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N")
     add_quant_arg(p)
     p.add_argument("--max-model-len", type=CONTEXT, default=None,

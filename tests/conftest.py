@@ -8,6 +8,10 @@ import torch
 
 from tests.checkpoints import build_all
 
+# The tests compare with transformers in fp32 (and their subprocesses inherit this): dtype="auto" would mean bf16
+# on CPUs with AMX or AVX512-BF16. tests/engine/test_auto_dtype.py checks the choice itself.
+os.environ.setdefault("DSINFER_CPU_DTYPE", "float32")
+
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):

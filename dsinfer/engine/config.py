@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from dsinfer.config import ModelConfig
+from dsinfer import kernels
 from dsinfer.kernels import KernelConfig
 from dsinfer.layers.attention import MLA_MODES
 from dsinfer.layers.kv_format import KV_CACHE_DTYPES
@@ -28,7 +29,7 @@ def resolve_device(device: str) -> torch.device:
 class EngineConfig:
     model: str | os.PathLike | None = None  # checkpoint directory; None: the built-in model
     tokenizer: str | os.PathLike | None = None  # directory with tokenizer.json; None: the model's
-    dtype: str | torch.dtype = "auto"       # auto: fp32 on CPU, bf16 on CUDA
+    dtype: str | torch.dtype = "auto"       # auto: bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32
     device: str = "auto"                    # auto: CUDA if torch sees it, else CPU
     seed: int = 0
     max_model_len: int | None = None        # None: the model's max_position_embeddings
@@ -99,11 +100,11 @@ class EngineConfig:
         return resolve_device(self.device)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        """auto: fp32 on CPU (no fast 16-bit matmul on most CPUs), bf16 on CUDA."""
+        """auto: bf16 on CUDA; on a CPU, what its instruction set makes fastest (kernels.auto_cpu_dtype)."""
         if isinstance(self.dtype, torch.dtype):
             return self.dtype
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            return torch.bfloat16 if device.type == "cuda" else kernels.auto_cpu_dtype()
         if self.dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {self.dtype!r}; use auto, {', '.join(DTYPES)}")
         return DTYPES[self.dtype]

@@ -60,6 +60,7 @@ class LLMEngine:
         cfg.fit_to(mcfg)
         device = cfg.torch_device()
         dtype = cfg.torch_dtype(device)
+        log.info("dtype: %s%s", str(dtype).removeprefix("torch."), " (auto)" if cfg.dtype == "auto" else "")
         torch.manual_seed(cfg.seed)
         model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, cfg.kernel_config(device),
                                       cfg.quantization, cfg.quant_group_size, cfg.map_embeddings)

@@ -11,6 +11,7 @@ import torch
 from dsinfer.kernels.lib import cpu_flags, library
 
 log = logging.getLogger("dsinfer")
+CPU_DTYPE_ENV = "DSINFER_CPU_DTYPE"
 ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECODE",
        "small_gemm": "DSINFER_SMALL_GEMM", "moe_prefill": "DSINFER_MOE_PREFILL",
        "int8_activations": "DSINFER_INT8_ACTIVATIONS"}
@@ -53,6 +54,20 @@ class KernelConfig:
 
 
 PLAIN = KernelConfig(cpu_kernels=False)  # the torch reference every kernel is tested against
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+CPU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def auto_cpu_dtype() -> torch.dtype:
+    """What dtype="auto" means on this CPU: bf16 where it multiplies bf16 natively (AMX or AVX512-BF16, where
+    torch's bf16 matmul runs 2-7x fp32's rate and the weights are half the bytes), fp32 elsewhere (there bf16
+    matmuls are emulated, 10-500x slower). $DSINFER_CPU_DTYPE (float32 or bfloat16) overrides the choice."""
+    forced = os.environ.get(CPU_DTYPE_ENV)
+    if forced is not None:
+        if forced not in CPU_DTYPES:
+            raise ValueError(f"{CPU_DTYPE_ENV} must be one of {', '.join(CPU_DTYPES)}, got {forced!r}")
+        return CPU_DTYPES[forced]
+    return torch.bfloat16 if cpu_flags() & BF16_FLAGS else torch.float32
 
 
 def _env_switch(var: str) -> bool | None:

@@ -25,7 +25,7 @@ def storage_dtype(kv_dtype: str) -> torch.dtype:
 
 
 def resolve(kv_dtype: str, model_dtype: torch.dtype) -> str:
-    """auto: the model's dtype (fp32 on CPU), as vLLM's auto means the model's."""
+    """auto: the model's dtype, as vLLM's auto means the model's."""
     if kv_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_dtype!r}")
     if kv_dtype != "auto":
