@@ -14,7 +14,7 @@ log = logging.getLogger("dsinfer")
 CPU_DTYPE_ENV = "DSINFER_CPU_DTYPE"
 ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECODE",
        "small_gemm": "DSINFER_SMALL_GEMM", "moe_prefill": "DSINFER_MOE_PREFILL",
-       "int8_activations": "DSINFER_INT8_ACTIVATIONS"}
+       "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -24,11 +24,12 @@ class KernelConfig:
     small_gemm: bool = True        # fp32 matmuls of 9-64 rows (a prefill's per-expert products) in C
     moe_prefill: bool = True       # prefill MoE / MLP layers in one C call, no [T, 2I] intermediate
     int8_activations: bool = True  # quantized decode matmuls round x to int8 and multiply in integers
+    vnni: bool = True              # ... with AVX-VNNI's byte dot products, where the CPU has them
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):
         if not self.cpu_kernels:  # every other switch picks among the kernels
-            for name in ("fused_decode", "small_gemm", "moe_prefill", "int8_activations"):
+            for name in ("fused_decode", "small_gemm", "moe_prefill", "int8_activations", "vnni"):
                 object.__setattr__(self, name, False)
 
     @classmethod
@@ -46,8 +47,16 @@ class KernelConfig:
             raise ValueError(f"ffn_chunk_tokens must be >= 0, got {self.ffn_chunk_tokens}")
         runs = torch.device(device).type == "cpu" and library() is not None
         kc = self if runs else replace(self, cpu_kernels=False)
+        if "avx_vnni" not in cpu_flags():
+            kc = replace(kc, vnni=False)
         log.info("kernels: %s (CPU: %s)", kc.describe(), " ".join(sorted(cpu_flags())) or "unknown")
         return kc
+
+    @property
+    def int8_kernel(self) -> int:
+        """Which integer-activation kernel quantized decode matmuls run: 0 none (fp32 activations), 1 AVX2,
+        2 AVX-VNNI."""
+        return 0 if not self.int8_activations else 2 if self.vnni else 1
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))

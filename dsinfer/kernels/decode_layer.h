@@ -15,7 +15,8 @@ enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_I4 = 3 };
 typedef struct {
     const void *w;                    /* [N, K] values, or codes (int4: two per byte) */
     const float *scales, *mins;       /* [N, groups] for the integer formats (mins may be NULL), else NULL */
-    int64_t format, group, int8_x;    /* int8_x: multiply int8-rounded activations in integers (qgemv_*_x8) */
+    int64_t format, group, int8_x;    /* int8_x: multiply int8-rounded activations in integers (qgemv_*_x8):
+                                         0 no, 1 with AVX2, 2 with AVX-VNNI */
 } Mat;
 
 typedef struct {

@@ -56,9 +56,25 @@ struct icall {
     int64_t nb; /* blocks of 32 per row of x */
 };
 
-/* 8 int32 lanes of sums of 4 products each: unsigned bytes u times signed bytes s. */
+/* 8 int32 lanes of sums of 4 products each: unsigned bytes u times signed bytes s (no int16 saturation here:
+ * |u| <= 128 and |s| <= 127, so a pair sums to at most 32512). With AVX-VNNI one instruction does both steps. */
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef X8_VNNI
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* int4 steps: [lo, lo, hi, hi] int32 sums in each 128-bit half from the low nibbles times xl and the high ones
+ * times xh (see i4_step). */
+static inline __m256i dot_i4_pair(__m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+#ifdef X8_VNNI
+    return _mm256_hadd_epi32(dot_u8s8(lo, xl), dot_u8s8(hi, xh));
+#else
+    __m256i pl = _mm256_maddubs_epi16(lo, xl), ph = _mm256_maddubs_epi16(hi, xh);
+    return _mm256_madd_epi16(_mm256_hadd_epi16(pl, ph), _mm256_set1_epi16(1));
+#endif
 }
 
 /* One 32-byte load of int4 codes (64 columns: a block of x for the low nibbles, one for the high) for all M
@@ -72,9 +88,8 @@ static inline AI void i4_step(const uint8_t *wg, const int8_t *xl, const int8_t 
     const __m256i m4 = _mm256_set1_epi8(15), v = _mm256_loadu_si256((const __m256i *)(wg + b));
     const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
     for (int r = 0; r < M; r++) {
-        __m256i pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xl + r * k + b)));
-        __m256i ph = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xh + r * k + b)));
-        __m256i s = _mm256_madd_epi16(_mm256_hadd_epi16(pl, ph), _mm256_set1_epi16(1));
+        __m256i s = dot_i4_pair(lo, _mm256_loadu_si256((const __m256i *)(xl + r * k + b)),
+                                hi, _mm256_loadu_si256((const __m256i *)(xh + r * k + b)));
         acc[r * U + u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(dp + r * ldp + b / 4), acc[r * U + u]);
     }
 }
@@ -210,16 +225,23 @@ static void qgemv_x8(const float *x, const void *q, const float *scales, const f
 }
 
 /* As qgemv_i8 / qgemv_i4 with x quantized to int8 (see above); only for shapes where every group's length (int8) or
- * half-length (int4) is a multiple of 32 (the last group's too; the caller checks). */
-void qgemv_i8_x8(const float *x, const int8_t *q, const float *scales, const float *mins, float *y, int64_t m,
-                 int64_t n, int64_t k, int64_t g, int threads) {
+ * half-length (int4) is a multiple of 32 (the last group's too; the caller checks). X8_NAME: the _vnni copy's
+ * names where qgemv_x8_vnni.c compiles this file again for AVX-VNNI (the same sums, exactly). */
+#ifdef X8_VNNI
+#define X8_NAME(name) name##_vnni
+#else
+#define X8_NAME(name) name
+#endif
+void X8_NAME(qgemv_i8_x8)(const float *x, const int8_t *q, const float *scales, const float *mins, float *y,
+                          int64_t m, int64_t n, int64_t k, int64_t g, int threads) {
     qgemv_x8(x, q, scales, mins, y, m, n, k, g, threads, 0);
 }
 
-void qgemv_i4_x8(const float *x, const uint8_t *q, const float *scales, const float *mins, float *y, int64_t m,
-                 int64_t n, int64_t k, int64_t g, int threads) {
+void X8_NAME(qgemv_i4_x8)(const float *x, const uint8_t *q, const float *scales, const float *mins, float *y,
+                          int64_t m, int64_t n, int64_t k, int64_t g, int threads) {
     qgemv_x8(x, q, scales, mins, y, m, n, k, g, threads, 1);
 }
+#ifndef X8_VNNI
 
 /* x [m, k] (k a multiple of 32) rounded as the integer path sees it, d * xq, into out [m, k]: prefill tiles use
  * it so that a row gets the same numbers whether it runs in a decode batch or in a prefill. Rows split between
@@ -237,3 +259,4 @@ void round_x_i8(const float *x, float *out, int64_t m, int64_t k, int threads) {
         }
     }
 }
+#endif

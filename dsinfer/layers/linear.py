@@ -18,7 +18,7 @@ class Matmul:
     __slots__ = ("kernels", "small_gemm", "int8_activations")
 
     def __init__(self, kc: KernelConfig = PLAIN):
-        self.kernels, self.small_gemm, self.int8_activations = kc.cpu_kernels, kc.small_gemm, kc.int8_activations
+        self.kernels, self.small_gemm, self.int8_activations = kc.cpu_kernels, kc.small_gemm, kc.int8_kernel
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QTensor):

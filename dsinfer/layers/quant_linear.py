@@ -17,11 +17,11 @@ GPU_TILE_VALUES = 1 << 24  # on other devices larger tiles keep kernel launches 
 
 
 def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None, use_kernels: bool = False,
-            int8: bool = False) -> torch.Tensor:
-    """use_kernels / int8: the model's KernelConfig.cpu_kernels and int8_activations."""
+            int8: int = 0) -> torch.Tensor:
+    """use_kernels / int8: the model's KernelConfig.cpu_kernels and int8_kernel (0 off, 1 AVX2, 2 AVX-VNNI)."""
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
-    int8_x = int8 and use_kernels and int8_activations_fit(x, w)
+    int8_x = int8 if int8 and use_kernels and int8_activations_fit(x, w) else 0
     if use_kernels and kernels.q_usable(x):
         y = kernels.qgemv(x, w.q, w.scales, w.mins, w.bits, w.group_size, int8_activations=int8_x)
     else:

@@ -33,10 +33,10 @@ def _cpu(t: torch.Tensor) -> bool:
 
 class LayerBuilder:
     """Fills LayerC structs. Weights are used where they lie; vectors (norms, the router's bias) are read as fp32
-    copies that the builder keeps alive. int8_activations: the model's KernelConfig switch."""
+    copies that the builder keeps alive. int8_kernel: the model's KernelConfig.int8_kernel."""
 
-    def __init__(self, int8_activations: bool):
-        self.int8, self.keep = int8_activations, []
+    def __init__(self, int8_kernel: int):
+        self.int8, self.keep = int8_kernel, []
 
     def mat(self, w, values_only: bool = False) -> MatC | None:
         """A matrix in a format the C layer reads: fp32 or bf16 values, or int8 / int4 codes (no GPTQ column
@@ -45,7 +45,7 @@ class LayerBuilder:
             if values_only or w.perm is not None or not all(map(_cpu, (w.q, w.scales))) or \
                     (w.mins is not None and not _cpu(w.mins)) or w.scales.dtype != torch.float32:
                 return None
-            int8_x = self.int8 and kernels.int8_activations_fit(w.bits, w.k, w.group_size)
+            int8_x = self.int8 if kernels.int8_activations_fit(w.bits, w.k, w.group_size) else 0
             return MatC(w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.mins), WEIGHT_FORMATS[w.bits], w.group_size,
                         int8_x)
         fmt = WEIGHT_FORMATS.get(str(getattr(w, "dtype", "")).removeprefix("torch."))
@@ -114,7 +114,7 @@ class FusedDecoder:
         or None if it does not ask or if any layer or cache cannot take the fused path."""
         if not model.kernel_config.fused_decode or kernels.library() is None or not _cpu_caches(caches):
             return None
-        builder = LayerBuilder(model.kernel_config.int8_activations)
+        builder = LayerBuilder(model.kernel_config.int8_kernel)
         layers = [builder.layer(layer, model.config.hidden_size) for layer in model.model.layers]
         return None if any(s is None for s in layers) else cls(model, layers, caches, builder.keep)
 

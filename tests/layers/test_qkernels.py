@@ -139,6 +139,31 @@ def test_int8_activations_equal_quantize_x_then_matmul(k, g, bits, with_mins):
         assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
 
 
+needs_vnni = pytest.mark.skipif("avx_vnni" not in kernels.cpu_flags(), reason="this CPU has no AVX-VNNI: the "
+                                "qgemv_*_x8_vnni kernels cannot run here")
+
+
+@needs_vnni
+@pytest.mark.parametrize("k,g", INT8X_SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_vnni_kernels_give_the_avx2_kernels_sums_exactly(k, g, bits):
+    """vpdpbusd computes the same int32 block sums as maddubs + madd, and everything after them is shared."""
+    q, scales, mins = random_quantized(19, k, g, bits, True, seed=k + g + bits)
+    x = torch.randn(kernels.MAX_M, k, generator=torch.Generator().manual_seed(k * 7 + g)) * 3 + 1
+    for m in range(1, kernels.MAX_M + 1):
+        avx2 = kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=1)
+        assert torch.equal(kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=2), avx2)
+
+
+def test_vnni_is_chosen_only_where_the_cpu_has_it(monkeypatch):
+    from dsinfer.kernels import config
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert config.KernelConfig().resolve("cpu").int8_kernel == (1 if kernels.library() else 0)
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
+    assert config.KernelConfig().resolve("cpu").int8_kernel == (2 if kernels.library() else 0)
+    assert config.KernelConfig(vnni=False).int8_kernel == 1 and config.KernelConfig(int8_activations=False).int8_kernel == 0
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int8_activations_far_from_zero_mean(bits):
     q, scales, mins = random_quantized(24, 2048, 128, bits, True, seed=4)
