@@ -106,8 +106,8 @@ class MLA(nn.Module):
             kv = F.linear(ctx[:, :self.r], self.kv_b_proj.weight).view(cl, self.h, -1)
             k = torch.cat([kv[..., :self.dn], ctx[:, None, self.r:].expand(cl, self.h, self.dr)], -1)
             qi, v = q[start:start + ql].transpose(0, 1), kv[..., self.dn:].transpose(0, 1)  # [H, ql, dn + dr]
-            if self.kernels and q.is_cpu and q.dtype == torch.float32:
-                o = causal_blocks(qi, k.transpose(0, 1), v, self.scale)
+            if self.kernels and q.is_cpu and q.dtype in (torch.float32, torch.bfloat16):  # bf16: in fp32, as SDPA
+                o = causal_blocks(qi.float(), k.transpose(0, 1).float(), v.float(), self.scale).to(q.dtype)
             else:
                 mask = None if ql == cl else _causal_mask(ql, cl, q.device)
                 o = F.scaled_dot_product_attention(qi, k.transpose(0, 1), v, attn_mask=mask,
@@ -146,7 +146,8 @@ def causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """Causal attention of q [H, ql, d] (the last ql of the cl positions of k [H, cl, d] and v [H, cl, dv]) in
     blocks of queries, each against only the keys it can see: about half the products of a full square for a
     whole prompt, and scores bounded to [H, block, cl]. On CPU, torch's SDPA runs MLA's unequal q / v head dims
-    through its unfused path, which computes all the products and builds the mask in several passes."""
+    through its unfused path, which computes all the products and builds the mask in several passes (and for bf16
+    inputs computes in fp32 anyway, which is why bf16 callers pass fp32 here)."""
     ql, past, out = q.shape[1], k.shape[1] - q.shape[1], []
     for s in range(0, ql, block):
         e = min(s + block, ql)
