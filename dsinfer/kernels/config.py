@@ -14,7 +14,7 @@ log = logging.getLogger("dsinfer")
 CPU_DTYPE_ENV = "DSINFER_CPU_DTYPE"
 ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECODE",
        "small_gemm": "DSINFER_SMALL_GEMM", "moe_prefill": "DSINFER_MOE_PREFILL",
-       "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI"}
+       "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI", "grouped_mm": "DSINFER_GROUPED_MM"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -25,11 +25,12 @@ class KernelConfig:
     moe_prefill: bool = True       # prefill MoE / MLP layers in one C call, no [T, 2I] intermediate
     int8_activations: bool = True  # quantized decode matmuls round x to int8 and multiply in integers
     vnni: bool = True              # ... with AVX-VNNI's byte dot products, where the CPU has them
+    grouped_mm: bool = True        # 16-bit prefill experts: two torch._grouped_mm calls instead of two per expert
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):
         if not self.cpu_kernels:  # every other switch picks among the kernels
-            for name in ("fused_decode", "small_gemm", "moe_prefill", "int8_activations", "vnni"):
+            for name in ("fused_decode", "small_gemm", "moe_prefill", "int8_activations", "vnni", "grouped_mm"):
                 object.__setattr__(self, name, False)
 
     @classmethod
@@ -49,6 +50,8 @@ class KernelConfig:
         kc = self if runs else replace(self, cpu_kernels=False)
         if "avx_vnni" not in cpu_flags():
             kc = replace(kc, vnni=False)
+        if not hasattr(torch, "_grouped_mm"):
+            kc = replace(kc, grouped_mm=False)
         log.info("kernels: %s (CPU: %s)", kc.describe(), " ".join(sorted(cpu_flags())) or "unknown")
         return kc
 

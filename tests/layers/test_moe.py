@@ -102,6 +102,27 @@ def test_experts_batched_equal_token_by_token(cpu_kernels):
     assert torch.allclose(y, ref, atol=1e-4)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+def test_bf16_grouped_mm_prefill_equals_one_matmul_per_expert():
+    """KernelConfig.grouped_mm: the stacked path sums the same pairs in the same order as `grouped`; only the
+    matmuls' own bf16 rounding may differ."""
+    torch.manual_seed(1)
+    ex = Experts(8, 64, 48, KernelConfig(grouped_mm=True))
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(ex.down_proj, std=0.1)
+    ex.to(torch.bfloat16)
+    ex.gate_up_proj.data[3] = 0  # an expert nobody picks: an empty group
+    tokens = 70
+    ids = torch.stack([torch.tensor([0, 1, 2, 4, 5, 6, 7])[torch.randperm(7)[:3]] for _ in range(tokens)])
+    x, weights = torch.randn(tokens, 64).bfloat16(), torch.rand(tokens, 3)
+    assert ex.grouped_mm
+    y = ex(x, weights, ids)
+    ex.grouped_mm = False
+    ref = ex(x, weights, ids)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    assert (y.float() - ref.float()).abs().mean() < 5e-3
+
+
 ROUTE_CONFIGS = [  # method, scoring, n_group, topk_group, norm_topk_prob, scale, bf16 weight
     ("greedy", "softmax", 1, 1, False, 1.0, False),
     ("greedy", "softmax", 1, 1, True, 2.5, True),
