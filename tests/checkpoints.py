@@ -45,6 +45,22 @@ def build_hf(kind: str, kw: dict, seed: int = 0):
     return model.eval()
 
 
+def add_mtp_layer(model, out: Path, seed: int = 1):
+    """Appends one MTP layer (model.layers.{L}: enorm, hnorm, eh_proj, a MoE decoder layer, shared_head.norm), drawn
+    at the model's raised init scale, to a saved V3 checkpoint, and sets num_nextn_predict_layers = 1."""
+    from dsinfer.tools.train.modeling import MTPLayer, mtp_tensors
+    torch.manual_seed(seed)
+    mtp = MTPLayer(model.config)
+    for module in mtp.modules():
+        model._init_weights(module)
+    mtp.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+    tensors = load_file(out / "model.safetensors") | mtp_tensors(mtp, model.config.num_hidden_layers)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, num_nextn_predict_layers=1), indent=2))
+    return mtp.eval()
+
+
 def write_tokenizer(out: Path, vocab_size: int = 512):
     """Byte-level BPE trained on a few standard-library files, with <bos>/<eos>/<pad> and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -111,6 +127,10 @@ def build_all(root: Path) -> dict[str, Path]:
         paths[name] = root / name
         build_hf(kind, kw).save_pretrained(paths[name])
     write_tokenizer(paths["v3"])
+    paths["v3-mtp"] = root / "v3-mtp"
+    model = build_hf(*SPECS["v3"])
+    model.save_pretrained(paths["v3-mtp"])
+    add_mtp_layer(model, paths["v3-mtp"])
     paths["v3-fp8"], paths["v3-fp8-ref"] = root / "v3-fp8", root / "v3-fp8-ref"
     write_fp8(paths["v3"], paths["v3-fp8"], paths["v3-fp8-ref"])
     return paths

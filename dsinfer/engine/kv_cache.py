@@ -9,9 +9,10 @@ from dsinfer.config import ModelConfig
 from dsinfer.layers import kv_format
 
 
-def bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
-    """Cache bytes per token over all layers: num_hidden_layers x row_bytes (kv_format)."""
-    return cfg.num_hidden_layers * kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+def bytes_per_token(cfg: ModelConfig, kv_dtype: str, extra_layers: int = 0) -> int:
+    """Cache bytes per token over all layers: (num_hidden_layers + extra_layers) x row_bytes (kv_format)."""
+    layers = cfg.num_hidden_layers + extra_layers
+    return layers * kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
 
 def available_memory(device: torch.device) -> int:
@@ -27,9 +28,9 @@ def available_memory(device: torch.device) -> int:
 
 
 def plan_blocks(cfg: ModelConfig, kv_dtype: str, device, block_size: int, memory: int | None, fraction: float,
-                max_tokens: int) -> int:
+                max_tokens: int, extra_layers: int = 0) -> int:
     """Blocks that fit in `memory` bytes, or else in `fraction` of free memory but no more than max_tokens need."""
-    per_block = bytes_per_token(cfg, kv_dtype) * block_size
+    per_block = bytes_per_token(cfg, kv_dtype, extra_layers) * block_size
     if memory is not None:
         return memory // per_block
     by_fraction = int(available_memory(torch.device(device)) * fraction) // per_block
@@ -37,13 +38,16 @@ def plan_blocks(cfg: ModelConfig, kv_dtype: str, device, block_size: int, memory
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, kv_dtype: str, device, num_blocks: int, block_size: int = 16):
-        """kv_dtype: float32, bfloat16 or fp8 (kv_format.resolve turns auto into one of them)."""
+    def __init__(self, cfg: ModelConfig, kv_dtype: str, device, num_blocks: int, block_size: int = 16,
+                 extra_layers: int = 0):
+        """kv_dtype: float32, bfloat16 or fp8 (kv_format.resolve turns auto into one of them). extra_layers: caches
+        after the model's own, in the same blocks (the MTP draft layer's), so that they are paged, shared by prefix
+        and freed with the sequence like the rest."""
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
-        self.kv_dtype, self.bytes_per_token = kv_dtype, bytes_per_token(cfg, kv_dtype)
+        self.kv_dtype, self.bytes_per_token = kv_dtype, bytes_per_token(cfg, kv_dtype, extra_layers)
         r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.layers = [kv_format.allocate(kv_dtype, num_blocks * block_size, r, dr, self.device)
-                       for _ in range(cfg.num_hidden_layers)]
+                       for _ in range(cfg.num_hidden_layers + extra_layers)]
 
     def read_block(self, block_id: int) -> list[torch.Tensor]:
         """A copy of one block's rows in every layer, as stored ([block_size, row width] each)."""

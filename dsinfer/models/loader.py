@@ -137,20 +137,28 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
     """Fills every parameter of `model` from the checkpoint. Returns the MTP layer's tensors (name -> file),
-    which are recognised and kept aside, not loaded."""
+    which are recognised and kept aside, not loaded (models/mtp.py loads them when speculation asks for them)."""
     path, cfg = Path(path), model.config
-    views = checkpoint_views(model)
+    where = {name: file for file, names in tensor_files(path).items() for name in names}
+    mtp = {name: file for name, file in where.items() if _is_mtp(name, cfg.num_hidden_layers)}
+    size = sum((path / f).stat().st_size for f in set(where.values()))
+    fill(checkpoint_views(model), path, {n: f for n, f in where.items() if n not in mtp}, cfg, size < 1 << 30)
+    return mtp
+
+
+def _is_mtp(name: str, num_layers: int) -> bool:
+    m = _LAYER.match(name)
+    return bool(m) and int(m.group(1)) >= num_layers
+
+
+def fill(views: dict, path: Path, where: dict[str, str], cfg: ModelConfig, quiet: bool = True):
+    """Copies the tensors of `where` (name -> file) into `views` (checkpoint_views); names not in views are
+    ignored, and a view left unfilled is a CheckpointError naming it."""
     qc = cfg.quantization_config or {}
     block = check_fp8_config(qc) if qc.get("quant_method") == "fp8" else None
-    where = {name: file for file, names in tensor_files(path).items() for name in names}
-    size = sum((path / f).stat().st_size for f in set(where.values()))
-    mtp, loaded = {}, set()
-    handles = ShardReader(path)
-    for name in tqdm(where, desc="loading weights", unit="tensor", disable=size < 1 << 30):
-        m = _LAYER.match(name)
-        if m and int(m.group(1)) >= cfg.num_hidden_layers:
-            mtp[name] = where[name]
-        elif name.endswith(".qweight") and name[:-7] + "weight" in views:
+    loaded, handles = set(), ShardReader(path)
+    for name in tqdm(where, desc="loading weights", unit="tensor", disable=quiet):
+        if name.endswith(".qweight") and name[:-7] + "weight" in views:
             target = name[:-7] + "weight"
             _load_gptq(views[target], _gptq_tensors(handles, where, name[:-8]), qc, target)
             loaded.add(target)
@@ -161,7 +169,6 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, s
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}")
-    return mtp
 
 
 class ShardReader:

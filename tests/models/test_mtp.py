@@ -1,0 +1,53 @@
+"""The MTP draft layer (models/mtp.py): its forward against a plain-torch reference of the formula (the trainer's
+transformers-based MTP layer on the same weights), and the errors of checkpoints that lack it."""
+import pytest
+import torch
+
+from dsinfer.engine.kv_cache import KVCache
+from dsinfer.engine.model_runner import ModelRunner
+from dsinfer.kernels import PLAIN, KernelConfig
+from dsinfer.models import load_model
+from dsinfer.models.loader import read_config
+from dsinfer.models.mtp import load_mtp
+from tests.checkpoints import SPECS, add_mtp_layer, build_hf
+from tests.conftest import random_prompts
+
+@pytest.fixture(scope="module")
+def mtp_ckpt(tmp_path_factory):
+    """A tiny V3 checkpoint with an MTP layer, and the transformers main model and reference MTP layer."""
+    path = tmp_path_factory.mktemp("mtp") / "v3-mtp"
+    hf = build_hf(*SPECS["v3"])
+    hf.save_pretrained(path)
+    return path, hf, add_mtp_layer(hf, path)
+
+
+def mtp_logits(path, hidden, ids, kc: KernelConfig, one_by_one: bool) -> torch.Tensor:
+    """dsinfer's MTP logits at positions 0 .. n-2 (h_i and t_{i+1}), as one prefill or one decode at a time."""
+    cfg = read_config(path)
+    model, _, names = load_model(path, cfg, torch.float32, torch.device("cpu"), "auto", kc)
+    mtp = load_mtp(model, path, names, torch.float32, "cpu", "auto", kc)
+    cache = KVCache(cfg, "float32", "cpu", 4, 16, extra_layers=1)
+    runner, n, table = ModelRunner(model, cache), len(ids) - 1, list(range(4))
+    spans = [(i, i + 1) for i in range(n)] if one_by_one else [(0, n)]
+    out = []
+    for a, b in spans:
+        x, positions, meta = runner.inputs([(ids[a + 1:b + 1], a, table)])
+        out.append(mtp.compute_logits(mtp(x, hidden[a:b], positions, meta, cache.layers[-1])))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["plain", "kernels"])
+@pytest.mark.parametrize("one_by_one", [False, True], ids=["prefill", "decode"])
+def test_mtp_forward_matches_reference(mtp_ckpt, kernels, one_by_one):
+    """logits = head(shared_head.norm(layer(eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])))) at every position."""
+    path, hf, ref_layer = mtp_ckpt
+    ids = random_prompts((20,))[0]
+    t = torch.tensor([ids])
+    positions = torch.arange(len(ids) - 1)[None]
+    with torch.no_grad():
+        hidden = hf.model(input_ids=t).last_hidden_state
+        ref = ref_layer.predict(hf, hidden[:, :-1], t[:, 1:], positions)[0]
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu")) if kernels else PLAIN
+    ours = mtp_logits(path, hidden[0], ids, kc, one_by_one)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
