@@ -1,5 +1,6 @@
 """EngineConfig: every option of an engine by name (vLLM's engine arguments where it has them), filled from
 keyword arguments and checked in one place."""
+import json
 import os
 from dataclasses import dataclass, fields
 
@@ -52,6 +53,7 @@ class EngineConfig:
     cpu_kernels: bool | None = None         # dsinfer's C kernels; None: DSINFER_CPU_KERNELS, else on
     enforce_eager: bool | None = None       # True: no fused decode; None: DSINFER_FUSED_DECODE, else fused
     ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
+    speculative_config: dict | str | None = None  # {"method": "mtp", "num_speculative_tokens": k} or its JSON
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -82,6 +84,7 @@ class EngineConfig:
         if self.ffn_chunk_tokens is not None and self.ffn_chunk_tokens < 0:
             raise ValueError(f"ffn_chunk_tokens must be >= 0 or None, got {self.ffn_chunk_tokens}")
         self.torch_dtype(torch.device("cpu"))
+        self.speculative_config = check_speculative_config(self.speculative_config)
 
     def fit_to(self, model: ModelConfig):
         """Fills what depends on the model (max_model_len, the step's token budget) and checks the rest."""
@@ -95,6 +98,11 @@ class EngineConfig:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must "
                              f"be at least max_model_len ({self.max_model_len}) so that every prompt fits one step")
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Tokens the MTP layer drafts per step; 0 without speculation."""
+        return self.speculative_config["num_speculative_tokens"] if self.speculative_config else 0
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -115,3 +123,30 @@ class EngineConfig:
         kc = KernelConfig.from_options(cpu_kernels=self.cpu_kernels, fused_decode=fused,
                                        ffn_chunk_tokens=self.ffn_chunk_tokens or 0)
         return kc.resolve(device)
+
+
+SPEC_METHODS = ("mtp",)
+SPEC_FIELDS = ("method", "num_speculative_tokens")
+
+
+def check_speculative_config(spec: dict | str | None) -> dict | None:
+    """The speculative_config as a dict (JSON text is parsed), checked field by field (vLLM's names)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"speculative_config must be a dict like {{'method': 'mtp', 'num_speculative_tokens': 2}}, "
+                         f"got {spec!r}")
+    unknown = sorted(set(spec) - set(SPEC_FIELDS))
+    if unknown:
+        raise ValueError(f"speculative_config has unknown field(s) {', '.join(unknown)}; known: {', '.join(SPEC_FIELDS)}")
+    method, k = spec.get("method", "mtp"), spec.get("num_speculative_tokens")
+    if method not in SPEC_METHODS:
+        raise ValueError(f"speculative_config.method must be one of {SPEC_METHODS}, got {method!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 8:
+        raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in 1..8, got {k!r}")
+    return {"method": method, "num_speculative_tokens": k}

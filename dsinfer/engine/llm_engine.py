@@ -11,16 +11,18 @@ from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.disk_cache import DiskTier, cache_layout, model_key
 from dsinfer.engine.input_processor import InputProcessor, truncate_prompt
 from dsinfer.engine.kv_cache import KVCache, plan_blocks
-from dsinfer.engine.model_runner import ModelRunner
+from dsinfer.engine.model_runner import ModelRunner, is_decode
 from dsinfer.engine.output_processor import OutputProcessor
 from dsinfer.engine.sampler import (apply_penalties, apply_rules, block_stops, build_rules, sample,
                                     token_logprobs)
 from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
+from dsinfer.engine.spec_decode import SpecDecoder
 from dsinfer.engine.stats import EngineStats, collect_stats
 from dsinfer.layers import kv_format
 from dsinfer.models import load_model
 from dsinfer.models.loader import default_model_path, read_config
+from dsinfer.models.mtp import load_mtp
 from dsinfer.outputs import RequestOutput
 from dsinfer.sampling_params import SamplingParams
 from dsinfer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -31,13 +33,14 @@ log = logging.getLogger("dsinfer")
 
 class LLMEngine:
     def __init__(self, model, tokenizer: Tokenizer | None, cfg: EngineConfig, dtype, device, seed: int = 0,
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, mtp=None):
         """model: loaded; cfg: fitted to the model (EngineConfig.fit_to); checkpoint: the model's directory (names
-        the disk tier's blocks, needed with cfg.prefix_cache_dir)."""
+        the disk tier's blocks, needed with cfg.prefix_cache_dir); mtp: the MTP draft layer (models/mtp.py) when
+        cfg.speculative_config asks for speculative decoding."""
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, torch.device(device)
         self.dtype, self.quantization, self.mtp_tensors = dtype, None, {}
         self.max_model_len = cfg.max_model_len
-        self.cache = self.make_cache(model.config, dtype)
+        self.cache = self.make_cache(model.config, dtype, 0 if mtp is None else 1)
         self.disk_tier = self.make_disk_tier(checkpoint)
         self.blocks = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, self.disk_tier,
                                    self.cache)
@@ -50,6 +53,7 @@ class LLMEngine:
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
         self.num_generated = self.num_prompt_computed = 0
+        self.spec = None if mtp is None else SpecDecoder(self, mtp, cfg.num_speculative_tokens)
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
@@ -62,22 +66,25 @@ class LLMEngine:
         dtype = cfg.torch_dtype(device)
         log.info("dtype: %s%s", str(dtype).removeprefix("torch."), " (auto)" if cfg.dtype == "auto" else "")
         torch.manual_seed(cfg.seed)
-        model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, cfg.kernel_config(device),
-                                      cfg.quantization, cfg.quant_group_size, cfg.map_embeddings)
-        engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed, path)
-        engine.quantization, engine.mtp_tensors = bits, mtp  # bits per quantized unit; tensors left unused
+        kc = cfg.kernel_config(device)
+        model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, kc, cfg.quantization,
+                                      cfg.quant_group_size, cfg.map_embeddings)
+        draft = load_mtp(model, path, mtp, dtype, device, cfg.mla_mode, kc) if cfg.speculative_config else None
+        engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed, path, draft)
+        engine.quantization, engine.mtp_tensors = bits, mtp  # bits per quantized unit; the MTP layer's tensors
         return engine
 
-    def make_cache(self, mcfg, dtype) -> KVCache:
-        """Fixed-size cache from the memory budget; it must hold at least one sequence of max_model_len."""
+    def make_cache(self, mcfg, dtype, extra_layers: int) -> KVCache:
+        """Fixed-size cache from the memory budget; it must hold at least one sequence of max_model_len.
+        extra_layers: the MTP draft layer's cache, in the same blocks."""
         cfg = self.cfg
         kv_dtype = kv_format.resolve(cfg.kv_cache_dtype, dtype)
         blocks = plan_blocks(mcfg, kv_dtype, self.device, cfg.block_size, cfg.kv_cache_memory,
-                             cfg.kv_cache_memory_fraction, cfg.max_num_seqs * cfg.max_model_len)
+                             cfg.kv_cache_memory_fraction, cfg.max_num_seqs * cfg.max_model_len, extra_layers)
         if blocks * cfg.block_size < cfg.max_model_len:
             raise ValueError(f"the KV cache budget holds {blocks * cfg.block_size} tokens, fewer than max_model_len "
                              f"({cfg.max_model_len}); raise kv_cache_memory or lower max_model_len")
-        return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size)
+        return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size, extra_layers)
 
     def make_disk_tier(self, checkpoint: Path | None) -> DiskTier | None:
         """The prefix cache's disk tier, in a subdirectory of prefix_cache_dir named for this model and setting."""
@@ -167,11 +174,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward pass. Returns the state of every request that produced a token in it."""
-        batch = sorted(self.scheduler.schedule(), key=lambda entry: entry[1] == 1)  # prefill chunks first
+        batch = sorted(self.scheduler.schedule(), key=lambda entry: is_decode(*entry))  # prefill chunks first
         if not batch:
             return []
         want = [s.index == 0 and s.params.prompt_logprobs is not None and s.num_cached < s.num_prompt_tokens
                 for s, _ in batch]
+        ready = self.spec.step(batch, want) if self.spec is not None else self.plain_step(batch, want)
+        return [out for rid in dict.fromkeys(s.request_id for s in ready) if (out := self.request_output(rid))]
+
+    def plain_step(self, batch: list[tuple[Sequence, int]], want: list[bool]) -> list[Sequence]:
+        """Computes the batch and samples one token for each sequence that reached its end; returns those."""
         logits = self.runner.run(batch, want)
         ready, rows = [], []
         for (s, n), lg, w in zip(batch, logits, want):
@@ -185,23 +197,27 @@ class LLMEngine:
                 rows.append(lg[-1])
         if ready:
             self.postprocess(ready, torch.stack(rows))
-        return [out for rid in dict.fromkeys(s.request_id for s in ready) if (out := self.request_output(rid))]
+        return ready
 
     def postprocess(self, seqs: list[Sequence], logits: torch.Tensor):
         want_lp = any(s.params.logprobs is not None for s in seqs)
         raw = logits.log_softmax(-1) if want_lp else None
         logits = block_stops(apply_penalties(apply_rules(logits.clone(), seqs), seqs), seqs, self.eos_ids)
         tokens = sample(logits, seqs, self.generator).tolist()
-        self.num_generated += len(tokens)
         for i, (s, t) in enumerate(zip(seqs, tokens)):
-            s.token_ids.append(t)
-            if s.params.logprobs is not None:
-                entry = self.outputs.make_logprobs(token_logprobs(raw[i], t, s.params.logprobs))
-                s.logprobs.append(entry)
-                s.cumulative_logprob += entry[t].logprob
-            self.check_stop(s, t)
+            self.emit(s, t, None if raw is None else raw[i])
             if s.is_finished:
                 self.scheduler.finish(s)
+
+    def emit(self, s: Sequence, token: int, raw: torch.Tensor | None):
+        """Appends one chosen token to s, with its logprobs (raw: the position's log-softmax), and checks stops."""
+        s.token_ids.append(token)
+        self.num_generated += 1
+        if s.params.logprobs is not None:
+            entry = self.outputs.make_logprobs(token_logprobs(raw, token, s.params.logprobs))
+            s.logprobs.append(entry)
+            s.cumulative_logprob += entry[token].logprob
+        self.check_stop(s, token)
 
     def check_stop(self, s: Sequence, token: int):
         p = s.params

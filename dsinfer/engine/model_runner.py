@@ -15,28 +15,33 @@ class ModelRunner:
         self.fused = FusedDecoder.build(model, cache.layers)  # None: every step runs the Python layers
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
-        """batch: (seq, new tokens) with prefill chunks (more than one new token) before single-token decodes.
-        New tokens of seq are positions num_cached .. num_cached + n - 1; its blocks are already reserved."""
-        return self.inputs([(s.token_ids, s.num_cached, s.block_table, n) for s, n in batch])
+        """batch: (seq, new tokens) with prefill chunks (more than one new token) before decodes (is_decode).
+        New tokens of seq are positions num_cached .. num_cached + n - 1; its blocks are already reserved. A
+        decode's drafts (speculative decoding) follow its token and it stays a decode: each of its tokens attends
+        causally through the absorbed path, as it would have alone."""
+        entries = [(new_ids(s, n), s.num_cached, s.block_table) for s, n in batch]
+        return self.inputs(entries, sum(1 for s, n in batch if not is_decode(s, n)))
 
-    def inputs(self, entries: list[tuple[list[int], int, list[int], int]]):
-        """(input ids, positions, AttentionMetadata) of a step from (token ids, first new position, block table,
-        new tokens) per sequence. Per-token lists are built in Python and become tensors in one call: a decode
-        step is a few tokens."""
+    def inputs(self, entries: list[tuple[list[int], int, list[int]]], num_prefills: int | None = None):
+        """(input ids, positions, AttentionMetadata) of a step from (new token ids, first new position, block
+        table) per sequence; the first num_prefills entries are prefill chunks (None: those of more than one
+        token). Per-token lists are built in Python and become tensors in one call: a decode step is a few
+        tokens."""
         bs = self.cache.block_size
         ids, positions, slots, token_seq, lens, ends = [], [], [], [], [], []
-        for i, (tokens, start, table, n) in enumerate(entries):
+        for i, (tokens, start, table) in enumerate(entries):
+            n = len(tokens)
             span = range(start, start + n)
-            ids += tokens[start:start + n]
+            ids += tokens
             positions += span
             slots += [table[p // bs] * bs + p % bs for p in span]
             token_seq += [i] * n
             lens.append(n)
             ends.append(start + n)
         flat = torch.tensor([ids, positions, slots, token_seq]).to(self.device, non_blocking=True)
-        tables = _pad([table for _, _, table, _ in entries]).to(self.device, non_blocking=True)
+        tables = _pad([table for _, _, table in entries]).to(self.device, non_blocking=True)
         gather = (tables[:, :, None] * bs + self.offsets).flatten(1)  # [B, blocks * bs], padding -> block 0
-        prefills = sum(1 for n in lens if n > 1)
+        prefills = sum(1 for n in lens if n > 1) if num_prefills is None else num_prefills
         meta = AttentionMetadata(prefills, sum(lens[:prefills]), lens, ends, flat[2], gather, flat[3])
         return flat[0], flat[1], meta
 
@@ -44,8 +49,7 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]], all_positions: list[bool]) -> list[torch.Tensor | None]:
         """Logits per batch entry: [n, vocab] for every new position where all_positions asks, [1, vocab] for
         the last one when the entry reaches the end of its sequence (it will sample), else None."""
-        input_ids, positions, meta = self.prepare(batch)
-        hidden = self.run_model(input_ids, positions, meta)
+        hidden = self.run_hidden(batch)
         rows, end = [], 0
         for (seq, n), every in zip(batch, all_positions):
             end += n
@@ -57,6 +61,10 @@ class ModelRunner:
         logits = iter(self.model.compute_logits(hidden[torch.cat(wanted).to(self.device)]).split([len(r) for r in wanted]))
         return [None if r is None else next(logits) for r in rows]
 
+    @torch.inference_mode()
+    def run_hidden(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Final hidden states [tokens, hidden] of every new token of the batch, entry after entry."""
+        return self.run_model(*self.prepare(batch))
 
     def run_model(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         """Final hidden states of a step: decode steps through the fused decoder where the model has one, the
@@ -64,6 +72,17 @@ class ModelRunner:
         if self.fused is not None and self.fused.takes(input_ids.shape[0], meta):
             return self.fused(input_ids, positions, meta)
         return self.model(input_ids, positions, meta, self.cache.layers)
+
+
+def new_ids(seq: Sequence, n: int) -> list[int]:
+    """The n tokens of seq computed this step: from its first uncached one, then its drafts."""
+    start, drafts = seq.num_cached, seq.draft_ids
+    return seq.token_ids[start:start + n - len(drafts)] + drafts if drafts else seq.token_ids[start:start + n]
+
+
+def is_decode(seq: Sequence, n: int) -> bool:
+    """Whether a batch entry runs as a decode: one token, or the one new token of seq and its drafts."""
+    return n == 1 or seq.num_new == 1
 
 
 def _pad(tables: list[list[int]]) -> torch.Tensor:
@@ -78,7 +97,7 @@ def scratch_forward(model, ids: list[int], block_size: int = 16, kv_dtype: str =
     kv_dtype = kv_format.resolve(kv_dtype, weight.dtype)
     cache = KVCache(model.config, kv_dtype, weight.device, -(-len(ids) // block_size), block_size)
     runner = ModelRunner(model, cache)
-    return runner.run_model(*runner.inputs([(list(ids), 0, list(range(cache.num_blocks)), len(ids))]))
+    return runner.run_model(*runner.inputs([(list(ids), 0, list(range(cache.num_blocks)))]))
 
 
 @torch.inference_mode()

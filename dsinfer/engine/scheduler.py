@@ -37,7 +37,7 @@ class Scheduler:
         batch, preempted, i = [], False, 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq) - seq.num_cached, budget)
+            n = self.fit_drafts(seq, budget)
             while not self.blocks.can_reserve(seq, seq.num_cached + n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -49,6 +49,16 @@ class Scheduler:
             budget -= n
             i += 1
         return batch, budget, preempted
+
+    def fit_drafts(self, seq: Sequence, budget: int) -> int:
+        """Tokens of a running seq to compute now: its new ones and the drafts to verify (speculative decoding).
+        Drafts give way to the budget and to free blocks before anyone is preempted for them."""
+        new = seq.num_new
+        n = min(new + len(seq.draft_ids), budget)
+        if n > new and not self.blocks.can_reserve(seq, seq.num_cached + n):
+            n = min(new, budget)
+        seq.drop_drafts(max(n - new, 0))
+        return n
 
     def schedule_waiting(self, budget: int) -> Batch:
         batch = []
@@ -108,6 +118,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence):
         self.running.remove(seq)
+        seq.drop_drafts()
         self.blocks.free_seq(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

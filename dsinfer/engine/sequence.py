@@ -26,7 +26,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_cached",
                  "block_table", "digests", "num_named", "status", "generator", "detok", "text", "logprobs",
                  "cumulative_logprob", "prompt_logprobs", "finish_reason", "stop_reason", "max_tokens", "first",
-                 "sent_text", "sent_tokens", "rules", "metrics")
+                 "sent_text", "sent_tokens", "rules", "metrics", "draft_ids", "draft_probs")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, generator: torch.Generator | None):
@@ -44,6 +44,8 @@ class Sequence:
         self.first: Sequence | None = None  # sample 0 of the same request, for samples 1..n-1
         self.sent_text = self.sent_tokens = 0  # how much of the output a delta stream has handed out
         self.rules = None  # the request's LogitRules (sampler.build_rules), shared by its samples
+        self.draft_ids: list[int] = []  # tokens the MTP layer proposed after token_ids, verified next step
+        self.draft_probs = None  # [drafts, vocab] the distributions they were drawn from (sampled requests)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -56,6 +58,16 @@ class Sequence:
             tokens = self.token_ids[i * block_size:(i + 1) * block_size]
             digests.append(block_digest(digests[-1] if digests else b"", tokens))
         return digests
+
+    @property
+    def num_new(self) -> int:
+        """Tokens of token_ids not yet in the cache: the prompt's rest, or 1 for a decode."""
+        return len(self.token_ids) - self.num_cached
+
+    def drop_drafts(self, keep: int = 0):
+        del self.draft_ids[keep:]
+        if not self.draft_ids:
+            self.draft_probs = None
 
     @property
     def output_ids(self) -> list[int]:

@@ -1,5 +1,5 @@
 """What the engine reports about itself: queue sizes, cache use, prefix-cache hits in memory and on disk,
-preemptions, experts."""
+preemptions, experts, speculative decoding's acceptance."""
 from dataclasses import dataclass, field
 
 
@@ -36,6 +36,13 @@ class EngineStats:
     disk_store_seconds_mean: float = 0.0
     disk_load_seconds_mean: float = 0.0
     disk_directory: str | None = field(default=None)
+    # Speculative decoding (empty without it): per draft position, drafts verified and accepted, and their ratio;
+    # tokens emitted per verify step (accepted drafts + the target's own token).
+    spec_draft_tokens: list[int] = field(default_factory=list)
+    spec_accepted_tokens: list[int] = field(default_factory=list)
+    spec_acceptance_rate: list[float] = field(default_factory=list)
+    spec_verify_steps: int = 0
+    spec_mean_accepted_length: float = 0.0
 
     @property
     def kv_blocks_used(self) -> int:
@@ -53,7 +60,15 @@ def collect_stats(engine) -> EngineStats:
                         engine.num_generated, experts, blocks.memory_hit_blocks, blocks.memory_miss_blocks)
     if engine.disk_tier is not None:
         add_disk_stats(stats, blocks, engine.disk_tier)
+    if engine.spec is not None:
+        add_spec_stats(stats, engine.spec.stats)
     return stats
+
+
+def add_spec_stats(stats: EngineStats, spec):
+    stats.spec_draft_tokens, stats.spec_accepted_tokens = list(spec.drafted), list(spec.accepted)
+    stats.spec_acceptance_rate, stats.spec_verify_steps = spec.acceptance_rate, spec.verify_steps
+    stats.spec_mean_accepted_length = spec.mean_accepted_length
 
 
 def add_disk_stats(stats: EngineStats, blocks, tier):

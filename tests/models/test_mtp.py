@@ -2,15 +2,20 @@
 transformers-based MTP layer on the same weights), and the errors of checkpoints that lack it."""
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from dsinfer import LLM
 from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.model_runner import ModelRunner
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.models import load_model
-from dsinfer.models.loader import read_config
+from dsinfer.models.loader import CheckpointError, read_config
 from dsinfer.models.mtp import load_mtp
 from tests.checkpoints import SPECS, add_mtp_layer, build_hf
 from tests.conftest import random_prompts
+
+SPEC = {"method": "mtp", "num_speculative_tokens": 2}
+
 
 @pytest.fixture(scope="module")
 def mtp_ckpt(tmp_path_factory):
@@ -51,3 +56,22 @@ def test_mtp_forward_matches_reference(mtp_ckpt, kernels, one_by_one):
     ours = mtp_logits(path, hidden[0], ids, kc, one_by_one)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_checkpoint_without_mtp_layer_is_a_clear_error(ckpts):
+    with pytest.raises(CheckpointError, match=r"MTP layer: tensors model\.layers\.4\.\*.*num_nextn_predict_layers"):
+        LLM(ckpts["v3"], speculative_config=SPEC)
+
+
+def test_missing_mtp_tensor_is_named(mtp_ckpt, tmp_path):
+    path, _, _ = mtp_ckpt
+    dst = tmp_path / "partial"
+    dst.mkdir()
+    for f in ("config.json",):
+        (dst / f).write_bytes((path / f).read_bytes())
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.4.hnorm.weight"]
+    save_file(tensors, dst / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model\.layers\.4\.hnorm\.weight"):
+        LLM(dst, speculative_config=SPEC)
+    assert LLM(dst).mtp_tensors  # without speculation the layer is only set aside, as before

@@ -1,0 +1,184 @@
+"""Speculative decoding with the checkpoint's MTP layer (models/mtp.py) as the draft model.
+
+A step runs the main model over each entry's new tokens; a decode's new token is followed by the drafts the MTP
+layer proposed last step, so one forward pass verifies them all (engine/rejection.py decides how many are
+accepted, and adds one token of the target's own). The MTP layer then catches up over the positions the main
+model computed and kept (from their final hidden states and the tokens after them) and drafts up to k tokens
+for the next step: the first from its last position, the others by running it again on its own output.
+
+The MTP layer's latent cache is the KV cache's last layer, in the sequence's own blocks: it is paged, shared by
+prefix and freed with the sequence. Rows written for rejected tokens, in either cache, lie past num_cached and
+are overwritten later: a rejection moves no data."""
+from dataclasses import dataclass, field
+
+import torch
+
+from dsinfer.engine import rejection
+from dsinfer.engine.model_runner import is_decode
+from dsinfer.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Drafted and accepted tokens per draft position, and verify steps (entries that had drafts)."""
+    drafted: list[int]
+    accepted: list[int]
+    verify_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step: the accepted drafts plus the target's own token."""
+        return (sum(self.accepted) + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+    def count(self, drafts: int, accepted: int):
+        if drafts:
+            self.verify_steps += 1
+        for j in range(drafts):
+            self.drafted[j] += 1
+            self.accepted[j] += j < accepted
+
+
+@dataclass(slots=True)
+class Catchup:
+    """Positions start .. start + len(hidden) - 1 of seq, for the MTP layer: the main model's hidden states there."""
+    seq: Sequence
+    start: int
+    hidden: torch.Tensor
+    prefill: bool
+    drafts: int = 0  # how many to draft after it
+    out: torch.Tensor | None = field(default=None)
+
+
+class SpecDecoder:
+    def __init__(self, engine, mtp, k: int):
+        self.engine, self.mtp, self.k = engine, mtp, k
+        self.cache = engine.cache.layers[-1]
+        self.stats = SpecStats([0] * k, [0] * k)
+
+    @torch.inference_mode()
+    def step(self, batch: list[tuple[Sequence, int]], want: list[bool]) -> list[Sequence]:
+        """Computes the batch, verifies drafts, emits tokens and drafts again. Returns the sequences that
+        produced tokens."""
+        e = self.engine
+        hidden = e.runner.run_hidden(batch).split([n for _, n in batch])
+        ends = [s.num_cached + n - len(s.draft_ids) == len(s) for s, n in batch]
+        logits = self.logits(batch, hidden, want, ends)
+        ready, jobs = [], []
+        for (s, n), h, lg, w, end in zip(batch, hidden, logits, want, ends):
+            start, prefill = s.num_cached, not is_decode(s, n)
+            e.num_prompt_computed += n - len(s.draft_ids) if start < s.num_prompt_tokens else 0
+            if w:
+                e.outputs.add_prompt_logprobs(s, lg, start)
+            if end:
+                ready.append((s, n, h, lg[-len(s.draft_ids) - 1:], prefill))
+                continue
+            s.num_cached += n
+            e.blocks.commit(s)
+            jobs.append(Catchup(s, start, h, prefill))
+        jobs += self.verify(ready)
+        self.draft(jobs)
+        return [s for s, *_ in ready]
+
+    def logits(self, batch, hidden, want, ends) -> list[torch.Tensor | None]:
+        """Per entry: every position's logits where want asks, else those of its verified positions (the
+        drafts' and the one before) where it reaches its end, else None."""
+        rows = [h if w else h[-len(s.draft_ids) - 1:] if end else None
+                for (s, _), h, w, end in zip(batch, hidden, want, ends)]
+        wanted = [r for r in rows if r is not None]
+        if not wanted:
+            return rows
+        out = iter(self.engine.model.compute_logits(torch.cat(wanted)).split([len(r) for r in wanted]))
+        return [None if r is None else next(out) for r in rows]
+
+    def verify(self, ready) -> list[Catchup]:
+        """Accepts drafts and emits tokens for the entries that reached their end; returns the MTP catch-up of
+        those that go on."""
+        if not ready:
+            return []
+        e, jobs = self.engine, []
+        chosen = self.choose([(s, lg) for s, _, _, lg, _ in ready])
+        for (s, n, h, lg, prefill), tokens in zip(ready, chosen):
+            start, drafts = s.num_cached, len(s.draft_ids)
+            self.stats.count(drafts, len(tokens) - 1)
+            s.drop_drafts()
+            raw = lg.log_softmax(-1) if s.params.logprobs is not None else None
+            emitted = 0
+            for t in tokens:
+                e.emit(s, t, None if raw is None else raw[emitted])
+                emitted += 1
+                if s.is_finished:
+                    break
+            s.num_cached = start + n - drafts + min(len(tokens) - 1, emitted)
+            e.blocks.commit(s)
+            if s.is_finished:
+                e.scheduler.finish(s)
+            else:
+                jobs.append(Catchup(s, start, h[:s.num_cached - start], prefill))
+        return jobs
+
+    def choose(self, entries: list[tuple[Sequence, torch.Tensor]]) -> list[list[int]]:
+        """The tokens each sequence emits: its accepted drafts and one of the target's."""
+        e, out = self.engine, []
+        rows = [v for s, lg in entries for v in rejection.views(s, s.draft_ids, len(lg))]
+        target = rejection.processed(torch.cat([lg for _, lg in entries]), rows, e.eos_ids)
+        for (s, lg), t in zip(entries, target.split([len(lg) for _, lg in entries])):
+            if s.params.greedy:
+                out.append(rejection.accept_greedy(t, s.draft_ids))
+            else:
+                p = rejection.distribution(t, s.params)
+                out.append(rejection.accept_sampled(p, s.draft_probs, s.draft_ids, s.generator or e.generator))
+        return out
+
+    def draft(self, jobs: list[Catchup]):
+        """The MTP layer over each job's positions, then up to k drafts per sequence."""
+        if not jobs:
+            return
+        jobs.sort(key=lambda j: not j.prefill)
+        entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
+                   for j in jobs]
+        out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs))
+        last = [j for j, o in zip(jobs, out.split([len(j.hidden) for j in jobs])) if self.plan(j, o[-1:])]
+        for step in range(self.k):
+            last = [j for j in last if j.drafts > step]
+            if not last:
+                return
+            if step:
+                out = self.run([([j.seq.draft_ids[-1]], j.seq.num_cached + step - 1, j.seq.block_table)
+                                for j in last], torch.cat([j.out for j in last]), 0)
+                for j, o in zip(last, out.split(1)):
+                    j.out = o
+            self.propose(last)
+
+    def run(self, entries, hidden: torch.Tensor, num_prefills: int) -> torch.Tensor:
+        ids, positions, meta = self.engine.runner.inputs(entries, num_prefills)
+        return self.mtp(ids, hidden, positions, meta, self.cache)
+
+    def plan(self, job: Catchup, out: torch.Tensor) -> bool:
+        """How many tokens job's sequence drafts (job.drafts): up to k, leaving room for the target's own token
+        under max_tokens and max_model_len, and as many as free blocks allow for the MTP layer's chained rows."""
+        s, e = job.seq, self.engine
+        n = min(self.k, s.max_tokens - s.num_outputs - 1, e.max_model_len - len(s) - 1) if s.num_new == 1 else 0
+        while n > 1 and not e.blocks.can_reserve(s, s.num_cached + n - 1):
+            n -= 1
+        if n > 1:
+            e.blocks.reserve(s, s.num_cached + n - 1)
+        job.drafts, job.out = max(n, 0), out
+        return n > 0
+
+    def propose(self, jobs: list[Catchup]):
+        """One draft token per job from the MTP layer's output, greedy or drawn from its distribution."""
+        e = self.engine
+        rows = [rejection.views(j.seq, j.seq.draft_ids, len(j.seq.draft_ids) + 1)[-1] for j in jobs]
+        logits = rejection.processed(self.mtp.compute_logits(torch.cat([j.out for j in jobs])), rows, e.eos_ids)
+        for j, lg in zip(jobs, logits):
+            s = j.seq
+            if s.params.greedy:
+                s.draft_ids.append(int(lg.argmax()))
+                continue
+            q = rejection.distribution(lg[None], s.params)
+            s.draft_ids.append(rejection.draw(q[0], s.generator or e.generator))
+            s.draft_probs = q if s.draft_probs is None else torch.cat([s.draft_probs, q])

@@ -1,0 +1,161 @@
+"""Speculative decoding with the MTP layer (engine/spec_decode.py): greedy requests give exactly the tokens they
+give without it, however they are batched, chunked, cached or preempted, with real, random and perfect drafts;
+blocks never leak; seeded sampled requests are reproducible; the options are checked."""
+import pytest
+
+from dsinfer import LLM, SamplingParams
+from dsinfer.engine.config import EngineConfig
+from dsinfer.engine.spec_decode import SpecDecoder
+from tests.conftest import random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+LENGTHS = [5, 40, 90, 17, 33, 3]
+ROW = 48 * 4  # cache bytes a token and layer (r = 32, dr = 16, fp32)
+
+
+def spec(k: int) -> dict:
+    return {"method": "mtp", "num_speculative_tokens": k}
+
+
+def prompts(lengths=LENGTHS):
+    return [{"prompt_token_ids": p} for p in random_prompts(lengths)]
+
+
+def token_ids(llm, ps, sp=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+
+
+def assert_drained(llm):
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts):
+    llm = LLM(ckpts["v3-mtp"], enable_prefix_caching=False, enable_chunked_prefill=False)
+    return [token_ids(llm, [p])[0] for p in prompts()]
+
+
+@pytest.mark.parametrize("k, options", [
+    (1, dict()),
+    (2, dict()),
+    (3, dict()),
+    (2, dict(max_num_batched_tokens=13)),
+    (3, dict(max_num_batched_tokens=7, enable_prefix_caching=False)),
+    (3, dict(max_num_seqs=2)),
+    (2, dict(kv_cache_memory=13 * 16 * 5 * ROW)),  # 13 blocks of 16 tokens: preempts
+], ids=str)
+def test_greedy_is_the_same_with_speculation(ckpts, reference, k, options):
+    llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(k), **options)
+    assert token_ids(llm, prompts() + prompts()[:2]) == reference + reference[:2]  # the repeats hit the cache
+    assert_drained(llm)
+    stats = llm.engine.stats()
+    assert stats.spec_draft_tokens[0] > 0 and len(stats.spec_draft_tokens) == k
+    if "kv_cache_memory" in options:
+        assert stats.num_preemptions > 0
+
+
+def test_each_prompt_alone(ckpts, reference):
+    llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(3))
+    assert [token_ids(llm, [p])[0] for p in prompts()] == reference
+
+
+@pytest.fixture
+def oracle(monkeypatch, reference):
+    """Drafts from the reference continuation, wrong at every `wrong`-th output position (None: never)."""
+    state = {"wrong": None}
+    by_prompt = {tuple(p["prompt_token_ids"]): r for p, r in zip(prompts(), reference)}
+
+    def propose(self, jobs):
+        for j in jobs:
+            s = j.seq
+            i = s.num_outputs + len(s.draft_ids)
+            want = by_prompt.get(tuple(s.token_ids[:s.num_prompt_tokens]), [])
+            right = want[i] if i < len(want) else 3
+            wrong = state["wrong"] and (i + 1) % state["wrong"] == 0
+            s.draft_ids.append(right + 1 if wrong else right)
+    monkeypatch.setattr(SpecDecoder, "propose", propose)
+    return state
+
+
+@pytest.mark.parametrize("wrong", [None, 5])
+@pytest.mark.parametrize("options", [dict(), dict(max_num_batched_tokens=11),
+                                     dict(kv_cache_memory=13 * 16 * 5 * ROW)], ids=str)
+def test_accepted_drafts_give_the_same_tokens(ckpts, reference, oracle, wrong, options):
+    """Drafts that are (mostly) right are accepted several at a time, across block boundaries and budgets."""
+    oracle["wrong"] = wrong
+    llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(3), **options)
+    assert token_ids(llm, prompts() + prompts()[:2]) == reference + reference[:2]
+    assert_drained(llm)
+    stats = llm.engine.stats()
+    if wrong is None:
+        assert stats.spec_acceptance_rate == [1.0] * 3 and stats.spec_mean_accepted_length > 3
+    else:
+        assert sum(stats.spec_accepted_tokens) < sum(stats.spec_draft_tokens)
+        assert stats.spec_acceptance_rate[2] > 0 and stats.spec_mean_accepted_length > 1.5
+
+
+def test_abort_and_limits_free_every_block(ckpts, oracle):
+    llm = LLM(ckpts["v3-mtp"], max_model_len=100, speculative_config=spec(3))
+    engine = llm.engine
+    ps = prompts()
+    ids = llm.add_requests(ps, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    outs = {}
+    for _ in range(4):
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    engine.abort(ids[1])
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert_drained(llm)
+    for rid, p in zip(ids, ps):
+        if rid != ids[1]:  # never past max_model_len, never past max_tokens
+            n = len(outs[rid].outputs[0].token_ids)
+            assert n == min(40, 100 - len(p["prompt_token_ids"]))
+
+
+def test_stops_and_logprobs_as_without_speculation(ckpts, reference):
+    stop = reference[0][10]
+    sp = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop], logprobs=2, min_tokens=3)
+    plain = LLM(ckpts["v3-mtp"], max_model_len=200).generate(prompts(), sp, use_tqdm=False)
+    ours = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(3)).generate(prompts(), sp,
+                                                                                        use_tqdm=False)
+    for a, b in zip(plain, ours):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
+
+
+def test_seeded_sampling_is_reproducible(ckpts):
+    sp = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.5,
+                        max_tokens=24, seed=7, ignore_eos=True)
+    runs = [token_ids(LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(2)), prompts()[:3], sp)
+            for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(t) == 24 for t in runs[0])
+
+
+def test_builtin_model_greedy_is_the_same_and_accepts(ckpts):
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ps = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):"]
+    want = token_ids(LLM(max_model_len=256), ps, sp)
+    for k in (1, 2, 3):
+        llm = LLM(max_model_len=256, speculative_config=spec(k))
+        assert token_ids(llm, ps, sp) == want
+        if k == 3:
+            assert [token_ids(llm, [p], sp)[0] for p in ps] == want
+        assert_drained(llm)
+        stats = llm.engine.stats()
+        assert stats.spec_acceptance_rate[0] > 0.2 and stats.spec_mean_accepted_length > 1.2
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"method": "mtp", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer in 1..8"),
+    ({"method": "mtp"}, "num_speculative_tokens must be an integer"),
+    ({"method": "mtp", "num_speculative_tokens": 2, "draft_model": "x"}, "unknown field.*draft_model"),
+    ('{"method": "mtp", ', "not valid JSON"),
+    (["mtp"], "must be a dict"),
+])
+def test_bad_speculative_config_is_a_clear_error(value, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.from_kwargs(speculative_config=value)
+    assert EngineConfig.from_kwargs(speculative_config='{"num_speculative_tokens": 3}').speculative_config == spec(3)
