@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dsinfer.engine.config import DTYPES, resolve_device
+from dsinfer.engine.config import DTYPES, check_speculative_config, resolve_device
 from dsinfer.layers.kv_format import KV_CACHE_DTYPES
 from dsinfer.models.loader import CheckpointError, read_config
 
@@ -53,6 +53,13 @@ def device(text: str) -> str:
     return text
 
 
+def speculative_config(text: str) -> dict:
+    try:
+        return check_speculative_config(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def output_file(text: str) -> str:
     """A file to write at the end of a run: its directory must exist now, not after the run."""
     if not Path(text).parent.is_dir():
@@ -79,13 +86,17 @@ def add_load_args(p: argparse.ArgumentParser):
     p.add_argument("--prefix-cache-dir", default=None,
                    help="a directory where prefix-cache blocks evicted from memory are kept, across restarts")
     p.add_argument("--prefix-cache-dir-bytes", type=COUNT, default=None, help="its size limit (default 10 GiB)")
+    p.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding with the checkpoint\'s MTP layer: \'{"method": "mtp", '
+                        '"num_speculative_tokens": 2}\'')
 
 
 def load_options(args) -> dict:
     """The LLM options every command that loads a model takes from its flags."""
     return dict(dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                prefix_cache_dir=args.prefix_cache_dir, prefix_cache_dir_bytes=args.prefix_cache_dir_bytes)
+                prefix_cache_dir=args.prefix_cache_dir, prefix_cache_dir_bytes=args.prefix_cache_dir_bytes,
+                speculative_config=args.speculative_config)
 
 
 def add_model_args(p: argparse.ArgumentParser):

@@ -131,6 +131,8 @@ def build_all(root: Path) -> dict[str, Path]:
     model = build_hf(*SPECS["v3"])
     model.save_pretrained(paths["v3-mtp"])
     add_mtp_layer(model, paths["v3-mtp"])
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (paths["v3-mtp"] / f).write_bytes((paths["v3"] / f).read_bytes())
     paths["v3-fp8"], paths["v3-fp8-ref"] = root / "v3-fp8", root / "v3-fp8-ref"
     write_fp8(paths["v3"], paths["v3-fp8"], paths["v3-fp8-ref"])
     return paths

@@ -16,6 +16,7 @@ import torch
 from dsinfer.engine import rejection
 from dsinfer.engine.model_runner import is_decode
 from dsinfer.engine.sequence import Sequence
+from dsinfer.models.fused_decode import FusedDecoder
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ class SpecDecoder:
     def __init__(self, engine, mtp, k: int):
         self.engine, self.mtp, self.k = engine, mtp, k
         self.cache = engine.cache.layers[-1]
+        self.fused = FusedDecoder.build_layer(engine.model, mtp, self.cache)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
 
     @torch.inference_mode()
@@ -155,7 +157,7 @@ class SpecDecoder:
 
     def run(self, entries, hidden: torch.Tensor, num_prefills: int) -> torch.Tensor:
         ids, positions, meta = self.engine.runner.inputs(entries, num_prefills)
-        return self.mtp(ids, hidden, positions, meta, self.cache)
+        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused)
 
     def plan(self, job: Catchup, out: torch.Tensor) -> bool:
         """How many tokens job's sequence drafts (job.drafts): up to k, leaving room for the target's own token

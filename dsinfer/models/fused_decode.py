@@ -123,8 +123,22 @@ class FusedDecoder:
         """Whether a step fits: decodes only, at most kernels.MAX_M tokens."""
         return meta.num_prefills == 0 and 0 < num_tokens <= kernels.MAX_M
 
+    @classmethod
+    def build_layer(cls, model, layer, cache: torch.Tensor) -> "FusedDecoder | None":
+        """One more decoder layer of `model` (the MTP draft layer) alone, writing into its own `cache`, for
+        run_layers; None where the model's KernelConfig or the layer or cache cannot take the fused path."""
+        if not model.kernel_config.fused_decode or kernels.library() is None or not _cpu_caches([cache]):
+            return None
+        builder = LayerBuilder(model.kernel_config.int8_kernel)
+        struct = builder.layer(layer, model.config.hidden_size)
+        return None if struct is None else cls(model, [struct], [cache], builder.keep)
+
     def __call__(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        x, caches = self.model.embed(input_ids), self.caches
+        return self.model.norm(self.run_layers(self.model.embed(input_ids), positions, meta))
+
+    def run_layers(self, x: torch.Tensor, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """x [T, hidden] through every layer; returns the result in x's dtype."""
+        caches = self.caches
         dtype, x = x.dtype, x.float().contiguous()  # the C layer keeps the residual stream in fp32
         cs, lens = torch.view_as_real(self.model.rotary.rotation(positions)), positions + 1
         index = [t.contiguous() for t in (meta.slot_mapping, meta.gather_index, meta.token_seq)]
@@ -135,4 +149,4 @@ class FusedDecoder:
             code = run_layer(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), threads)
             if code:
                 raise RuntimeError(f"fused decode layer {i} failed with code {code} (see kernels/decode_layer.c)")
-        return self.model.norm(x.to(dtype))
+        return x.to(dtype)

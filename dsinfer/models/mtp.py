@@ -16,6 +16,7 @@ from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.linear import Linear
 from dsinfer.layers.norm import RMSNorm
 from dsinfer.models.deepseek import DecoderLayer
+from dsinfer.models.fused_decode import FusedDecoder
 from dsinfer.models.loader import CheckpointError, checkpoint_views, fill
 
 SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, in V3 checkpoints
@@ -36,11 +37,14 @@ class MTPLayer(DecoderLayer):
         self.main = [main]  # in a list: not a submodule (its weights are not the MTP layer's)
 
     def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
+                meta: AttentionMetadata, cache: torch.Tensor, fused: FusedDecoder | None = None) -> torch.Tensor:
         """next_ids [T] (t_{i+1}), hidden [T, d] (h_i) at positions [T] -> normed output [T, d], which is both
-        what the head takes and the next draft step's h."""
+        what the head takes and the next draft step's h. fused: this layer in one C call (FusedDecoder.build_layer
+        over `cache`), taken for the steps it fits."""
         e = self.enorm(self.main[0].model.embed(next_ids))
         x = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], -1))
+        if fused is not None and fused.takes(x.shape[0], meta):
+            return self.shared_head.norm(fused.run_layers(x.contiguous(), positions, meta))
         return self.shared_head.norm(super().forward(x, positions, meta, cache))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

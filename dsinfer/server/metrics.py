@@ -19,6 +19,7 @@ class EngineCollector:
                                  ("prefix_cache_hit_rate", s.prefix_cache_hit_rate, "prompt tokens found cached")]:
             yield GaugeMetricFamily(f"dsinfer_{name}", doc, value=value)
         yield from prefix_cache_metrics(s)
+        yield from spec_decode_metrics(s)
         yield CounterMetricFamily("dsinfer_preemptions", "sequences preempted", value=s.num_preemptions)
         yield CounterMetricFamily("dsinfer_generated_tokens", "tokens generated", value=s.generated_tokens)
         experts = CounterMetricFamily("dsinfer_expert_tokens", "tokens routed to each expert",
@@ -49,6 +50,25 @@ def prefix_cache_metrics(s):
     yield from (hits, misses)
     if s.disk_enabled:
         yield from disk_tier_metrics(s)
+
+
+def spec_decode_metrics(s):
+    """Speculative decoding's drafts and acceptance by draft position (1 = the first drafted token); none without."""
+    if not s.spec_draft_tokens:
+        return
+    drafted = CounterMetricFamily("dsinfer_spec_decode_draft_tokens", "drafted tokens verified", labels=["position"])
+    accepted = CounterMetricFamily("dsinfer_spec_decode_accepted_tokens", "drafted tokens accepted",
+                                   labels=["position"])
+    rate = GaugeMetricFamily("dsinfer_spec_decode_acceptance_rate", "accepted / drafted", labels=["position"])
+    for i, (d, a, r) in enumerate(zip(s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_acceptance_rate), 1):
+        drafted.add_metric([str(i)], d)
+        accepted.add_metric([str(i)], a)
+        rate.add_metric([str(i)], r)
+    yield from (drafted, accepted, rate)
+    yield CounterMetricFamily("dsinfer_spec_decode_verify_steps", "steps that verified drafts, per sequence",
+                              value=s.spec_verify_steps)
+    yield GaugeMetricFamily("dsinfer_spec_decode_mean_accepted_length",
+                            "tokens emitted per verify step (accepted drafts + 1)", value=s.spec_mean_accepted_length)
 
 
 def disk_tier_metrics(s):

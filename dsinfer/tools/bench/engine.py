@@ -83,4 +83,13 @@ def run(llm, w: Workload, progress) -> dict[str, dict]:
     for name, size, step in zip(names, sizes, steps):
         with progress.phase(f"dsinfer: {name}", size) as tick:
             result[name] = step(llm, w, tick)
+    stats = llm.engine.stats()
+    if stats.spec_draft_tokens:
+        result["speculative decoding"] = spec_figures(stats)
     return result
+
+
+def spec_figures(stats) -> dict:
+    """Acceptance over the whole run (warm-up included), by draft position, and tokens per verify step."""
+    figures = {f"acceptance rate, position {i}": r for i, r in enumerate(stats.spec_acceptance_rate, 1)}
+    return figures | {"mean accepted length": stats.spec_mean_accepted_length}
