@@ -41,8 +41,20 @@ def views(seq: Sequence, drafts: list[int], count: int) -> list[SeqView]:
     return [SeqView(seq.token_ids + drafts[:j], seq.num_prompt_tokens, seq.params, seq.rules) for j in range(count)]
 
 
-def processed(logits: torch.Tensor, rows: list[SeqView], eos_ids: list[int]) -> torch.Tensor:
-    """logits [R, V] fp32 as the sampler changes them before temperature (a copy)."""
+def unchanged(seq: Sequence) -> bool:
+    """Whether the sampler leaves seq's logits as they are before temperature at every position from here on: no
+    logit rules, no penalties, min_tokens reached."""
+    p = seq.params
+    return (seq.rules is None and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and seq.num_outputs >= p.min_tokens)
+
+
+def processed(logits: torch.Tensor, seqs: list[Sequence], counts: list[int], eos_ids: list[int]) -> torch.Tensor:
+    """logits [R, V] fp32 of seqs' next `counts` positions each (after token_ids + draft_ids[:j]), as the sampler
+    changes them before temperature; the logits themselves where it would not change them."""
+    if all(unchanged(s) for s in seqs):
+        return logits
+    rows = [v for s, n in zip(seqs, counts) for v in views(s, s.draft_ids, n)]
     return block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, eos_ids)
 
 

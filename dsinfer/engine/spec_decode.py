@@ -15,6 +15,7 @@ import torch
 
 from dsinfer.engine import rejection
 from dsinfer.engine.model_runner import is_decode
+from dsinfer.engine.sampler import apply_penalties, apply_rules, block_stops
 from dsinfer.engine.sequence import Sequence
 from dsinfer.models.fused_decode import FusedDecoder
 
@@ -125,8 +126,8 @@ class SpecDecoder:
     def choose(self, entries: list[tuple[Sequence, torch.Tensor]]) -> list[list[int]]:
         """The tokens each sequence emits: its accepted drafts and one of the target's."""
         e, out = self.engine, []
-        rows = [v for s, lg in entries for v in rejection.views(s, s.draft_ids, len(lg))]
-        target = rejection.processed(torch.cat([lg for _, lg in entries]), rows, e.eos_ids)
+        counts = [len(lg) for _, lg in entries]
+        target = rejection.processed(torch.cat([lg for _, lg in entries]), [s for s, _ in entries], counts, e.eos_ids)
         for (s, lg), t in zip(entries, target.split([len(lg) for _, lg in entries])):
             if s.params.greedy:
                 out.append(rejection.accept_greedy(t, s.draft_ids))
@@ -173,13 +174,15 @@ class SpecDecoder:
 
     def propose(self, jobs: list[Catchup]):
         """One draft token per job from the MTP layer's output, greedy or drawn from its distribution."""
-        e = self.engine
-        rows = [rejection.views(j.seq, j.seq.draft_ids, len(j.seq.draft_ids) + 1)[-1] for j in jobs]
-        logits = rejection.processed(self.mtp.compute_logits(torch.cat([j.out for j in jobs])), rows, e.eos_ids)
-        for j, lg in zip(jobs, logits):
-            s = j.seq
+        e, seqs = self.engine, [j.seq for j in jobs]
+        logits = self.mtp.compute_logits(torch.cat([j.out for j in jobs]))
+        if not all(rejection.unchanged(s) for s in seqs):  # each row at its own position only
+            rows = [rejection.views(s, s.draft_ids, len(s.draft_ids) + 1)[-1] for s in seqs]
+            logits = block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, e.eos_ids)
+        best = logits.argmax(-1).tolist()
+        for s, lg, b in zip(seqs, logits, best):
             if s.params.greedy:
-                s.draft_ids.append(int(lg.argmax()))
+                s.draft_ids.append(b)
                 continue
             q = rejection.distribution(lg[None], s.params)
             s.draft_ids.append(rejection.draw(q[0], s.generator or e.generator))
