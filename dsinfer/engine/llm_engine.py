@@ -45,7 +45,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, self.disk_tier,
                                    self.cache)
         self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, chunk_decodes=mtp is not None)
         self.inputs, self.outputs = InputProcessor(tokenizer), OutputProcessor(tokenizer)
         mcfg = model.config
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))

@@ -1,18 +1,25 @@
 """Turns a scheduled batch into the model's flat inputs, runs it, and returns the logits each sequence needs."""
+from dataclasses import replace
+
 import torch
 
 from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.sequence import Sequence
+from dsinfer.kernels import MAX_M
 from dsinfer.layers import kv_format
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.models.fused_decode import FusedDecoder
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, chunk_decodes: bool = False):
+        """chunk_decodes: decode steps of more than kernels.MAX_M tokens run through the fused decoder too, in
+        chunks of at most that many (speculative decoding's verify steps: each token then gets the numbers it
+        gets as a plain decode)."""
         self.model, self.cache, self.device = model, cache, cache.device
         self.offsets = torch.arange(cache.block_size, device=self.device)
         self.fused = FusedDecoder.build(model, cache.layers)  # None: every step runs the Python layers
+        self.chunk_decodes = chunk_decodes
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
         """batch: (seq, new tokens) with prefill chunks (more than one new token) before decodes (is_decode).
@@ -71,7 +78,17 @@ class ModelRunner:
         rest through the model's layers."""
         if self.fused is not None and self.fused.takes(input_ids.shape[0], meta):
             return self.fused(input_ids, positions, meta)
+        if self.fused is not None and self.chunk_decodes and meta.num_prefills == 0:
+            return torch.cat([self.fused(input_ids[a:a + MAX_M], positions[a:a + MAX_M], decode_slice(meta, a))
+                              for a in range(0, input_ids.shape[0], MAX_M)])
         return self.model(input_ids, positions, meta, self.cache.layers)
+
+
+def decode_slice(meta: AttentionMetadata, start: int) -> AttentionMetadata:
+    """The metadata of a decode step's tokens start .. start + MAX_M - 1 (every sequence's rows kept). Chunks
+    run in order, so a token still sees the cache rows its sequence's earlier tokens wrote."""
+    end = start + MAX_M
+    return replace(meta, slot_mapping=meta.slot_mapping[start:end], token_seq=meta.token_seq[start:end])
 
 
 def new_ids(seq: Sequence, n: int) -> list[int]:

@@ -53,6 +53,17 @@ def test_greedy_is_the_same_with_speculation(ckpts, reference, k, options):
         assert stats.num_preemptions > 0
 
 
+def test_bf16_verify_steps_run_as_plain_decodes(ckpts):
+    """In bf16 the fused decoder and the Python layers round differently: verify steps of more than 8 tokens run
+    through the fused decoder in chunks, as the plain decodes do, and give their tokens."""
+    plain = LLM(ckpts["v3-mtp"], max_model_len=200, dtype="bfloat16")
+    want = token_ids(plain, prompts())
+    llm = LLM(ckpts["v3-mtp"], max_model_len=200, dtype="bfloat16", speculative_config=spec(3))
+    if llm.engine.runner.fused is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    assert token_ids(llm, prompts()) == want
+
+
 def test_each_prompt_alone(ckpts, reference):
     llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(3))
     assert [token_ids(llm, [p])[0] for p in prompts()] == reference
