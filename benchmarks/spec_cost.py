@@ -1,0 +1,100 @@
+"""What speculative decoding's steps cost on a model of real shapes, relative to one plain decode step, and the
+speed-up those costs give at a given acceptance. For checkpoints without an MTP layer (random-weight benchmark
+models accept nothing anyway), the draft layer is one more copy of the model's last decoder layer with random
+enorm, hnorm and eh_proj: the same shapes and cost as a real one.
+
+    python benchmarks/spec_cost.py MODEL [--streams 1,8] [--context 128] [--acceptance 0.85,0.9]
+
+Per stream count B (each stream at `context` cached tokens): a plain decode step (B tokens: the model and the
+logits of B rows); a verify step of k + 1 tokens per stream (the model over B (k + 1) tokens, and their logits);
+a draft step (the MTP layer over one token per stream, and its logits). A step with k drafts costs one verify,
+one catch-up (the MTP layer over up to k + 1 tokens per stream; timed as k + 1) and k - 1 draft steps; it emits
+1 + a + a^2 + ... + a^k tokens per stream in expectation when each draft is accepted with probability a.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import best_seconds_per_call  # noqa: E402
+
+from dsinfer import LLM  # noqa: E402
+from dsinfer.layers import kv_format  # noqa: E402
+from dsinfer.models.fused_decode import FusedDecoder  # noqa: E402
+from dsinfer.models.mtp import MTPLayer  # noqa: E402
+
+
+def draft_layer(llm) -> MTPLayer:
+    model = llm.model
+    with torch.device(llm.device):
+        mtp = MTPLayer(model, "auto", model.kernel_config).to(llm.dtype).eval()
+    last = model.model.layers[-1].state_dict()
+    mtp.load_state_dict(last, strict=False)  # the decoder layer's weights; enorm, hnorm, eh_proj stay as built
+    torch.nn.init.normal_(mtp.eh_proj.weight, std=0.02)
+    return mtp
+
+
+def entries(streams: int, tokens: int, context: int, block_size: int):
+    """One block table per stream, `context` tokens cached, `tokens` new ones."""
+    per = -(-(context + tokens) // block_size)
+    return [(list(range(3, 3 + tokens)), context, list(range(i * per, (i + 1) * per))) for i in range(streams)]
+
+
+def timer(seconds: float):
+    return lambda fn: best_seconds_per_call(fn, seconds, 3)
+
+
+def costs(llm, mtp, streams: int, context: int, ks: list[int], seconds: float) -> dict[str, float]:
+    runner, model, time = llm.engine.runner, llm.model, timer(seconds)
+    bs, d = llm.engine.cache.block_size, model.config.hidden_size
+    rows = llm.engine.cache.layers[0].shape[0]
+    cache = kv_format.allocate(llm.engine.cache.kv_dtype, rows, model.config.kv_lora_rank,
+                               model.config.qk_rope_head_dim, llm.device)
+    fused = FusedDecoder.build_layer(model, mtp, cache)
+    out = {}
+    for t in [1] + [k + 1 for k in ks]:
+        ids, positions, meta = runner.inputs(entries(streams, t, context, bs), 0)
+        hidden = torch.randn(len(ids), d, dtype=llm.dtype)
+        out[f"verify {t}"] = time(lambda: model.compute_logits(runner.run_model(ids, positions, meta)))
+        last = torch.arange(t - 1, len(ids), t)
+        out[f"mtp {t}"] = time(lambda: model.compute_logits(mtp(ids, hidden, positions, meta, cache, fused)[last]))
+    return out
+
+
+def speedup(c: dict[str, float], k: int, a: float) -> float:
+    step = c[f"verify {k + 1}"] + c[f"mtp {k + 1}"] + (k - 1) * c["mtp 1"]
+    return sum(a ** i for i in range(k + 1)) * c["verify 1"] / step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--streams", default="1,8")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--ks", default="1,2,3")
+    ap.add_argument("--acceptance", default="0.85,0.9")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with AMX or AVX512-BF16), float32, ...")
+    ap.add_argument("--seconds", type=float, default=0.5, help="minimum time of each of 3 measurements")
+    args = ap.parse_args()
+    ks, rates = [int(k) for k in args.ks.split(",")], [float(a) for a in args.acceptance.split(",")]
+    llm = LLM(args.model, max_model_len=1024, max_num_seqs=8, enable_prefix_caching=False, dtype=args.dtype)
+    mtp = draft_layer(llm)
+    llm.engine.runner.chunk_decodes = True  # as with speculation: verify steps over 8 tokens in fused chunks
+    with torch.inference_mode():
+        for b in map(int, args.streams.split(",")):
+            c = costs(llm, mtp, b, args.context, ks, args.seconds)
+            base = c["verify 1"]
+            print(f"\n{b} stream(s), context {args.context}: plain decode step {base * 1e3:.1f} ms")
+            print("| step | ms | x plain step |\n|---|---:|---:|")
+            for name, s in c.items():
+                print(f"| {name} token(s) per stream | {s * 1e3:.1f} | {s / base:.2f} |")
+            print(f"\n| k | " + " | ".join(f"speed-up at {a:.0%}" for a in rates) + " |\n|---|"
+                  + "---:|" * len(rates))
+            for k in ks:
+                print(f"| {k} | " + " | ".join(f"{speedup(c, k, a):.2f}" for a in rates) + " |")
+
+
+if __name__ == "__main__":
+    main()
