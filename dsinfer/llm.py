@@ -85,6 +85,11 @@ class LLM:
         requests themselves, as benchmarks do)."""
         return self.engine.step()
 
+    def stats(self):
+        """The engine's EngineStats: queues, cache blocks, prefix-cache hits, preemptions, speculative decoding's
+        acceptance."""
+        return self.engine.stats()
+
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished()
 

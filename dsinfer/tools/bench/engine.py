@@ -83,7 +83,7 @@ def run(llm, w: Workload, progress) -> dict[str, dict]:
     for name, size, step in zip(names, sizes, steps):
         with progress.phase(f"dsinfer: {name}", size) as tick:
             result[name] = step(llm, w, tick)
-    stats = llm.engine.stats()
+    stats = llm.stats()
     if stats.spec_draft_tokens:
         result["speculative decoding"] = spec_figures(stats)
     return result
