@@ -100,6 +100,28 @@ def filter_logits(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
 
 
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [B, ceil(V / 32)] bitmask (bit t % 32 of word t // 32 for token t) -> bool [B, V]."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def apply_token_masks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """Structured outputs: row rows[j] keeps only the tokens bitmask[j] allows. The grammar wins over every other
+    rule: a row the other rules left with no allowed token (min_tokens holding back the end token the grammar
+    asks for) picks uniformly among the grammar's tokens instead."""
+    if not rows:
+        return logits
+    allowed = unpack_bitmask(bitmask.to(logits.device), logits.shape[1])
+    masked = logits[rows].masked_fill(~allowed, float("-inf"))
+    dead = torch.isneginf(masked).all(-1)
+    if bool(dead.any()):
+        masked[dead] = torch.zeros_like(masked[dead]).masked_fill(~allowed[dead], float("-inf"))
+    logits[rows] = masked
+    return logits
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> torch.Tensor:
     """logits: [B, V] fp32 after penalties. Greedy rows take the argmax; others draw by Gumbel-max
     (argmax of p / Exp(1) noise), each seeded request from its own generator so it is reproducible."""

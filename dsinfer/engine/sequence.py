@@ -26,7 +26,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_cached",
                  "block_table", "digests", "num_named", "status", "generator", "detok", "text", "logprobs",
                  "cumulative_logprob", "prompt_logprobs", "finish_reason", "stop_reason", "max_tokens", "first",
-                 "sent_text", "sent_tokens", "rules", "metrics")
+                 "sent_text", "sent_tokens", "rules", "metrics", "matcher")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, generator: torch.Generator | None):
@@ -44,6 +44,7 @@ class Sequence:
         self.first: Sequence | None = None  # sample 0 of the same request, for samples 1..n-1
         self.sent_text = self.sent_tokens = 0  # how much of the output a delta stream has handed out
         self.rules = None  # the request's LogitRules (sampler.build_rules), shared by its samples
+        self.matcher = None  # structured outputs: the grammar state after this sample's output tokens
 
     def __len__(self) -> int:
         return len(self.token_ids)
