@@ -70,9 +70,8 @@ class OpenAIServer:
         """Checks the request against the model and the limits; returns (prompts, SamplingParams)."""
         h = self.handler
         h.check_model(req.model)
-        for name in req.unsupported_fields():
-            raise ApiError(400, f"{name} is not supported by this server (structured outputs and tool calls are "
-                           "not implemented); leave it out", name, "unsupported")
+        for name, instead in req.unsupported_fields():
+            raise ApiError(400, f"{name} is not supported by this server ({instead})", name, "unsupported")
         if req.unknown_fields():
             log.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields()))
         if endpoint == "completions":
@@ -85,7 +84,8 @@ class OpenAIServer:
         h.truncate(prompts, req.truncate_prompt_tokens)
         h.check_prompts(prompts, prompt_param)
         max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param, prompt_param)
-        names = {"max_tokens": param, "logprobs": "logprobs" if endpoint == "completions" else "top_logprobs"}
+        names = {"max_tokens": param, "logprobs": "logprobs" if endpoint == "completions" else "top_logprobs",
+                 "structured_outputs": req.constraint_field}
         return prompts, h.sampling_params(lambda: req.sampling_params(max_tokens, logprobs), names)
 
     async def serve(self, endpoint: str, req):

@@ -6,11 +6,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsinfer.sampling_params import SamplingParams
+from dsinfer.server.constraints import (ResponseFormat, StructuredOutputsBody, constraint_field,
+                                        requested_constraint)
 
 
-UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call", "structured_outputs",
-               "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern")
-HARMLESS = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "tools": ([],), "functions": ([],)}
+UNSUPPORTED = {"tools": "tool calls are not implemented", "tool_choice": "tool calls are not implemented",
+               "functions": "use tools", "function_call": "use tool_choice",
+               **{f"guided_{k}": "use structured_outputs" for k in ("json", "regex", "choice", "grammar",
+                                                                      "whitespace_pattern")}}
+HARMLESS = {"tool_choice": ("none",), "tools": ([],), "functions": ([],)}
 
 
 class OpenAIBody(BaseModel):
@@ -19,11 +23,12 @@ class OpenAIBody(BaseModel):
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
-    def unsupported_fields(self) -> list[str]:
-        """Fields that would change what the output means (a JSON schema, tool calls) and that this server does
-        not implement: a request must not get free text back as if they had been honoured."""
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """(field, what to do instead) of fields that would change what the output means and that this server
+        does not implement: a request must not get free text back as if they had been honoured."""
         extra = self.model_extra or {}
-        return [f for f in UNSUPPORTED if extra.get(f) is not None and extra[f] not in HARMLESS.get(f, ())]
+        return [(f, why) for f, why in UNSUPPORTED.items()
+                if extra.get(f) is not None and extra[f] not in HARMLESS.get(f, ())]
 
 
 class StreamOptions(OpenAIBody):
@@ -55,6 +60,12 @@ class SamplingFields(OpenAIBody):
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+
+    @property
+    def constraint_field(self) -> str:
+        return constraint_field(self.response_format, self.structured_outputs)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -67,7 +78,8 @@ class SamplingFields(OpenAIBody):
             skip_special_tokens=self.skip_special_tokens, output_kind="delta", logit_bias=self.logit_bias,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            truncate_prompt_tokens=self.truncate_prompt_tokens)
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            structured_outputs=requested_constraint(self.response_format, self.structured_outputs))
 
     @property
     def deterministic(self) -> bool:
