@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from dsinfer.server import errors, formats
 from dsinfer.server import responses as R
 from dsinfer.server.cache import ResponseCache
+from dsinfer.server.chat_output import ChatShape, tool_params
 from dsinfer.server.errors import ApiError
 from dsinfer.server.guards import Guards
 from dsinfer.server.handlers import Handler, Timer
@@ -31,6 +32,7 @@ class ServerConfig:
     max_tokens_cap: int = 4096
     response_cache_size: int = 512  # 0 turns the response cache off
     semantic_cache_threshold: float | None = None  # cosine similarity for a semantic hit; None: off
+    reasoning_parser: str | None = None  # deepseek_r1: <think>...</think> becomes reasoning_content
 
 
 class OpenAIServer:
@@ -86,7 +88,14 @@ class OpenAIServer:
         max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param, prompt_param)
         names = {"max_tokens": param, "logprobs": "logprobs" if endpoint == "completions" else "top_logprobs",
                  "structured_outputs": req.constraint_field}
-        return prompts, h.sampling_params(lambda: req.sampling_params(max_tokens, logprobs), names)
+        if endpoint == "completions":
+            return prompts, h.sampling_params(lambda: req.sampling_params(max_tokens, logprobs), names)
+        make = lambda: tool_params(req, req.sampling_params(max_tokens, logprobs), h.tokenizer)  # noqa: E731
+        return prompts, h.sampling_params(make, names)
+
+    def chat_shape(self, req: ChatCompletionRequest) -> ChatShape:
+        mode = req.tool_mode
+        return ChatShape(self.cfg.reasoning_parser is not None, mode != "none", mode == "named")
 
     async def serve(self, endpoint: str, req):
         self.admit()
@@ -114,7 +123,8 @@ class OpenAIServer:
         if endpoint == "completions":
             body = formats.completion_answer(self.handler, R.new_id(prefix), choices, prompt_tokens)
         else:
-            body = formats.chat_answer(self.handler, R.new_id(prefix), choices, prompt_tokens, req.top_logprobs or 0)
+            body = formats.chat_answer(self.handler, R.new_id(prefix), choices, prompt_tokens, req.top_logprobs or 0,
+                                       self.chat_shape(req))
         if key:
             self.cache.put(key, body)
         if near:
@@ -137,7 +147,7 @@ class OpenAIServer:
             return formats.completion_chunks(self.handler, R.new_id("cmpl"), deltas, prompt_tokens,
                                              req.include_usage, timer)
         return formats.chat_chunks(self.handler, R.new_id("chatcmpl"), deltas, prompt_tokens, req.include_usage,
-                                   req.top_logprobs or 0, timer)
+                                   req.top_logprobs or 0, timer, self.chat_shape(req))
 
     @staticmethod
     async def sse(gen):

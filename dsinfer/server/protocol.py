@@ -10,8 +10,8 @@ from dsinfer.server.constraints import (ResponseFormat, StructuredOutputsBody, c
                                         requested_constraint)
 
 
-UNSUPPORTED = {"tools": "tool calls are not implemented", "tool_choice": "tool calls are not implemented",
-               "functions": "use tools", "function_call": "use tool_choice",
+UNSUPPORTED = {"tools": "tool calls are made by chat completions", "tool_choice": "tool calls are made by chat "
+               "completions", "functions": "use tools", "function_call": "use tool_choice",
                **{f"guided_{k}": "use structured_outputs" for k in ("json", "regex", "choice", "grammar",
                                                                       "whitespace_pattern")}}
 HARMLESS = {"tool_choice": ("none",), "tools": ([],), "functions": ([],)}
@@ -113,11 +113,42 @@ class CompletionRequest(SamplingFields):
 class ChatMessage(OpenAIBody):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls, for the chat template
+    tool_call_id: str | None = None       # a tool message: the call it answers
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it: role and text content, and the tool fields it has."""
+        extra = {k: getattr(self, k) for k in ("name", "tool_calls", "tool_call_id", "reasoning_content")
+                 if getattr(self, k) is not None}
+        return {"role": self.role, "content": self.text(), **extra}
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -126,6 +157,18 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call (what a forced call's grammar allows)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def tool_mode(self) -> str:
+        """none (no tools, or tool_choice none), auto, required, or named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
