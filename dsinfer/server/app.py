@@ -6,7 +6,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+import dsinfer
 
 from dsinfer.server import errors, formats
 from dsinfer.server import responses as R
@@ -17,6 +19,8 @@ from dsinfer.server.guards import Guards
 from dsinfer.server.handlers import Handler, Timer
 from dsinfer.server.metrics import Metrics
 from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
+from dsinfer.server.schemas import (ERRORS, SSE, ChatCompletionResponse, CompletionResponse, Health, ModelList,
+                                    contract_openapi)
 from dsinfer.server.utility_routes import utility_router
 from dsinfer.server.websocket import WebSocketRoute
 
@@ -183,15 +187,19 @@ def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
         async_llm.shutdown()
 
     app = FastAPI(title="dsinfer", description="OpenAI-compatible API for DeepSeek-architecture models",
-                  lifespan=lifespan)
+                  version=dsinfer.__version__, lifespan=lifespan)
     errors.install(app)
     app.add_middleware(Guards, api_key=cfg.api_key, max_body=cfg.max_body_bytes, metrics=server.metrics)
-    app.get("/health")(server.health)
-    app.get("/v1/models")(server.models)
-    app.get("/metrics")(server.metrics_text)
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat_completions)
+    app.get("/health", response_model=Health, responses=ERRORS)(server.health)
+    app.get("/v1/models", response_model=ModelList, responses=ERRORS)(server.models)
+    app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS,
+            description="Prometheus text exposition format")(server.metrics_text)
+    generation = {200: {"content": SSE}, **ERRORS}
+    app.post("/v1/completions", response_model=CompletionResponse, responses=generation)(server.completions)
+    app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=generation)(server.chat_completions)
     app.websocket("/v1/ws")(WebSocketRoute(server))
     app.include_router(utility_router(async_llm, cfg.model_name))
+    app.openapi = contract_openapi(app)
     app.state.server = server
     return app
