@@ -215,7 +215,7 @@ class LLMEngine:
         rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if not rows:
             return logits
-        return apply_token_masks(logits, rows, self.grammars.fill_masks([seqs[i].matcher for i in rows]))
+        return apply_token_masks(logits, seqs, rows, self.grammars.fill_masks([seqs[i].matcher for i in rows]))
 
     def advance_grammar(self, s: Sequence, token: int):
         """The grammar follows the sampled token; a grammar that is complete finishes its sequence."""

@@ -90,8 +90,9 @@ def test_constraint_needs_exactly_one_kind():
         StructuredOutputsParams(choice=[])
 
 
-def test_token_masks_against_a_plain_loop():
-    """The batched bitmask unpacking and masking against a per-token Python reference."""
+def test_token_masks_against_a_plain_loop(llms):
+    """The batched bitmask unpacking and masking against a per-token Python reference; a row the other rules
+    emptied takes the grammar's tokens."""
     g = torch.Generator().manual_seed(0)
     vocab, words = 70, 3
     bitmask = torch.randint(-2**31, 2**31 - 1, (2, words), generator=g, dtype=torch.int64).to(torch.int32)
@@ -99,13 +100,17 @@ def test_token_masks_against_a_plain_loop():
     for r in range(2):
         for t in range(vocab):
             assert bool(allowed[r, t]) == bool((int(bitmask[r, t // 32]) >> (t % 32)) & 1)
+    llm = llms("v3", max_model_len=256)
+    llm.add_requests(["a", "b", "c"], SamplingParams(min_tokens=2))
+    seqs = list(llm.engine.scheduler.waiting)[-3:]
     logits = torch.randn(3, vocab, generator=g)
-    out = apply_token_masks(logits.clone(), [0, 2], bitmask)
+    logits[2] = float("-inf")  # as if min_tokens and other rules had banned every token
+    out = apply_token_masks(logits.clone(), seqs, [0, 2], bitmask)
     assert torch.equal(out[1], logits[1])
     assert torch.equal(torch.isfinite(out[[0, 2]]), allowed)
-    dead = torch.full((1, vocab), float("-inf"))
-    rescued = apply_token_masks(dead, [0], bitmask[:1])  # other rules left nothing: the grammar decides
-    assert torch.equal(torch.isfinite(rescued[0]), allowed[0])
+    assert torch.equal(out[0][allowed[0]], logits[0][allowed[0]]) and bool((out[2][allowed[1]] == 0).all())
+    for rid in list(llm.engine.requests):
+        llm.engine.abort(rid)
 
 
 def test_built_in_model_writes_valid_json():
