@@ -54,14 +54,17 @@ class LLM:
         return [finished[i] for i in ids]
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations; tools:
+        OpenAI tool definitions, handed to the chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.chat_prompt(c, chat_template, add_generation_prompt) for c in convs],
+        return self.generate([self.chat_prompt(c, chat_template, add_generation_prompt, tools) for c in convs],
                              sampling_params)
 
-    def chat_prompt(self, conversation: list[dict], chat_template=None, add_generation_prompt=True) -> dict:
-        return self.engine.inputs.chat_prompt(conversation, chat_template, add_generation_prompt)
+    def chat_prompt(self, conversation: list[dict], chat_template=None, add_generation_prompt=True,
+                    tools: list[dict] | None = None) -> dict:
+        return self.engine.inputs.chat_prompt(conversation, chat_template, add_generation_prompt, tools)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yields the request's state after every step that advanced it (for printing text as it is made)."""

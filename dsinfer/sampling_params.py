@@ -2,6 +2,39 @@
 from dataclasses import dataclass, field
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """vLLM's structured-output constraint: exactly one of a JSON schema (a dict or its JSON text), a regex, a
+    list of choices, a grammar (Lark, or GBNF with ::= rules) or json_object (any JSON object). Between JSON
+    tokens goes at most one space, none with disable_any_whitespace, or what whitespace_pattern (a regex) allows."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self):
+        given = [name for name in CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("SamplingParams.structured_outputs must set exactly one of "
+                             f"{', '.join(CONSTRAINTS)}; got {given or 'none'}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"SamplingParams.structured_outputs.choice must be a non-empty list of strings, "
+                             f"got {self.choice!r:.80}")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"SamplingParams.structured_outputs.{name} must be a string")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in CONSTRAINTS if getattr(self, name) not in (None, False))
 
 
 @dataclass(slots=True)
@@ -29,6 +62,7 @@ class SamplingParams:
     bad_words: list[str] | None = None  # words whose tokens must not be generated
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    structured_outputs: StructuredOutputsParams | None = None  # output constrained to a schema or grammar
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
@@ -91,6 +125,9 @@ class SamplingParams:
                              f"got {self.include_stop_str_in_output!r}")
         if self.truncate_prompt_tokens is not None:
             _int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("SamplingParams.structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}")
 
 
 def _int_keys(bias) -> dict[int, float] | None:

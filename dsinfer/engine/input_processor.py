@@ -24,10 +24,13 @@ class InputProcessor:
         raise ValueError(f"a prompt must be a string, {{'prompt': str}} or {{'prompt_token_ids': [...]}}, "
                          f"got {prompt!r:.80}")
 
-    def chat_prompt(self, conversation: list[dict], chat_template=None, add_generation_prompt=True) -> dict:
-        """A conversation rendered through the chat template: {"prompt": text, "prompt_token_ids": ids}."""
+    def chat_prompt(self, conversation: list[dict], chat_template=None, add_generation_prompt=True,
+                    tools: list[dict] | None = None) -> dict:
+        """A conversation rendered through the chat template (tools, when given, as its `tools` variable):
+        {"prompt": text, "prompt_token_ids": ids}."""
         tok = self.need_tokenizer("chat")
-        text = tok.apply_chat_template(conversation, add_generation_prompt, chat_template)
+        extra = {"tools": tools} if tools else {}
+        text = tok.apply_chat_template(conversation, add_generation_prompt, chat_template, **extra)
         return {"prompt": text, "prompt_token_ids": tok.encode(text, add_bos=False)}
 
     def need_tokenizer(self, what: str) -> Tokenizer:

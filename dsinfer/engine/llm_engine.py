@@ -9,12 +9,13 @@ import torch
 from dsinfer.engine.block_manager import BlockManager
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.disk_cache import DiskTier, cache_layout, model_key
+from dsinfer.engine.grammar import Grammars
 from dsinfer.engine.input_processor import InputProcessor, truncate_prompt
 from dsinfer.engine.kv_cache import KVCache, plan_blocks
 from dsinfer.engine.model_runner import ModelRunner, is_decode
 from dsinfer.engine.output_processor import OutputProcessor
-from dsinfer.engine.sampler import (apply_penalties, apply_rules, block_stops, build_rules, sample,
-                                    token_logprobs)
+from dsinfer.engine.sampler import (apply_penalties, apply_rules, apply_token_masks, block_stops, build_rules,
+                                    sample, token_logprobs)
 from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
 from dsinfer.engine.spec_decode import SpecDecoder
@@ -50,6 +51,7 @@ class LLMEngine:
         mcfg = model.config
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids)
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
         self.num_generated = self.num_prompt_computed = 0
@@ -121,12 +123,14 @@ class LLMEngine:
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
         seqs, rules = [], build_rules(params, self.model.config.vocab_size, self.device, self.tokenizer)
+        grammar = self.grammars.check(params.structured_outputs)
         for i in range(params.n):
             gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self.seq_counter), request_id, i, prompt_ids, params, max_tokens, gen)
             if self.tokenizer:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, len(prompt_ids), params.skip_special_tokens)
             seq.first, seq.rules = (seqs[0] if seqs else None), rules
+            seq.matcher = grammar and self.grammars.matcher(grammar)
             seqs.append(seq)
         self.requests[request_id] = (prompt, seqs)
         for seq in seqs:
@@ -159,6 +163,7 @@ class LLMEngine:
                 raise ValueError(f"SamplingParams.{name} token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
         if params.bad_words and self.tokenizer is None:
             raise ValueError("SamplingParams.bad_words needs a tokenizer, and this model directory has none")
+        self.grammars.check(params.structured_outputs)
 
     def abort(self, request_id: str):
         """Drops a request wherever it is and frees its cache blocks at once."""
@@ -203,14 +208,15 @@ class LLMEngine:
         want_lp = any(s.params.logprobs is not None for s in seqs)
         raw = logits.log_softmax(-1) if want_lp else None
         logits = block_stops(apply_penalties(apply_rules(logits.clone(), seqs), seqs), seqs, self.eos_ids)
-        tokens = sample(logits, seqs, self.generator).tolist()
+        tokens = sample(self.constrain(logits, seqs), seqs, self.generator).tolist()
         for i, (s, t) in enumerate(zip(seqs, tokens)):
             self.emit(s, t, None if raw is None else raw[i])
             if s.is_finished:
                 self.scheduler.finish(s)
 
     def emit(self, s: Sequence, token: int, raw: torch.Tensor | None):
-        """Appends one chosen token to s, with its logprobs (raw: the position's log-softmax), and checks stops."""
+        """Appends one chosen token to s, with its logprobs (raw: the position's log-softmax), checks stops and
+        moves its grammar on."""
         s.token_ids.append(token)
         self.num_generated += 1
         if s.params.logprobs is not None:
@@ -218,6 +224,22 @@ class LLMEngine:
             s.logprobs.append(entry)
             s.cumulative_logprob += entry[token].logprob
         self.check_stop(s, token)
+        if s.matcher is not None:
+            self.advance_grammar(s, token)
+
+    def constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Structured outputs: the grammar rows' logits keep only what each one's grammar allows next."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return logits
+        return apply_token_masks(logits, seqs, rows, self.grammars.fill_masks([seqs[i].matcher for i in rows]))
+
+    def advance_grammar(self, s: Sequence, token: int):
+        """The grammar follows the sampled token; a grammar that is complete finishes its sequence."""
+        if not s.matcher.consume_token(token):
+            log.error("structured outputs: token %d was refused by the grammar (%s)", token, s.matcher.get_error())
+        if not s.is_finished and (s.matcher.is_stopped() or s.matcher.is_error()):
+            s.finish("stop")
 
     def check_stop(self, s: Sequence, token: int):
         p = s.params

@@ -2,6 +2,7 @@
 sampling, and logprobs."""
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dsinfer.engine.sequence import Sequence
@@ -98,6 +99,37 @@ def filter_logits(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False
     return x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [B, ceil(V / 32)] bitmask on the CPU (bit t % 32 of word t // 32 for token t) -> bool [B, V]."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+    return torch.from_numpy(bits[:, :vocab].view(np.bool_))
+
+
+def apply_token_masks(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
+                      bitmask: torch.Tensor) -> torch.Tensor:
+    """Structured outputs: row rows[j] keeps only the tokens bitmask[j] allows, in one in-place fill. The grammar
+    wins over every other rule: a row whose other rules (allowed_token_ids, bad words, min_tokens holding back
+    the end the grammar asks for) left none of the grammar's tokens picks uniformly among them instead."""
+    if not rows:
+        return logits
+    allowed = unpack_bitmask(bitmask, logits.shape[1])
+    if len(rows) < len(seqs):
+        full = torch.ones(len(seqs), logits.shape[1], dtype=torch.bool)
+        full[rows] = allowed
+        allowed = full
+    allowed = allowed.to(logits.device)
+    rescued = [i for i in rows if could_exclude_all(seqs[i]) and not bool(logits[i][allowed[i]].isfinite().any())]
+    logits.masked_fill_(~allowed, float("-inf"))
+    for i in rescued:
+        logits[i] = torch.zeros_like(logits[i]).masked_fill(~allowed[i], float("-inf"))
+    return logits
+
+
+def could_exclude_all(s: Sequence) -> bool:
+    """Whether a sequence's own rules can leave a grammar no token: allowed tokens, bad words, min_tokens."""
+    return s.rules is not None or s.num_outputs < s.params.min_tokens
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> torch.Tensor:

@@ -9,13 +9,14 @@ for the next step: the first from its last position, the others by running it ag
 The MTP layer's latent cache is the KV cache's last layer, in the sequence's own blocks: it is paged, shared by
 prefix and freed with the sequence. Rows written for rejected tokens, in either cache, lie past num_cached and
 are overwritten later: a rejection moves no data."""
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from dsinfer.engine import rejection
 from dsinfer.engine.model_runner import is_decode
-from dsinfer.engine.sampler import apply_penalties, apply_rules, block_stops
+from dsinfer.engine.sampler import apply_penalties, apply_rules, apply_token_masks, block_stops
 from dsinfer.engine.sequence import Sequence
 from dsinfer.models.fused_decode import FusedDecoder
 
@@ -128,6 +129,7 @@ class SpecDecoder:
         e, out = self.engine, []
         counts = [len(lg) for _, lg in entries]
         target = rejection.processed(torch.cat([lg for _, lg in entries]), [s for s, _ in entries], counts, e.eos_ids)
+        target = self.constrain(target, [s for s, _ in entries], counts)
         for (s, lg), t in zip(entries, target.split([len(lg) for _, lg in entries])):
             if s.params.greedy:
                 out.append(rejection.accept_greedy(t, s.draft_ids))
@@ -135,6 +137,17 @@ class SpecDecoder:
                 p = rejection.distribution(t, s.params)
                 out.append(rejection.accept_sampled(p, s.draft_probs, s.draft_ids, s.generator or e.generator))
         return out
+
+    def constrain(self, target: torch.Tensor, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+        """Structured outputs: a grammar row (it never drafts, so it has one position) keeps what its grammar
+        allows, as in a plain step."""
+        rows = list(itertools.accumulate(counts, initial=0))[:-1]
+        grammar = [(r, s) for r, s in zip(rows, seqs) if s.matcher is not None]
+        if not grammar:
+            return target
+        masks = self.engine.grammars.fill_masks([s.matcher for _, s in grammar])
+        row_seqs = [s for s, c in zip(seqs, counts) for _ in range(c)]
+        return apply_token_masks(target, row_seqs, [r for r, _ in grammar], masks)
 
     def draft(self, jobs: list[Catchup]):
         """The MTP layer over each job's positions, then up to k drafts per sequence."""
@@ -164,7 +177,8 @@ class SpecDecoder:
         """How many tokens job's sequence drafts (job.drafts): up to k, leaving room for the target's own token
         under max_tokens and max_model_len, and as many as free blocks allow for the MTP layer's chained rows."""
         s, e = job.seq, self.engine
-        n = min(self.k, s.max_tokens - s.num_outputs - 1, e.max_model_len - len(s) - 1) if s.num_new == 1 else 0
+        n = min(self.k, s.max_tokens - s.num_outputs - 1, e.max_model_len - len(s) - 1) \
+            if s.num_new == 1 and s.matcher is None else 0  # grammar rows take one masked token a step
         while n > 1 and not e.blocks.can_reserve(s, s.num_cached + n - 1):
             n -= 1
         if n > 1:

@@ -6,16 +6,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+import dsinfer
 
 from dsinfer.server import errors, formats
 from dsinfer.server import responses as R
 from dsinfer.server.cache import ResponseCache
+from dsinfer.server.chat_output import ChatShape, tool_params
 from dsinfer.server.errors import ApiError
 from dsinfer.server.guards import Guards
 from dsinfer.server.handlers import Handler, Timer
 from dsinfer.server.metrics import Metrics
 from dsinfer.server.protocol import ChatCompletionRequest, CompletionRequest
+from dsinfer.server.schemas import (ERRORS, SSE, ChatCompletionResponse, CompletionResponse, Health, ModelList,
+                                    contract_openapi)
 from dsinfer.server.utility_routes import utility_router
 from dsinfer.server.websocket import WebSocketRoute
 
@@ -31,6 +36,7 @@ class ServerConfig:
     max_tokens_cap: int = 4096
     response_cache_size: int = 512  # 0 turns the response cache off
     semantic_cache_threshold: float | None = None  # cosine similarity for a semantic hit; None: off
+    reasoning_parser: str | None = None  # deepseek_r1: <think>...</think> becomes reasoning_content
 
 
 class OpenAIServer:
@@ -70,9 +76,8 @@ class OpenAIServer:
         """Checks the request against the model and the limits; returns (prompts, SamplingParams)."""
         h = self.handler
         h.check_model(req.model)
-        for name in req.unsupported_fields():
-            raise ApiError(400, f"{name} is not supported by this server (structured outputs and tool calls are "
-                           "not implemented); leave it out", name, "unsupported")
+        for name, instead in req.unsupported_fields():
+            raise ApiError(400, f"{name} is not supported by this server ({instead})", name, "unsupported")
         if req.unknown_fields():
             log.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields()))
         if endpoint == "completions":
@@ -85,8 +90,16 @@ class OpenAIServer:
         h.truncate(prompts, req.truncate_prompt_tokens)
         h.check_prompts(prompts, prompt_param)
         max_tokens = h.max_tokens(req.requested_max_tokens(), [ids for _, ids in prompts], param, prompt_param)
-        names = {"max_tokens": param, "logprobs": "logprobs" if endpoint == "completions" else "top_logprobs"}
-        return prompts, h.sampling_params(lambda: req.sampling_params(max_tokens, logprobs), names)
+        names = {"max_tokens": param, "logprobs": "logprobs" if endpoint == "completions" else "top_logprobs",
+                 "structured_outputs": req.constraint_field}
+        if endpoint == "completions":
+            return prompts, h.sampling_params(lambda: req.sampling_params(max_tokens, logprobs), names)
+        make = lambda: tool_params(req, req.sampling_params(max_tokens, logprobs), h.tokenizer)  # noqa: E731
+        return prompts, h.sampling_params(make, names)
+
+    def chat_shape(self, req: ChatCompletionRequest) -> ChatShape:
+        mode = req.tool_mode
+        return ChatShape(self.cfg.reasoning_parser is not None, mode != "none", mode == "named")
 
     async def serve(self, endpoint: str, req):
         self.admit()
@@ -114,7 +127,8 @@ class OpenAIServer:
         if endpoint == "completions":
             body = formats.completion_answer(self.handler, R.new_id(prefix), choices, prompt_tokens)
         else:
-            body = formats.chat_answer(self.handler, R.new_id(prefix), choices, prompt_tokens, req.top_logprobs or 0)
+            body = formats.chat_answer(self.handler, R.new_id(prefix), choices, prompt_tokens, req.top_logprobs or 0,
+                                       self.chat_shape(req))
         if key:
             self.cache.put(key, body)
         if near:
@@ -137,7 +151,7 @@ class OpenAIServer:
             return formats.completion_chunks(self.handler, R.new_id("cmpl"), deltas, prompt_tokens,
                                              req.include_usage, timer)
         return formats.chat_chunks(self.handler, R.new_id("chatcmpl"), deltas, prompt_tokens, req.include_usage,
-                                   req.top_logprobs or 0, timer)
+                                   req.top_logprobs or 0, timer, self.chat_shape(req))
 
     @staticmethod
     async def sse(gen):
@@ -173,15 +187,19 @@ def build_app(async_llm, cfg: ServerConfig) -> FastAPI:
         async_llm.shutdown()
 
     app = FastAPI(title="dsinfer", description="OpenAI-compatible API for DeepSeek-architecture models",
-                  lifespan=lifespan)
+                  version=dsinfer.__version__, lifespan=lifespan)
     errors.install(app)
     app.add_middleware(Guards, api_key=cfg.api_key, max_body=cfg.max_body_bytes, metrics=server.metrics)
-    app.get("/health")(server.health)
-    app.get("/v1/models")(server.models)
-    app.get("/metrics")(server.metrics_text)
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat_completions)
+    app.get("/health", response_model=Health, responses=ERRORS)(server.health)
+    app.get("/v1/models", response_model=ModelList, responses=ERRORS)(server.models)
+    app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS,
+            description="Prometheus text exposition format")(server.metrics_text)
+    generation = {200: {"content": SSE}, **ERRORS}
+    app.post("/v1/completions", response_model=CompletionResponse, responses=generation)(server.completions)
+    app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=generation)(server.chat_completions)
     app.websocket("/v1/ws")(WebSocketRoute(server))
     app.include_router(utility_router(async_llm, cfg.model_name))
+    app.openapi = contract_openapi(app)
     app.state.server = server
     return app

@@ -83,9 +83,10 @@ class Handler:
         return Echo(text, ids, first if text.startswith(first) else "", out.prompt_logprobs)
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-        conv = [{"role": m.role, "content": m.text()} for m in req.messages]
+        conv = [m.for_template() for m in req.messages]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
-            prompt = self.llm.llm.chat_prompt(conv, add_generation_prompt=req.add_generation_prompt)
+            prompt = self.llm.llm.chat_prompt(conv, add_generation_prompt=req.add_generation_prompt, tools=tools)
         except Exception as exc:  # a template error is the request's problem, not the server's
             raise ApiError(400, f"messages could not be formatted by the chat template: {exc}", "messages")
         return prompt["prompt"], prompt["prompt_token_ids"]

@@ -6,11 +6,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsinfer.sampling_params import SamplingParams
+from dsinfer.server.constraints import (ResponseFormat, StructuredOutputsBody, constraint_field,
+                                        requested_constraint)
 
 
-UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call", "structured_outputs",
-               "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern")
-HARMLESS = {"response_format": ({"type": "text"},), "tool_choice": ("none",), "tools": ([],), "functions": ([],)}
+UNSUPPORTED = {"tools": "tool calls are made by chat completions", "tool_choice": "tool calls are made by chat "
+               "completions", "functions": "use tools", "function_call": "use tool_choice",
+               **{f"guided_{k}": "use structured_outputs" for k in ("json", "regex", "choice", "grammar",
+                                                                      "whitespace_pattern")}}
+HARMLESS = {"tool_choice": ("none",), "tools": ([],), "functions": ([],)}
 
 
 class OpenAIBody(BaseModel):
@@ -19,11 +23,12 @@ class OpenAIBody(BaseModel):
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
-    def unsupported_fields(self) -> list[str]:
-        """Fields that would change what the output means (a JSON schema, tool calls) and that this server does
-        not implement: a request must not get free text back as if they had been honoured."""
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """(field, what to do instead) of fields that would change what the output means and that this server
+        does not implement: a request must not get free text back as if they had been honoured."""
         extra = self.model_extra or {}
-        return [f for f in UNSUPPORTED if extra.get(f) is not None and extra[f] not in HARMLESS.get(f, ())]
+        return [(f, why) for f, why in UNSUPPORTED.items()
+                if extra.get(f) is not None and extra[f] not in HARMLESS.get(f, ())]
 
 
 class StreamOptions(OpenAIBody):
@@ -55,6 +60,12 @@ class SamplingFields(OpenAIBody):
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+
+    @property
+    def constraint_field(self) -> str:
+        return constraint_field(self.response_format, self.structured_outputs)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -67,7 +78,8 @@ class SamplingFields(OpenAIBody):
             skip_special_tokens=self.skip_special_tokens, output_kind="delta", logit_bias=self.logit_bias,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            truncate_prompt_tokens=self.truncate_prompt_tokens)
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            structured_outputs=requested_constraint(self.response_format, self.structured_outputs))
 
     @property
     def deterministic(self) -> bool:
@@ -101,11 +113,42 @@ class CompletionRequest(SamplingFields):
 class ChatMessage(OpenAIBody):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls, for the chat template
+    tool_call_id: str | None = None       # a tool message: the call it answers
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it: role and text content, and the tool fields it has."""
+        extra = {k: getattr(self, k) for k in ("name", "tool_calls", "tool_call_id", "reasoning_content")
+                 if getattr(self, k) is not None}
+        return {"role": self.role, "content": self.text(), **extra}
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -114,6 +157,18 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call (what a forced call's grammar allows)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def tool_mode(self) -> str:
+        """none (no tools, or tool_choice none), auto, required, or named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"

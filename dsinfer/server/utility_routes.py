@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 import dsinfer
 from dsinfer.server.errors import ApiError
 from dsinfer.server.protocol import ChatMessage
+from dsinfer.server.schemas import ERRORS
 
 
 class TokenizeRequest(BaseModel):
@@ -205,7 +206,7 @@ def encode_vector(vector, encoding_format: str) -> list[float] | str:
 def utility_router(async_llm, model_name: str) -> APIRouter:
     """The router of these endpoints, for app.include_router (the app's middleware guards them)."""
     routes = UtilityRoutes(async_llm, model_name)
-    router = APIRouter()
+    router = APIRouter(responses=ERRORS)
     router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True)(routes.tokenize)
     router.post("/detokenize", response_model=DetokenizeResponse)(routes.detokenize)
     router.get("/v1/models/{model_id:path}", response_model=ModelCard)(routes.retrieve_model)

@@ -1,0 +1,77 @@
+"""What structured outputs cost per decode step: time per output token (TPOT) on the built-in model at 1 and 8
+streams, free text against output constrained by a JSON schema, in one run (rounds interleaved, medians), and
+how much of a constrained step is the grammar (the batch's bitmasks from llguidance, applied to the logits).
+Each figure is the best of the rounds (which filters out other load on a shared machine), with the median
+beside it.
+
+The schema is an object with a long array of short strings (minItems 500), so that no stream finishes early
+and every run decodes the same number of steps.
+
+    flock /work/bench.lock python benchmarks/structured_tpot.py [--steps 64] [--rounds 3]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from dsinfer import LLM, SamplingParams, StructuredOutputsParams
+
+SCHEMA = {"type": "object", "properties": {"id": {"type": "integer"}, "words": {
+    "type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 500}},
+    "required": ["id", "words"]}
+
+
+def run(llm: LLM, streams: int, steps: int, constrained: bool) -> tuple[float, float]:
+    """(seconds per output token per stream, seconds per step in the grammar) over `steps` decode steps."""
+    engine, spent = llm.engine, [0.0]
+    constrain = engine.constrain
+
+    def timed(logits, seqs):
+        start = time.perf_counter()
+        out = constrain(logits, seqs)
+        spent[0] += time.perf_counter() - start
+        return out
+    so = StructuredOutputsParams(json=SCHEMA) if constrained else None
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=steps + 1, ignore_eos=True, structured_outputs=so)
+    llm.add_requests([f"# example {i}\n" for i in range(streams)], params)
+    engine.step()  # the prefill and each stream's first token
+    engine.constrain = timed
+    start = time.perf_counter()
+    taken = 0
+    while engine.has_unfinished():
+        engine.step()
+        taken += 1
+    elapsed = time.perf_counter() - start
+    engine.constrain = constrain
+    assert taken == steps, f"{taken} decode steps, expected {steps}"
+    return elapsed / steps, spent[0] / steps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    llm = LLM()
+    for streams in (1, 8):  # warm-up: kernels, the grammar compile, the llguidance tokenizer
+        run(llm, streams, 4, False), run(llm, streams, 4, True)
+    print(f"built-in model, {args.steps} decode steps, best (median) of {args.rounds} interleaved rounds, "
+          f"threads={torch.get_num_threads()}")
+    print(f"{'streams':>7} {'free TPOT ms':>16} {'schema TPOT ms':>16} {'slower':>7} {'grammar ms/step':>15}")
+    for streams in (1, 8):
+        free, schema, grammar = [], [], []
+        for _ in range(args.rounds):
+            free.append(run(llm, streams, args.steps, False)[0])
+            tpot, mask = run(llm, streams, args.steps, True)
+            schema.append(tpot)
+            grammar.append(mask)
+        f, s, g = (min(x) * 1e3 for x in (free, schema, grammar))
+        fm, sm = (statistics.median(x) * 1e3 for x in (free, schema))
+        print(f"{streams:>7} {f:>7.2f} ({fm:>6.2f}) {s:>7.2f} ({sm:>6.2f}) {s / f - 1:>+7.1%} {g:>15.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Structured outputs offline: SamplingParams(structured_outputs=StructuredOutputsParams(...)) always gives text
+of the schema, regex, choice or grammar, batched with free requests, with n > 1, prefix caching and preemption."""
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from dsinfer import LLM, SamplingParams, StructuredOutputsParams
+from dsinfer.engine.sampler import apply_token_masks, unpack_bitmask
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "ok": {"type": "boolean"}, "role": {"enum": ["admin", "user"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3}},
+    "required": ["name", "age", "ok", "role", "tags"], "additionalProperties": False}
+
+
+def constrained(llm, prompts, so, n=1, temperature=0.8, max_tokens=120, **kw):
+    sp = SamplingParams(n=n, temperature=temperature, seed=7, max_tokens=max_tokens,
+                        structured_outputs=so, **kw)
+    return [c for out in llm.generate(prompts, sp, use_tqdm=False) for c in out.outputs]
+
+
+def test_json_schema_output_always_validates(llms):
+    llm = llms("v3", max_model_len=256)
+    outs = constrained(llm, ["Bob is", "x = 1"], StructuredOutputsParams(json=PERSON), n=3)
+    outs += constrained(llm, ["Bob is"], StructuredOutputsParams(json=json.dumps(PERSON)), temperature=0)
+    for c in outs:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), PERSON)
+
+
+def test_regex_choice_grammar_and_json_object(llms):
+    llm = llms("v3", max_model_len=256)
+    for c in constrained(llm, ["a", "b"], StructuredOutputsParams(regex=r"[a-f]{2,6}@(x|y)\.com"), n=2):
+        assert re.fullmatch(r"[a-f]{2,6}@(x|y)\.com", c.text) and c.finish_reason == "stop"
+    for c in constrained(llm, ["a", "b"], StructuredOutputsParams(choice=["yes", "no", "it \"depends\""]), n=3):
+        assert c.text in ("yes", "no", 'it "depends"')
+    lark = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]{1,3}/'
+    gbnf = 'root ::= "[" digit+ "]"\ndigit ::= [0-9]'
+    for grammar, pattern in ((lark, r"\(\d{1,3}(\+\d{1,3})*\)"), (gbnf, r"\[\d+\]")):
+        for c in constrained(llm, ["a"], StructuredOutputsParams(grammar=grammar), n=2, max_tokens=60):
+            assert re.fullmatch(pattern, c.text), c.text
+    for c in constrained(llm, ["a", "b"], StructuredOutputsParams(json_object=True, disable_any_whitespace=True)):
+        obj = json.loads(c.text)
+        assert isinstance(obj, dict) and c.text == json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_constrained_and_free_requests_share_a_batch(llms):
+    """A free request's output is the same alone and batched beside constrained ones; prefix caching on."""
+    llm = llms("v3", max_model_len=256)
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(["def f(x):"], free, use_tqdm=False)[0].outputs[0].text
+    so = SamplingParams(temperature=0, max_tokens=120, structured_outputs=StructuredOutputsParams(json=PERSON))
+    outs = llm.generate(["def f(x):", "def f(x):", "def g"], [free, so, so], use_tqdm=False)
+    assert outs[0].outputs[0].text == alone
+    for out in outs[1:]:
+        jsonschema.validate(json.loads(out.outputs[0].text), PERSON)
+
+
+def test_preempted_sequences_keep_their_grammar_state(ckpts):
+    """A cache too small for all samples preempts some; recomputed, they continue their grammar where it was."""
+    llm = LLM(ckpts["v3"], max_model_len=200, kv_cache_memory=14 * 16 * 4 * 48 * 4)  # 14 blocks of 16 tokens
+    outs = constrained(llm, ["Bob is " * 10], StructuredOutputsParams(json=PERSON), n=4, max_tokens=150)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for c in outs:
+        jsonschema.validate(json.loads(c.text), PERSON)
+
+
+@pytest.mark.parametrize("so,field", [
+    (dict(json={"type": "objectx"}), "structured_outputs.json"),
+    (dict(json="{not json"), "structured_outputs.json"),
+    (dict(regex="a(b"), "structured_outputs.regex"),
+    (dict(grammar="start: undefined_rule"), "structured_outputs.grammar"),
+])
+def test_invalid_constraints_name_the_field(llms, so, field):
+    llm = llms("v3", max_model_len=256)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        llm.generate(["a"], SamplingParams(structured_outputs=StructuredOutputsParams(**so)), use_tqdm=False)
+
+
+def test_constraint_needs_exactly_one_kind():
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputsParams(json={}, regex="a")
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="choice must be a non-empty list"):
+        StructuredOutputsParams(choice=[])
+
+
+def test_token_masks_against_a_plain_loop(llms):
+    """The batched bitmask unpacking and masking against a per-token Python reference; a row the other rules
+    emptied takes the grammar's tokens."""
+    g = torch.Generator().manual_seed(0)
+    vocab, words = 70, 3
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, words), generator=g, dtype=torch.int64).to(torch.int32)
+    allowed = unpack_bitmask(bitmask, vocab)
+    for r in range(2):
+        for t in range(vocab):
+            assert bool(allowed[r, t]) == bool((int(bitmask[r, t // 32]) >> (t % 32)) & 1)
+    llm = llms("v3", max_model_len=256)
+    llm.add_requests(["a", "b", "c"], SamplingParams(min_tokens=2))
+    seqs = list(llm.engine.scheduler.waiting)[-3:]
+    logits = torch.randn(3, vocab, generator=g)
+    logits[2] = float("-inf")  # as if min_tokens and other rules had banned every token
+    out = apply_token_masks(logits.clone(), seqs, [0, 2], bitmask)
+    assert torch.equal(out[1], logits[1])
+    assert torch.equal(torch.isfinite(out[[0, 2]]), allowed)
+    assert torch.equal(out[0][allowed[0]], logits[0][allowed[0]]) and bool((out[2][allowed[1]] == 0).all())
+    for rid in list(llm.engine.requests):
+        llm.engine.abort(rid)
+
+
+def test_built_in_model_writes_valid_json():
+    """The weak built-in model with a schema of free strings and numbers, greedy (sampled, a free string can
+    outrun any budget: test_json_schema_output_always_validates bounds its strings)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "tags": {"type": "array", "items": {"type": "string"}}},
+              "required": ["name", "age", "tags"]}
+    llm = LLM(max_model_len=512)
+    outs = constrained(llm, ["Tell me about Bob.", "import json", "# a person\n"],
+                       StructuredOutputsParams(json=schema), temperature=0, max_tokens=250)
+    for c in outs:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), schema)
