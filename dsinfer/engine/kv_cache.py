@@ -1,6 +1,8 @@
 """The latent KV cache: per layer, a fixed number of blocks of rows, each row one token's kv_lora_rank +
-qk_rope_head_dim values in the cache's format (layers/kv_format.py: fp32, bf16 or fp8). Its size comes from a
-memory budget; BlockManager decides who owns which block."""
+qk_rope_head_dim values in the cache's format (layers/kv_format.py: fp32, bf16 or fp8). Models with DeepSeek-V3.2's
+indexer also keep, per layer, each token's indexer key (index_head_dim values, fp32 beside an fp32 latent, else
+bf16) in a second tensor with the same rows, so a block's keys are shared, spilled and freed with its latent.
+Its size comes from a memory budget; BlockManager decides who owns which block."""
 import os
 
 import torch
@@ -9,9 +11,15 @@ from dsinfer.config import ModelConfig
 from dsinfer.layers import kv_format
 
 
+def index_dtype(kv_dtype: str) -> torch.dtype:
+    return torch.float32 if kv_dtype == "float32" else torch.bfloat16
+
+
 def bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
-    """Cache bytes per token over all layers: num_hidden_layers x row_bytes (kv_format)."""
-    return cfg.num_hidden_layers * kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    """Cache bytes per token over all layers: num_hidden_layers x (row_bytes (kv_format) + the indexer key's
+    index_head_dim x 4 bytes (fp32 cache) or 2 (bf16, fp8), where the model has an indexer)."""
+    index = cfg.index_head_dim * index_dtype(kv_dtype).itemsize if cfg.has_indexer else 0
+    return cfg.num_hidden_layers * (kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim) + index)
 
 
 def available_memory(device: torch.device) -> int:
@@ -44,18 +52,29 @@ class KVCache:
         r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.layers = [kv_format.allocate(kv_dtype, num_blocks * block_size, r, dr, self.device)
                        for _ in range(cfg.num_hidden_layers)]
+        self.index_layers = [torch.zeros(num_blocks * block_size, cfg.index_head_dim, dtype=index_dtype(kv_dtype),
+                                         device=self.device) for _ in range(cfg.num_hidden_layers * cfg.has_indexer)]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor with a row per slot: the latent layers, then the indexer's key layers (if any)."""
+        return self.layers + self.index_layers
+
+    def model_caches(self) -> list:
+        """What the model's layers take: each layer's latent cache, or (latent, indexer keys) with an indexer."""
+        return list(zip(self.layers, self.index_layers)) if self.index_layers else self.layers
 
     def read_block(self, block_id: int) -> list[torch.Tensor]:
         """A copy of one block's rows in every layer, as stored ([block_size, row width] each)."""
         rows = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
-        return [layer[rows].clone() for layer in self.layers]
+        return [layer[rows].clone() for layer in self.tensors]
 
     def write_block(self, block_id: int, rows: list[torch.Tensor]):
         """Puts rows, as read_block gave them, back into one block."""
         span = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
-        for layer, part in zip(self.layers, rows):
+        for layer, part in zip(self.tensors, rows):
             layer[span].copy_(part)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.layers)
+        return sum(t.numel() * t.element_size() for t in self.tensors)

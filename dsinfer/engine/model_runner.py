@@ -12,7 +12,8 @@ class ModelRunner:
     def __init__(self, model, cache: KVCache):
         self.model, self.cache, self.device = model, cache, cache.device
         self.offsets = torch.arange(cache.block_size, device=self.device)
-        self.fused = FusedDecoder.build(model, cache.layers)  # None: every step runs the Python layers
+        # None: every step runs the Python layers (always for sparse attention, which the C layer does not do)
+        self.fused = None if cache.index_layers else FusedDecoder.build(model, cache.layers)
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
         """batch: (seq, new tokens) with prefill chunks (more than one new token) before single-token decodes.
@@ -63,7 +64,7 @@ class ModelRunner:
         rest through the model's layers."""
         if self.fused is not None and self.fused.takes(input_ids.shape[0], meta):
             return self.fused(input_ids, positions, meta)
-        return self.model(input_ids, positions, meta, self.cache.layers)
+        return self.model(input_ids, positions, meta, self.cache.model_caches())
 
 
 def _pad(tables: list[list[int]]) -> torch.Tensor:
