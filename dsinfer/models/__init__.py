@@ -5,9 +5,11 @@ from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.models import quant_plan
 from dsinfer.models.deepseek import DeepseekForCausalLM
+from dsinfer.models.deepseek_v32 import DeepseekV32ForCausalLM
 from dsinfer.models.loader import load_weights
 
-MODEL_CLASSES = {"deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
+MODEL_CLASSES = {"deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM,
+                 "deepseek_v32": DeepseekV32ForCausalLM}
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mla_mode: str = "auto",

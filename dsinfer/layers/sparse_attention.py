@@ -1,0 +1,82 @@
+"""Attention over a chosen subset of each query's cached tokens: only those latent rows are gathered from the
+cache, and attention runs absorbed over them (scores against the latent, output formed in latent space), for
+prefill chunks and decodes alike. IndexedMLA is MLA with DeepSeek-V3.2's indexer choosing the subset."""
+import torch
+
+from dsinfer.config import ModelConfig
+from dsinfer.kernels import PLAIN, KernelConfig
+from dsinfer.layers import kv_format
+from dsinfer.layers.attention import MLA, AttentionMetadata
+from dsinfer.layers.indexer import Indexer
+from dsinfer.layers.rope import RotaryEmbedding
+
+GATHER_CHUNK_BYTES = 64 << 20  # bound on one chunk of queries' gathered rows
+
+
+def gathered_attention(qc: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, cache: torch.Tensor, r: int,
+                       scale: float) -> torch.Tensor:
+    """softmax(scale * qc . c_j) . c_j[:r] over the rows j each query keeps. qc [T, H, r + dr] (absorbed
+    queries), rows [T, K] cache rows, valid [T, K] which of them count. Returns [T, H, r]."""
+    step = max(1, GATHER_CHUNK_BYTES // (4 * rows.shape[1] * qc.shape[-1]))
+    out = []
+    for s in range(0, qc.shape[0], step):
+        e = min(s + step, qc.shape[0])
+        ctx = kv_format.read_rows(cache, rows[s:e], r, qc.dtype)                          # [t, K, r + dr]
+        scores = torch.bmm(qc[s:e], ctx.transpose(1, 2)).float() * scale                  # [t, H, K]
+        probs = scores.masked_fill_(~valid[s:e, None, :], float("-inf")).softmax(-1).to(qc.dtype)
+        out.append(torch.bmm(probs, ctx[..., :r]))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def absorbed_sparse(mla: MLA, q_nope, q_pe, rows, valid, cache) -> torch.Tensor:
+    """MLA's absorbed attention (see MLA.absorbed) over the kept rows only: [T, H, dv]."""
+    w = mla.kv_b_proj.weight.view(mla.h, mla.dn + mla.dv, mla.r)
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :mla.dn]).transpose(0, 1)              # [T, H, r]
+    o_lat = gathered_attention(torch.cat([q_lat, q_pe], -1), rows, valid, cache, mla.r, mla.scale)
+    return torch.bmm(o_lat.transpose(0, 1), w[:, mla.dn:].transpose(1, 2)).transpose(0, 1)
+
+
+def to_rows(picks: list[torch.Tensor], positions: torch.Tensor, meta: AttentionMetadata):
+    """Per-sequence picked positions ([n_i, k_i] each) -> (cache rows [T, K], valid [T, K]): padded to the
+    widest k with -1; a pick counts when it is a real position no later than its query's."""
+    width = max(p.shape[1] for p in picks)
+    idx = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in picks])
+    valid = (idx >= 0) & (idx <= positions[:, None])
+    rows = meta.gather_index[meta.token_seq[:, None], idx.clamp(min=0)]
+    return rows, valid
+
+
+class IndexedMLA(MLA):
+    """MLA whose every query attends to the index_topk cached tokens the indexer ranks highest. Indexer keys
+    are written to their own cache (index_cache, one row per cache slot, beside the latent). While no sequence of
+    a step has more than index_topk tokens, every token is kept, so the dense path runs and gives the same bits.
+    use_indexer=False runs dense attention over the same weights (for comparison)."""
+
+    def __init__(self, cfg: ModelConfig, mode: str = "auto", rotary: RotaryEmbedding | None = None,
+                 kc: KernelConfig = PLAIN, interleaved_index_rope: bool = False, use_indexer: bool = True):
+        super().__init__(cfg, mode, rotary, kc)
+        self.indexer = Indexer(cfg, kc, interleaved_index_rope)
+        self.use_indexer = use_indexer
+
+    def forward(self, x, positions, meta: AttentionMetadata, cache: tuple[torch.Tensor, torch.Tensor]):
+        latent, index = cache
+        qr = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(qr).view(-1, self.h, self.dn + self.dr)
+        cis = self.rotary.rotation(positions)
+        q_nope, q_pe = self.rope_and_cache(q, self.kv_a_proj_with_mqa(x), cis, latent, meta.slot_mapping)
+        index.index_copy_(0, meta.slot_mapping, self.indexer.keys(x, cis).to(index.dtype))
+        if not self.use_indexer or max(meta.context_lens) <= self.indexer.topk:
+            return self.o_proj(self.dense(q_nope, q_pe, positions, meta, latent).flatten(1))
+        rows, valid = to_rows(self.pick(x, qr, cis, positions, meta, index), positions, meta)
+        return self.o_proj(absorbed_sparse(self, q_nope, q_pe, rows, valid, latent).flatten(1))
+
+    def pick(self, x, qr, cis, positions, meta, index) -> list[torch.Tensor]:
+        """The indexer's top-k positions for each sequence's new tokens."""
+        q, w = self.indexer.queries(x, qr, cis)
+        picks, start = [], 0
+        for i, (ql, cl) in enumerate(zip(meta.query_lens, meta.context_lens)):
+            keys = index.index_select(0, meta.gather_index[i, :cl])                        # [cl, D]
+            end = start + ql
+            picks.append(self.indexer.select(q[start:end], w[start:end], keys, positions[start:end]))
+            start = end
+        return picks
