@@ -9,6 +9,7 @@ import torch
 
 from dsinfer.config import ModelConfig
 from dsinfer.layers import kv_format
+from dsinfer.layers.block_sparse import write_summaries
 
 
 def index_dtype(kv_dtype: str) -> torch.dtype:
@@ -45,8 +46,10 @@ def plan_blocks(cfg: ModelConfig, kv_dtype: str, device, block_size: int, memory
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, kv_dtype: str, device, num_blocks: int, block_size: int = 16):
-        """kv_dtype: float32, bfloat16 or fp8 (kv_format.resolve turns auto into one of them)."""
+    def __init__(self, cfg: ModelConfig, kv_dtype: str, device, num_blocks: int, block_size: int = 16,
+                 block_summaries: bool = False):
+        """kv_dtype: float32, bfloat16 or fp8 (kv_format.resolve turns auto into one of them). block_summaries:
+        also keep, per layer, each block's mean latent row (fp32), for the training-free sparse attention."""
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device)
         self.kv_dtype, self.bytes_per_token = kv_dtype, bytes_per_token(cfg, kv_dtype)
         r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -54,6 +57,9 @@ class KVCache:
                        for _ in range(cfg.num_hidden_layers)]
         self.index_layers = [torch.zeros(num_blocks * block_size, cfg.index_head_dim, dtype=index_dtype(kv_dtype),
                                          device=self.device) for _ in range(cfg.num_hidden_layers * cfg.has_indexer)]
+        self.summaries = [torch.zeros(num_blocks, r + dr, device=self.device)
+                          for _ in range(cfg.num_hidden_layers * block_summaries)]
+        self.r = r
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -62,7 +68,9 @@ class KVCache:
 
     def model_caches(self) -> list:
         """What the model's layers take: each layer's latent cache, or (latent, indexer keys) with an indexer."""
-        return list(zip(self.layers, self.index_layers)) if self.index_layers else self.layers
+        if self.index_layers:
+            return list(zip(self.layers, self.index_layers))
+        return list(zip(self.layers, self.summaries)) if self.summaries else self.layers
 
     def read_block(self, block_id: int) -> list[torch.Tensor]:
         """A copy of one block's rows in every layer, as stored ([block_size, row width] each)."""
@@ -74,6 +82,9 @@ class KVCache:
         span = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
         for layer, part in zip(self.tensors, rows):
             layer[span].copy_(part)
+        full = torch.tensor([block_id], device=self.device)
+        for layer, summary in zip(self.layers, self.summaries):  # a full block's mean row, as if computed here
+            write_summaries(layer, summary, full, torch.full_like(full, self.block_size), self.r)
 
     @property
     def nbytes(self) -> int:

@@ -63,7 +63,7 @@ class LLMEngine:
         log.info("dtype: %s%s", str(dtype).removeprefix("torch."), " (auto)" if cfg.dtype == "auto" else "")
         torch.manual_seed(cfg.seed)
         model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, cfg.kernel_config(device),
-                                      cfg.quantization, cfg.quant_group_size, cfg.map_embeddings)
+                                      cfg.quantization, cfg.quant_group_size, cfg.map_embeddings, cfg.sparse_config())
         engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed, path)
         engine.quantization, engine.mtp_tensors = bits, mtp  # bits per quantized unit; tensors left unused
         return engine
@@ -77,7 +77,7 @@ class LLMEngine:
         if blocks * cfg.block_size < cfg.max_model_len:
             raise ValueError(f"the KV cache budget holds {blocks * cfg.block_size} tokens, fewer than max_model_len "
                              f"({cfg.max_model_len}); raise kv_cache_memory or lower max_model_len")
-        return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size)
+        return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size, cfg.sparse_attention is not None)
 
     def make_disk_tier(self, checkpoint: Path | None) -> DiskTier | None:
         """The prefix cache's disk tier, in a subdirectory of prefix_cache_dir named for this model and setting."""
@@ -92,7 +92,7 @@ class LLMEngine:
                              "engine with LLMEngine.from_config")
         settings = dict(dtype=str(self.dtype), kv_cache_dtype=self.cache.kv_dtype, block_size=cfg.block_size,
                         num_layers=len(self.cache.layers), quantization=cfg.quantization,
-                        quant_group_size=cfg.quant_group_size)
+                        quant_group_size=cfg.quant_group_size, sparse_attention=cfg.sparse_config())
         directory = Path(cfg.prefix_cache_dir) / model_key(Path(checkpoint), settings)
         return DiskTier(directory, cfg.prefix_cache_dir_bytes, cache_layout(self.cache))
 

@@ -13,7 +13,7 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, cache.device
         self.offsets = torch.arange(cache.block_size, device=self.device)
         # None: every step runs the Python layers (always for sparse attention, which the C layer does not do)
-        self.fused = None if cache.index_layers else FusedDecoder.build(model, cache.layers)
+        self.fused = None if cache.index_layers or cache.summaries else FusedDecoder.build(model, cache.layers)
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
         """batch: (seq, new tokens) with prefill chunks (more than one new token) before single-token decodes.

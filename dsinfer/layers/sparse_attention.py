@@ -28,11 +28,16 @@ def gathered_attention(qc: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def absorbed_sparse(mla: MLA, q_nope, q_pe, rows, valid, cache) -> torch.Tensor:
-    """MLA's absorbed attention (see MLA.absorbed) over the kept rows only: [T, H, dv]."""
+def absorb(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+    """Queries in latent space (see MLA.absorbed): [T, H, r + dr]."""
     w = mla.kv_b_proj.weight.view(mla.h, mla.dn + mla.dv, mla.r)
-    q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :mla.dn]).transpose(0, 1)              # [T, H, r]
-    o_lat = gathered_attention(torch.cat([q_lat, q_pe], -1), rows, valid, cache, mla.r, mla.scale)
+    return torch.cat([torch.bmm(q_nope.transpose(0, 1), w[:, :mla.dn]).transpose(0, 1), q_pe], -1)
+
+
+def absorbed_sparse(mla: MLA, qc, rows, valid, cache) -> torch.Tensor:
+    """MLA's absorbed attention over the kept rows only, from absorbed queries qc: [T, H, dv]."""
+    o_lat = gathered_attention(qc, rows, valid, cache, mla.r, mla.scale)                   # [T, H, r]
+    w = mla.kv_b_proj.weight.view(mla.h, mla.dn + mla.dv, mla.r)
     return torch.bmm(o_lat.transpose(0, 1), w[:, mla.dn:].transpose(1, 2)).transpose(0, 1)
 
 
@@ -68,7 +73,7 @@ class IndexedMLA(MLA):
         if not self.use_indexer or max(meta.context_lens) <= self.indexer.topk:
             return self.o_proj(self.dense(q_nope, q_pe, positions, meta, latent).flatten(1))
         rows, valid = to_rows(self.pick(x, qr, cis, positions, meta, index), positions, meta)
-        return self.o_proj(absorbed_sparse(self, q_nope, q_pe, rows, valid, latent).flatten(1))
+        return self.o_proj(absorbed_sparse(self, absorb(self, q_nope, q_pe), rows, valid, latent).flatten(1))
 
     def pick(self, x, qr, cis, positions, meta, index) -> list[torch.Tensor]:
         """The indexer's top-k positions for each sequence's new tokens."""
