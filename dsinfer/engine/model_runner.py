@@ -5,6 +5,7 @@ from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.sequence import Sequence
 from dsinfer.layers import kv_format
 from dsinfer.layers.attention import AttentionMetadata
+from dsinfer.layers.block_sparse import BlockSparseMLA
 from dsinfer.models.fused_decode import FusedDecoder
 
 
@@ -77,7 +78,8 @@ def scratch_forward(model, ids: list[int], block_size: int = 16, kv_dtype: str =
     no engine blocks are touched (embeddings, calibration, scoring)."""
     weight = model.model.norm.weight
     kv_dtype = kv_format.resolve(kv_dtype, weight.dtype)
-    cache = KVCache(model.config, kv_dtype, weight.device, -(-len(ids) // block_size), block_size)
+    summaries = any(isinstance(layer.self_attn, BlockSparseMLA) for layer in model.model.layers)
+    cache = KVCache(model.config, kv_dtype, weight.device, -(-len(ids) // block_size), block_size, summaries)
     runner = ModelRunner(model, cache)
     return runner.run_model(*runner.inputs([(list(ids), 0, list(range(cache.num_blocks)), len(ids))]))
 
