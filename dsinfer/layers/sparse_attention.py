@@ -3,6 +3,7 @@ cache, and attention runs absorbed over them (scores against the latent, output 
 prefill chunks and decodes alike. IndexedMLA is MLA with DeepSeek-V3.2's indexer choosing the subset."""
 import torch
 
+from dsinfer import kernels
 from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers import kv_format
@@ -28,8 +29,17 @@ def gathered_attention(qc: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def with_kernels(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor) -> bool:
+    """Decode-sized fp32 steps absorb and expand through the C kernels MLA's absorbed decode uses (torch's
+    batched matmuls of one row per head run far below the weight-reading speed)."""
+    return (mla.kernels and q_nope.shape[0] <= kernels.MAX_M
+            and kernels.absorb_usable(q_nope, q_pe, mla.kv_b_proj.weight))
+
+
 def absorb(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
     """Queries in latent space (see MLA.absorbed): [T, H, r + dr]."""
+    if with_kernels(mla, q_nope, q_pe):
+        return kernels.mla_absorb(q_nope, q_pe, mla.kv_b_proj.weight, mla.r, mla.dv)
     w = mla.kv_b_proj.weight.view(mla.h, mla.dn + mla.dv, mla.r)
     return torch.cat([torch.bmm(q_nope.transpose(0, 1), w[:, :mla.dn]).transpose(0, 1), q_pe], -1)
 
@@ -37,6 +47,8 @@ def absorb(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
 def absorbed_sparse(mla: MLA, qc, rows, valid, cache) -> torch.Tensor:
     """MLA's absorbed attention over the kept rows only, from absorbed queries qc: [T, H, dv]."""
     o_lat = gathered_attention(qc, rows, valid, cache, mla.r, mla.scale)                   # [T, H, r]
+    if with_kernels(mla, qc, qc):
+        return kernels.mla_expand(o_lat.contiguous(), mla.kv_b_proj.weight, mla.dn, mla.dv)
     w = mla.kv_b_proj.weight.view(mla.h, mla.dn + mla.dv, mla.r)
     return torch.bmm(o_lat.transpose(0, 1), w[:, mla.dn:].transpose(1, 2)).transpose(0, 1)
 

@@ -128,3 +128,13 @@ def test_kv_bytes_per_token_include_indexer_keys(v32, llm32):
     latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     assert llm32().engine.stats().kv_bytes_per_token == cfg.num_hidden_layers * (latent + cfg.index_head_dim * 4)
     assert bytes_per_token(cfg, "bfloat16") == cfg.num_hidden_layers * (latent // 2 + cfg.index_head_dim * 2)
+
+
+def test_sparse_decode_with_and_without_cpu_kernels(llm32):
+    """Decodes absorb and expand through the C kernels where they are on; the plain torch path is the reference."""
+    prompts = [{"prompt_token_ids": p} for p in random_prompts((30, 64), seed=8)]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    fast, plain = llm32().generate(prompts, sp), llm32(cpu_kernels=False).generate(prompts, sp)
+    for a, b in zip(fast, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-4)
