@@ -31,3 +31,15 @@ def relabel(src: Path, out: Path, model_type: str) -> Path:
     cfg = json.loads((src / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(dict(cfg, model_type=model_type)))
     return out
+
+
+def build_glm_dsa(out: Path, seed: int = 0) -> Path:
+    """GLM-MoE-DSA: V3.2's shapes, an interleaved indexer rope, and layer 1 reusing layer 0's top-k."""
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+    torch.manual_seed(seed)
+    kw = dict(V32, indexer_types=["full", "shared", "full"], rms_norm_eps=1e-5)
+    model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(**COMMON, **kw)).eval()
+    for layer in model.model.layers[V32["first_k_dense_replace"]:]:
+        layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+    model.save_pretrained(out)
+    return out

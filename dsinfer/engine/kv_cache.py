@@ -17,10 +17,11 @@ def index_dtype(kv_dtype: str) -> torch.dtype:
 
 
 def bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
-    """Cache bytes per token over all layers: num_hidden_layers x (row_bytes (kv_format) + the indexer key's
-    index_head_dim x 4 bytes (fp32 cache) or 2 (bf16, fp8), where the model has an indexer)."""
-    index = cfg.index_head_dim * index_dtype(kv_dtype).itemsize if cfg.has_indexer else 0
-    return cfg.num_hidden_layers * (kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim) + index)
+    """Cache bytes per token over all layers: num_hidden_layers x row_bytes (kv_format), plus, in each layer with
+    its own indexer, the indexer key's index_head_dim x 4 bytes (fp32 cache) or 2 (bf16, fp8)."""
+    index = cfg.index_head_dim * index_dtype(kv_dtype).itemsize
+    indexed = sum(cfg.runs_indexer(i) for i in range(cfg.num_hidden_layers))
+    return cfg.num_hidden_layers * kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim) + indexed * index
 
 
 def available_memory(device: torch.device) -> int:
@@ -55,8 +56,9 @@ class KVCache:
         r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.layers = [kv_format.allocate(kv_dtype, num_blocks * block_size, r, dr, self.device)
                        for _ in range(cfg.num_hidden_layers)]
-        self.index_layers = [torch.zeros(num_blocks * block_size, cfg.index_head_dim, dtype=index_dtype(kv_dtype),
-                                         device=self.device) for _ in range(cfg.num_hidden_layers * cfg.has_indexer)]
+        self.index_layers = [torch.zeros(num_blocks * block_size, cfg.index_head_dim * cfg.runs_indexer(i),
+                                         dtype=index_dtype(kv_dtype), device=self.device)
+                             for i in range(cfg.num_hidden_layers * cfg.has_indexer)]  # none for shared layers
         self.summaries = [torch.zeros(num_blocks, r + dr, device=self.device)
                           for _ in range(cfg.num_hidden_layers * block_summaries)]
         self.r = r

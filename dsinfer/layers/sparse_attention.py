@@ -67,13 +67,19 @@ class IndexedMLA(MLA):
     """MLA whose every query attends to the index_topk cached tokens the indexer ranks highest. Indexer keys
     are written to their own cache (index_cache, one row per cache slot, beside the latent). While no sequence of
     a step has more than index_topk tokens, every token is kept, so the dense path runs and gives the same bits.
-    use_indexer=False runs dense attention over the same weights (for comparison)."""
+    A layer built with own_indexer=False (GLM-MoE-DSA's "shared" layers) has no indexer: it attends to what the
+    layer given as `source` picked in the same step. use_indexer=False runs dense attention over the same
+    weights (for comparison)."""
 
     def __init__(self, cfg: ModelConfig, mode: str = "auto", rotary: RotaryEmbedding | None = None,
-                 kc: KernelConfig = PLAIN, interleaved_index_rope: bool = False, use_indexer: bool = True):
+                 kc: KernelConfig = PLAIN, own_indexer: bool = True):
         super().__init__(cfg, mode, rotary, kc)
-        self.indexer = Indexer(cfg, kc, interleaved_index_rope)
-        self.use_indexer = use_indexer
+        self.topk = cfg.index_topk
+        self.indexer = Indexer(cfg, kc, cfg.interleaved_index_rope) if own_indexer else None
+        self.use_indexer, self.source, self.picked = True, (), None
+
+    def share(self, source: "IndexedMLA"):
+        self.source = (source,)  # a tuple, so that its weights are not this layer's too
 
     def forward(self, x, positions, meta: AttentionMetadata, cache: tuple[torch.Tensor, torch.Tensor]):
         latent, index = cache
@@ -81,10 +87,13 @@ class IndexedMLA(MLA):
         q = self.q_b_proj(qr).view(-1, self.h, self.dn + self.dr)
         cis = self.rotary.rotation(positions)
         q_nope, q_pe = self.rope_and_cache(q, self.kv_a_proj_with_mqa(x), cis, latent, meta.slot_mapping)
-        index.index_copy_(0, meta.slot_mapping, self.indexer.keys(x, cis).to(index.dtype))
-        if not self.use_indexer or max(meta.context_lens) <= self.indexer.topk:
+        if self.indexer is not None:
+            index.index_copy_(0, meta.slot_mapping, self.indexer.keys(x, cis).to(index.dtype))
+        if not self.use_indexer or max(meta.context_lens) <= self.topk:
             return self.o_proj(self.dense(q_nope, q_pe, positions, meta, latent).flatten(1))
-        rows, valid = to_rows(self.pick(x, qr, cis, positions, meta, index), positions, meta)
+        if self.indexer is not None:
+            self.picked = to_rows(self.pick(x, qr, cis, positions, meta, index), positions, meta)
+        rows, valid = self.picked if self.indexer is not None else self.source[0].picked
         return self.o_proj(absorbed_sparse(self, absorb(self, q_nope, q_pe), rows, valid, latent).flatten(1))
 
     def pick(self, x, qr, cis, positions, meta, index) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from dsinfer.models.deepseek_v32 import DeepseekV32ForCausalLM
 from dsinfer.models.loader import load_weights
 
 MODEL_CLASSES = {"deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM,
-                 "deepseek_v32": DeepseekV32ForCausalLM}
+                 "deepseek_v32": DeepseekV32ForCausalLM, "glm_moe_dsa": DeepseekV32ForCausalLM}
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mla_mode: str = "auto",
