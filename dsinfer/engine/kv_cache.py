@@ -21,7 +21,8 @@ def bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
     its own indexer, the indexer key's index_head_dim x 4 bytes (fp32 cache) or 2 (bf16, fp8)."""
     index = cfg.index_head_dim * index_dtype(kv_dtype).itemsize
     indexed = sum(cfg.runs_indexer(i) for i in range(cfg.num_hidden_layers))
-    return cfg.num_hidden_layers * kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim) + indexed * index
+    latent = kv_format.row_bytes(kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    return cfg.num_hidden_layers * latent + indexed * index
 
 
 def available_memory(device: torch.device) -> int:

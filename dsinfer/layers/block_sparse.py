@@ -34,7 +34,8 @@ class SparseConfig:
             raise ValueError(f"sparse_attention must be a dict of {[f.name for f in fields(cls)]}, got {d!r}")
         names = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - names):
-            raise ValueError(f"unknown sparse_attention field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise ValueError(f"unknown sparse_attention field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(names))}")
         for k, v in d.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "window" else 0):
                 raise ValueError(f"sparse_attention.{k} must be an integer >= {1 if k == 'window' else 0}, got {v!r}")

@@ -22,7 +22,8 @@ def layer():
 
 
 def meta_for(n):
-    return AttentionMetadata(1, n, [n], [n], torch.arange(n), torch.arange(-(-n // BS) * BS)[None], torch.zeros(n, dtype=torch.long))
+    return AttentionMetadata(1, n, [n], [n], torch.arange(n), torch.arange(-(-n // BS) * BS)[None],
+                             torch.zeros(n, dtype=torch.long))
 
 
 def reference(mla, x):
