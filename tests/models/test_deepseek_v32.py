@@ -138,3 +138,17 @@ def test_sparse_decode_with_and_without_cpu_kernels(llm32):
     for a, b in zip(fast, plain):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+def test_disk_tier_restores_indexer_keys_with_their_blocks(v32, tmp_path):
+    """Blocks written to the prefix cache's disk tier carry their indexer keys: a new engine that loads them
+    generates what transformers does."""
+    base = random_prompts((80,), seed=9)[0]
+    second = base + random_prompts((7,), seed=10)[0]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(v32, prefix_cache_dir=tmp_path) as llm:
+        llm.generate({"prompt_token_ids": base + [5, 6, 7]}, sp)
+    with LLM(v32, prefix_cache_dir=tmp_path) as llm:
+        out = llm.generate({"prompt_token_ids": second}, sp)[0].outputs[0]
+        assert llm.engine.stats().disk_hit_blocks == 80 // 16
+    assert out.token_ids == hf_greedy(v32, second, 6)
