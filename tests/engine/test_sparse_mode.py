@@ -18,7 +18,7 @@ def sparse_llms(ckpts):
     def get(**kw):
         key = tuple(sorted(kw.items()))
         if key not in made:
-            made[key] = LLM(ckpts["v3"], sparse_attention=SPARSE, **kw)
+            made[key] = LLM(ckpts["v3"], dtype="float32", sparse_attention=SPARSE, **kw)
         return made[key]
     return get
 

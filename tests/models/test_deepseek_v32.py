@@ -26,7 +26,7 @@ def llm32(v32):
     def get(**kw):
         key = tuple(sorted(kw.items()))
         if key not in cache:
-            cache[key] = LLM(v32, **kw)
+            cache[key] = LLM(v32, dtype="float32", **kw)
         return cache[key]
     return get
 
@@ -146,9 +146,9 @@ def test_disk_tier_restores_indexer_keys_with_their_blocks(v32, tmp_path):
     base = random_prompts((80,), seed=9)[0]
     second = base + random_prompts((7,), seed=10)[0]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    with LLM(v32, prefix_cache_dir=tmp_path) as llm:
+    with LLM(v32, dtype="float32", prefix_cache_dir=tmp_path) as llm:
         llm.generate({"prompt_token_ids": base + [5, 6, 7]}, sp)
-    with LLM(v32, prefix_cache_dir=tmp_path) as llm:
+    with LLM(v32, dtype="float32", prefix_cache_dir=tmp_path) as llm:
         out = llm.generate({"prompt_token_ids": second}, sp)[0].outputs[0]
         assert llm.engine.stats().disk_hit_blocks == 80 // 16
     assert out.token_ids == hf_greedy(v32, second, 6)

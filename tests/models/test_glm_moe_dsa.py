@@ -12,7 +12,7 @@ from tests.reference import hf_greedy
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory):
     path = build_glm_dsa(tmp_path_factory.mktemp("glm") / "glm")
-    return path, LLM(path, max_num_batched_tokens=40)
+    return path, LLM(path, dtype="float32", max_num_batched_tokens=40)
 
 
 def test_prompt_logprobs_match_transformers_chunked(glm):
