@@ -1,7 +1,8 @@
 """Long contexts: DeepSeek sparse attention (DSA) against dense attention over the same weights.
 
     python benchmarks/long_context.py [--contexts 2048 8192 16384 32768] [--prefill 2048 8192] [--steps 8]
-    python benchmarks/long_context.py --model DIR --sparse '{"sink": 64, "window": 1024, "topk_blocks": 64}'
+    python benchmarks/long_context.py --model DIR --quantization int8 \
+        --sparse '{"sink": 64, "window": 1024, "topk_blocks": 64}'
 
 Default: a model with DeepSeek-V3.2's real attention and indexer shapes (hidden 7168, 128 heads, q_lora_rank
 1536, kv_lora_rank 512, rope 64, indexer 64 heads x 128, index_topk 2048), 2 layers of a small MoE (8 experts of
@@ -24,6 +25,7 @@ from dsinfer.config import ModelConfig
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.model_runner import ModelRunner
+from dsinfer.layers import kv_format
 from dsinfer.layers.block_sparse import BlockSparseMLA, SparseConfig, write_summaries
 from dsinfer.models import build_model, load_model
 from dsinfer.models.loader import read_config
@@ -124,7 +126,7 @@ def build(args, kc):
         return cfg, model, None, "DSA"
     cfg = read_config(args.model)
     dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, cfg, dtype, torch.device("cpu"), "auto", kc)[0]
+    model = load_model(args.model, cfg, dtype, torch.device("cpu"), "auto", kc, args.quantization)[0]
     return cfg, model, SparseConfig.from_dict(json.loads(args.sparse)), "sparse"
 
 
@@ -135,18 +137,21 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--model", default=None, help="a checkpoint without an indexer, run with --sparse")
     p.add_argument("--sparse", default='{"sink": 64, "window": 1024, "topk_blocks": 64}')
-    p.add_argument("--dtype", default="bfloat16", help="the --model's weights dtype")
+    p.add_argument("--dtype", default="float32", help="the --model's compute dtype (the cache's too)")
+    p.add_argument("--quantization", default=None, help="int8 / int4: the --model's weights quantized on load")
     args = p.parse_args()
     kc = EngineConfig.from_kwargs().kernel_config(torch.device("cpu"))
     t0 = time.time()
     cfg, model, sparse, name = build(args, kc)
     longest = max(args.contexts + args.prefill) + 1
-    cache = KVCache(cfg, "float32", "cpu", -(-longest // 16), 16, block_summaries=sparse is not None)
+    kv_dtype = kv_format.resolve("auto", model.model.norm.weight.dtype)
+    cache = KVCache(cfg, kv_dtype, "cpu", -(-longest // 16), 16, block_summaries=sparse is not None)
     modes, runner = Modes(model, cache, sparse), ModelRunner.__new__(ModelRunner)
     runner.model, runner.cache, runner.device = model, cache, cache.device
     runner.offsets = torch.arange(cache.block_size)
-    print(f"built in {time.time() - t0:.0f} s; KV bytes per token: {cache.bytes_per_token} (cache), "
-          f"{kv_formula(cfg, 'float32')} (formula, fp32); bf16 {kv_formula(cfg, 'bfloat16')}, "
+    print(f"built in {time.time() - t0:.0f} s; KV bytes per token: {cache.bytes_per_token} (cache, {kv_dtype}), "
+          f"{kv_formula(cfg, kv_dtype)} (formula); fp32 {kv_formula(cfg, 'float32')}, "
+          f"bf16 {kv_formula(cfg, 'bfloat16')}, "
           f"fp8 {kv_formula(cfg, 'fp8')}", flush=True)
     print(f"\n| attention | context | decode tok/s | prefill s |\n|---|---:|---:|---:|")
     rates = {}

@@ -1,5 +1,7 @@
 """DeepSeek-V3.2 (DeepSeek sparse attention) against transformers' DeepseekV32ForCausalLM, fp32, with prompts
 several times longer than index_topk (12) so that every layer attends to a real top-k subset."""
+import math
+
 import pytest
 import torch
 
@@ -152,3 +154,16 @@ def test_disk_tier_restores_indexer_keys_with_their_blocks(v32, tmp_path):
         out = llm.generate({"prompt_token_ids": second}, sp)[0].outputs[0]
         assert llm.engine.stats().disk_hit_blocks == 80 // 16
     assert out.token_ids == hf_greedy(v32, second, 6)
+
+
+def test_bf16_weights_and_fp8_cache_keep_bf16_indexer_keys(v32, llm32):
+    """16-bit weights and an fp8 latent cache keep the indexer keys in bf16. On these random weights the top-k
+    boundary is full of near ties, which 16-bit rounding flips, so only the dense positions are compared."""
+    prompt = random_prompts((90,), seed=11)[0]
+    ref = prompt_logprobs(llm32(), [prompt])[0]
+    for kw in (dict(dtype="bfloat16"), dict(dtype="float32", kv_cache_dtype="fp8")):
+        llm = LLM(v32, **kw)
+        assert llm.engine.cache.index_layers[0].dtype == torch.bfloat16
+        got = prompt_logprobs(llm, [prompt])[0]
+        assert all(math.isfinite(got[j][prompt[j]].logprob) for j in range(1, len(prompt)))
+        assert max(abs(got[j][prompt[j]].logprob - ref[j][prompt[j]].logprob) for j in range(1, 12)) < 0.25, kw
