@@ -1,6 +1,7 @@
 """The training-free sparse mode through the engine: off by default, exactly dense on short contexts, the same
 whether a prompt is prefilled in one step or in chunks, and its options checked."""
 import argparse
+import json
 import math
 
 import pytest
@@ -67,3 +68,15 @@ def test_bf16_sparse_runs(ckpts, sparse_llms):
     got = logprobs(LLM(ckpts["v3"], dtype="bfloat16", sparse_attention=SPARSE), prompt)
     assert all(math.isfinite(x) for x in got)
     assert sum(abs(a - b) for a, b in zip(got[:47], ref[:47])) / 47 < 0.1
+
+
+def test_cli_takes_sparse_attention_json(ckpts, sparse_llms):
+    from tests.test_llm import run_cli
+    prompt = "def parse(text):\n    " * 12  # long enough for the sparse path
+    r = run_cli("generate", "--model", str(ckpts["v3"]), prompt, "--max-tokens", "6", "--sparse-attention",
+                json.dumps(SPARSE))
+    assert r.returncode == 0, r.stderr
+    want = sparse_llms().generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text
+    assert r.stdout == want + "\n"
+    bad = run_cli("generate", "--model", str(ckpts["v3"]), "x", "--sparse-attention", '{"sink": -1}')
+    assert bad.returncode == 2 and "sparse_attention.sink" in bad.stderr and "Traceback" not in bad.stderr
