@@ -66,8 +66,9 @@ class KVCache:
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor with a row per slot: the latent layers, then the indexer's key layers (if any)."""
-        return self.layers + self.index_layers
+        """Every tensor with a row per slot: the latent layers, then the indexer's key layers (if any; GLM's
+        shared layers have none)."""
+        return self.layers + [t for t in self.index_layers if t.shape[1]]
 
     def model_caches(self) -> list:
         """What the model's layers take: each layer's latent cache, or (latent, indexer keys) with an indexer."""

@@ -35,3 +35,14 @@ def test_shared_layer_has_no_indexer_and_caches_no_keys(glm):
     attn = [layer.self_attn for layer in llm.model.model.layers]
     assert [a.indexer is not None for a in attn] == [True, False, True]
     assert [t.shape[1] for t in llm.engine.cache.index_layers] == [32, 0, 32]
+
+
+def test_disk_tier_round_trip_without_shared_layer_keys(glm, tmp_path):
+    path, llm = glm
+    prompt = random_prompts((70,), seed=22)[0]
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = llm.generate({"prompt_token_ids": prompt}, sp)[0].outputs[0].token_ids
+    for hits in (0, 4):
+        with LLM(path, dtype="float32", prefix_cache_dir=tmp_path) as disk:
+            assert disk.generate({"prompt_token_ids": prompt}, sp)[0].outputs[0].token_ids == want
+            assert disk.engine.stats().disk_hit_blocks == hits
