@@ -15,6 +15,7 @@ and --sparse: that checkpoint (e.g. v2lite-4L) dense against the training-free s
   engine's chunked prefill does), only for the contexts in --prefill (long dense prefills take minutes here);
 - KV bytes per token over all layers, indexer keys included, from the cache and from the formula."""
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -57,8 +58,7 @@ class Modes:
     def __init__(self, model, cache: KVCache, sparse: SparseConfig | None):
         self.model, self.cache = model, cache
         self.dense_attn = [layer.self_attn for layer in model.model.layers]
-        self.sparse_attn = [twin(a, model.config, model.kernel_config, sparse) for a in self.dense_attn] \
-            if sparse else None
+        self.sparse_attn = [twin(a, sparse) for a in self.dense_attn] if sparse else None
 
     def set(self, sparse: bool):
         if self.sparse_attn is None:
@@ -69,12 +69,10 @@ class Modes:
         return self.cache.model_caches() if sparse else self.cache.layers
 
 
-def twin(mla, cfg, kc, sparse: SparseConfig) -> BlockSparseMLA:
-    """A BlockSparseMLA over mla's own parameters (no copy)."""
-    with torch.device("meta"):
-        s = BlockSparseMLA(cfg, mla.mode, None, kc, sparse)
-    s.load_state_dict(mla.state_dict(), assign=True)
-    s.rotary = mla.rotary
+def twin(mla, sparse: SparseConfig) -> BlockSparseMLA:
+    """A BlockSparseMLA over mla's own weights (a shallow copy: quantized weights are not parameters)."""
+    s = copy.copy(mla)
+    s.__class__, s.sparse = BlockSparseMLA, sparse
     return s
 
 
