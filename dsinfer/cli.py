@@ -2,11 +2,13 @@
 `dsinfer serve`, `dsinfer quantize`. Bad arguments fail in the parser, before any model loads: one line on
 stderr, exit status 2."""
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from dsinfer.engine.config import DTYPES, check_speculative_config, resolve_device
+from dsinfer.layers.block_sparse import SparseConfig
 from dsinfer.layers.kv_format import KV_CACHE_DTYPES
 from dsinfer.models.loader import CheckpointError, read_config
 
@@ -69,6 +71,15 @@ def output_file(text: str) -> str:
     return text
 
 
+def sparse_json(text: str) -> dict:
+    try:
+        d = json.loads(text)
+        SparseConfig.from_dict(d)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise argparse.ArgumentTypeError(f"--sparse-attention {text!r}: {e}") from None
+    return d
+
+
 def add_load_args(p: argparse.ArgumentParser):
     """What every command that loads a model takes."""
     p.add_argument("--model", type=model_dir, default=None,
@@ -83,6 +94,10 @@ def add_load_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="the latent cache's format: auto (the model's dtype), float32, bfloat16, fp8 (656 bytes "
                         "a token and layer at DeepSeek's shapes)")
+    p.add_argument("--sparse-attention", type=sparse_json, default=None, metavar="JSON",
+                   help='training-free sparse attention for models without an indexer, as JSON: '
+                        '{"sink": 16, "window": 256, "topk_blocks": 16} (each query keeps the first sink tokens, '
+                        'the last window tokens and the topk_blocks best-scoring cache blocks of the rest); default off')
     p.add_argument("--prefix-cache-dir", default=None,
                    help="a directory where prefix-cache blocks evicted from memory are kept, across restarts")
     p.add_argument("--prefix-cache-dir-bytes", type=COUNT, default=None, help="its size limit (default 10 GiB)")
@@ -96,7 +111,7 @@ def load_options(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 prefix_cache_dir=args.prefix_cache_dir, prefix_cache_dir_bytes=args.prefix_cache_dir_bytes,
-                speculative_config=args.speculative_config)
+                speculative_config=args.speculative_config, sparse_attention=args.sparse_attention)
 
 
 def add_model_args(p: argparse.ArgumentParser):

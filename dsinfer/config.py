@@ -1,10 +1,15 @@
 """ModelConfig: the parts of a DeepSeek config.json the engine uses, checked on load."""
 from dataclasses import dataclass, field
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+INDEXER_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")  # DeepSeek sparse attention: a lightning indexer
 _DEFAULTS = {  # what each family means when a key is absent
     "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy"},
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+    "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "index_n_heads": 64,
+                     "index_head_dim": 128, "index_topk": 2048},
+    "glm_moe_dsa": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "index_n_heads": 32,
+                    "index_head_dim": 128, "index_topk": 2048},
 }
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -45,11 +50,28 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     quantization_config: dict | None = None
+    index_n_heads: int = 0     # V3.2 indexer: heads, head dim (its first qk_rope_head_dim are roped), keys kept
+    index_head_dim: int = 0
+    index_topk: int = 0
+    indexer_types: list[str] | None = None  # GLM-MoE-DSA: per layer "full" (own indexer) or "shared" (previous's)
 
     @property
     def kv_cache_dim(self) -> int:
         """Values cached per token and layer: the normalized latent plus the shared roped key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.model_type in INDEXER_MODEL_TYPES
+
+    @property
+    def interleaved_index_rope(self) -> bool:
+        """GLM-MoE-DSA turns the indexer's rope slice in interleaved pairs; DeepSeek-V3.2 in NeoX halves."""
+        return self.model_type == "glm_moe_dsa"
+
+    def runs_indexer(self, i: int) -> bool:
+        """Whether layer i has its own indexer (else it reuses the previous full layer's top-k)."""
+        return self.has_indexer and (self.indexer_types is None or self.indexer_types[i] == "full")
 
     def is_moe_layer(self, i: int) -> bool:
         return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
@@ -81,6 +103,15 @@ class ModelConfig:
             raise ValueError(f"unsupported rope scaling type {self.rope_scaling['type']!r}; dsinfer supports yarn")
         if self.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; DeepSeek models use silu")
+        if self.has_indexer and not (self.index_n_heads > 0 and self.index_topk > 0
+                                     and self.qk_rope_head_dim <= self.index_head_dim and self.q_lora_rank):
+            raise ValueError(f"{self.model_type} needs index_n_heads and index_topk > 0, index_head_dim >= "
+                             f"qk_rope_head_dim and a q_lora_rank (the indexer's query comes from the query latent)")
+        if self.indexer_types is not None and (len(self.indexer_types) != self.num_hidden_layers
+                                               or set(self.indexer_types) - {"full", "shared"}
+                                               or self.indexer_types[0] != "full"):
+            raise ValueError(f"indexer_types must give 'full' or 'shared' for each of the {self.num_hidden_layers} "
+                             f"layers, the first 'full', got {self.indexer_types}")
         if not self.n_routed_experts:
             return
         if self.topk_method not in _TOPK_METHODS:

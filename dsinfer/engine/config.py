@@ -10,6 +10,7 @@ from dsinfer.config import ModelConfig
 from dsinfer import kernels
 from dsinfer.kernels import KernelConfig
 from dsinfer.layers.attention import MLA_MODES
+from dsinfer.layers.block_sparse import SparseConfig
 from dsinfer.layers.kv_format import KV_CACHE_DTYPES
 from dsinfer.models.quant_plan import MODES as QUANTIZATIONS
 
@@ -54,6 +55,7 @@ class EngineConfig:
     enforce_eager: bool | None = None       # True: no fused decode; None: DSINFER_FUSED_DECODE, else fused
     ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
     speculative_config: dict | str | None = None  # {"method": "mtp", "num_speculative_tokens": k} or its JSON
+    sparse_attention: dict | None = None    # training-free sparse attention {sink, window, topk_blocks}; None: dense
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -85,6 +87,14 @@ class EngineConfig:
             raise ValueError(f"ffn_chunk_tokens must be >= 0 or None, got {self.ffn_chunk_tokens}")
         self.torch_dtype(torch.device("cpu"))
         self.speculative_config = check_speculative_config(self.speculative_config)
+        sparse = self.sparse_config()
+        if sparse is not None and sparse.window < self.block_size:
+            raise ValueError(f"sparse_attention.window ({sparse.window}) must be at least block_size "
+                             f"({self.block_size}): then every block a query chooses among is full and in its past")
+
+    def sparse_config(self) -> SparseConfig | None:
+        """The checked sparse_attention setting (layers/block_sparse.py), None when off."""
+        return None if self.sparse_attention is None else SparseConfig.from_dict(self.sparse_attention)
 
     def fit_to(self, model: ModelConfig):
         """Fills what depends on the model (max_model_len, the step's token budget) and checks the rest."""
@@ -93,6 +103,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be in 2..{limit} (the model's max_position_embeddings), "
                              f"got {self.max_model_len}")
         self.max_model_len = self.max_model_len or limit
+        if self.sparse_attention is not None and model.has_indexer:
+            raise ValueError(f"sparse_attention is for models without an indexer; {model.model_type} attends "
+                             f"through its own indexer (index_topk {model.index_topk})")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 2048 if self.enable_chunked_prefill else max(2048, self.max_model_len)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:

@@ -48,7 +48,7 @@ def checksum(data: bytes) -> bytes:
 
 def cache_layout(cache) -> Layout:
     """What KVCache.read_block gives for one block: each layer's storage dtype and [block_size, row width]."""
-    return [(layer.dtype, (cache.block_size, layer.shape[1])) for layer in cache.layers]
+    return [(layer.dtype, (cache.block_size, layer.shape[1])) for layer in cache.tensors]
 
 
 def raw_bytes(t: torch.Tensor) -> bytes:

@@ -70,7 +70,7 @@ class LLMEngine:
         torch.manual_seed(cfg.seed)
         kc = cfg.kernel_config(device)
         model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, kc, cfg.quantization,
-                                      cfg.quant_group_size, cfg.map_embeddings)
+                                      cfg.quant_group_size, cfg.map_embeddings, cfg.sparse_config())
         draft = load_mtp(model, path, mtp, dtype, device, cfg.mla_mode, kc) if cfg.speculative_config else None
         engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed, path, draft)
         engine.quantization, engine.mtp_tensors = bits, mtp  # bits per quantized unit; the MTP layer's tensors
@@ -86,7 +86,8 @@ class LLMEngine:
         if blocks * cfg.block_size < cfg.max_model_len:
             raise ValueError(f"the KV cache budget holds {blocks * cfg.block_size} tokens, fewer than max_model_len "
                              f"({cfg.max_model_len}); raise kv_cache_memory or lower max_model_len")
-        return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size, extra_layers)
+        return KVCache(mcfg, kv_dtype, self.device, blocks, cfg.block_size, extra_layers,
+                       cfg.sparse_attention is not None)
 
     def make_disk_tier(self, checkpoint: Path | None) -> DiskTier | None:
         """The prefix cache's disk tier, in a subdirectory of prefix_cache_dir named for this model and setting."""
@@ -101,7 +102,7 @@ class LLMEngine:
                              "engine with LLMEngine.from_config")
         settings = dict(dtype=str(self.dtype), kv_cache_dtype=self.cache.kv_dtype, block_size=cfg.block_size,
                         num_layers=len(self.cache.layers), quantization=cfg.quantization,
-                        quant_group_size=cfg.quant_group_size)
+                        quant_group_size=cfg.quant_group_size, sparse_attention=cfg.sparse_config())
         directory = Path(cfg.prefix_cache_dir) / model_key(Path(checkpoint), settings)
         return DiskTier(directory, cfg.prefix_cache_dir_bytes, cache_layout(self.cache))
 

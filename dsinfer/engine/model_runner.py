@@ -8,6 +8,7 @@ from dsinfer.engine.sequence import Sequence
 from dsinfer.kernels import MAX_M
 from dsinfer.layers import kv_format
 from dsinfer.layers.attention import AttentionMetadata
+from dsinfer.layers.block_sparse import BlockSparseMLA
 from dsinfer.models.fused_decode import FusedDecoder
 
 
@@ -18,7 +19,8 @@ class ModelRunner:
         gets as a plain decode)."""
         self.model, self.cache, self.device = model, cache, cache.device
         self.offsets = torch.arange(cache.block_size, device=self.device)
-        self.fused = FusedDecoder.build(model, cache.layers)  # None: every step runs the Python layers
+        # None: every step runs the Python layers (always for sparse attention, which the C layer does not do)
+        self.fused = None if cache.index_layers or cache.summaries else FusedDecoder.build(model, cache.layers)
         self.chunk_decodes = chunk_decodes
 
     def prepare(self, batch: list[tuple[Sequence, int]]):
@@ -81,7 +83,7 @@ class ModelRunner:
         if self.fused is not None and self.chunk_decodes and meta.num_prefills == 0:
             return torch.cat([self.fused(input_ids[a:a + MAX_M], positions[a:a + MAX_M], decode_slice(meta, a))
                               for a in range(0, input_ids.shape[0], MAX_M)])
-        return self.model(input_ids, positions, meta, self.cache.layers)
+        return self.model(input_ids, positions, meta, self.cache.model_caches())
 
 
 def decode_slice(meta: AttentionMetadata, start: int) -> AttentionMetadata:
@@ -112,7 +114,9 @@ def scratch_forward(model, ids: list[int], block_size: int = 16, kv_dtype: str =
     no engine blocks are touched (embeddings, calibration, scoring)."""
     weight = model.model.norm.weight
     kv_dtype = kv_format.resolve(kv_dtype, weight.dtype)
-    cache = KVCache(model.config, kv_dtype, weight.device, -(-len(ids) // block_size), block_size)
+    summaries = any(isinstance(layer.self_attn, BlockSparseMLA) for layer in model.model.layers)
+    cache = KVCache(model.config, kv_dtype, weight.device, -(-len(ids) // block_size), block_size,
+                    block_summaries=summaries)
     runner = ModelRunner(model, cache)
     return runner.run_model(*runner.inputs([(list(ids), 0, list(range(cache.num_blocks)))]))
 

@@ -59,13 +59,15 @@ class MLA(nn.Module):
         q = q.view(-1, self.h, self.dn + self.dr)
         kv = self.kv_a_proj_with_mqa(x)
         q_nope, q_pe = self.rope_and_cache(q, kv, self.rotary.rotation(positions), cache, meta.slot_mapping)
+        return self.o_proj(self.dense(q_nope, q_pe, positions, meta, cache).flatten(1))
+
+    def dense(self, q_nope, q_pe, positions, meta, cache) -> torch.Tensor:
+        """Attention over every cached position of each sequence, in the bound mode: [T, H, dv]."""
         if self.mode == "decompressed":
-            out = self.decompressed(q_nope, q_pe, meta, cache, len(meta.query_lens))
-        elif self.mode == "absorbed":
-            out = self.absorbed(q_nope, q_pe, positions, meta.gather_index, meta.token_seq, cache)
-        else:
-            out = self.mixed(q_nope, q_pe, positions, meta, cache)
-        return self.o_proj(out.flatten(1))
+            return self.decompressed(q_nope, q_pe, meta, cache, len(meta.query_lens))
+        if self.mode == "absorbed":
+            return self.absorbed(q_nope, q_pe, positions, meta.gather_index, meta.token_seq, cache)
+        return self.mixed(q_nope, q_pe, positions, meta, cache)
 
     def rope_and_cache(self, q, kv, cis, cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
         """Turns the rope parts of q and of the new keys, and writes each new token's cache row: the normalized

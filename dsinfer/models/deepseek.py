@@ -16,10 +16,13 @@ from dsinfer.layers.rope import RotaryEmbedding
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int, mla_mode: str, rotary: RotaryEmbedding, kc: KernelConfig):
         super().__init__()
-        self.self_attn = MLA(cfg, mla_mode, rotary, kc)
+        self.self_attn = self.attention(cfg, idx, mla_mode, rotary, kc)
         self.mlp = MoE(cfg, kc) if cfg.is_moe_layer(idx) else MLP(cfg.hidden_size, cfg.intermediate_size, kc)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kc)
+
+    def attention(self, cfg: ModelConfig, idx: int, mla_mode: str, rotary: RotaryEmbedding, kc: KernelConfig):
+        return MLA(cfg, mla_mode, rotary, kc)
 
     def forward(self, x, positions, meta, cache):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta, cache)
@@ -27,12 +30,14 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
+    layer_class = DecoderLayer
+
     def __init__(self, cfg: ModelConfig, mla_mode: str, kc: KernelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, mla_mode, self.rotary, kc)
+        self.layers = nn.ModuleList(self.layer_class(cfg, i, mla_mode, self.rotary, kc)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kc)
 
@@ -52,10 +57,12 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekForCausalLM(nn.Module):
+    model_class = DeepseekModel
+
     def __init__(self, cfg: ModelConfig, mla_mode: str = "auto", kc: KernelConfig = PLAIN):
         super().__init__()
         self.config, self.kernel_config = cfg, kc
-        self.model = DeepseekModel(cfg, mla_mode, kc)
+        self.model = self.model_class(cfg, mla_mode, kc)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, kc=kc)
         self.matmul = Matmul(kc)
 

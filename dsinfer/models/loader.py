@@ -165,10 +165,22 @@ def fill(views: dict, path: Path, where: dict[str, str], cfg: ModelConfig, quiet
         elif name in views:
             _copy(views[name], _read(handles, where, name, block), name)
             loaded.add(name)
+    _check_ignored_indexer(where, views, cfg.model_type)
     missing = [n for n in views if n not in loaded]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {path} is missing tensor(s): {shown}")
+
+
+def _check_ignored_indexer(where, views, model_type: str):
+    """A sparse-attention indexer in a checkpoint whose model type has none would be dropped silently, and
+    attention would run dense: wrong past index_topk tokens. That is an error, not a load."""
+    ignored = sorted(n for n in where if ".self_attn.indexer." in n and n not in views)
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        raise CheckpointError(f"the checkpoint has sparse-attention indexer tensors ({shown}) that model_type "
+                              f"{model_type!r} does not use; a DeepSeek-V3.2 checkpoint must say "
+                              f"model_type 'deepseek_v32'")
 
 
 class ShardReader:
