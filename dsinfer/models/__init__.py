@@ -6,31 +6,38 @@ from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.models import quant_plan
 from dsinfer.models.deepseek import DeepseekForCausalLM
 from dsinfer.models.loader import load_weights
+from dsinfer.models.parallel_model import ParallelDeepseekForCausalLM
 
 MODEL_CLASSES = {"deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mla_mode: str = "auto",
-                kc: KernelConfig = PLAIN):
+                kc: KernelConfig = PLAIN, shard=None):
     """Allocates the model on `device` in `dtype` without initialising weights (the loader fills them); its
-    layers bind the implementations `kc` chooses."""
+    layers bind the implementations `kc` chooses. shard (layers/parallel.py): this rank's part of a model split
+    over a tensor-parallel group."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
+            if shard is not None and shard.size > 1:
+                return ParallelDeepseekForCausalLM(cfg, mla_mode, kc, shard).eval()
             return MODEL_CLASSES[cfg.model_type](cfg, mla_mode, kc).eval()
     finally:
         torch.set_default_dtype(previous)
 
 
 def load_model(path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, mla_mode: str, kc: KernelConfig,
-               quantization: str | None = None, group_size: int | None = None, map_embeddings: bool = True):
+               quantization: str | None = None, group_size: int | None = None, map_embeddings: bool = True,
+               shard=None):
     """The model built and filled from the checkpoint at `path`: (model, bits per quantized unit or None,
     MTP tensors the model does not use). Quantized weights become empty QTensors before the loader fills
     them, so no full-precision copy of a quantized matrix is ever made."""
-    model = build_model(cfg, dtype, device, mla_mode, kc)
+    model = build_model(cfg, dtype, device, mla_mode, kc, shard)
     bits = quant_plan.prepare(model, path, quantization, group_size, map_embeddings)
     malloc.advise_hugepages(quant_plan.weight_tensors(model))  # before the loader first writes them
     mtp = load_weights(model, path)
+    if isinstance(model, ParallelDeepseekForCausalLM):
+        model.drop_replicated_biases()
     malloc.trim()  # loading's temporaries leave the heap fragmented (dsinfer/malloc.py)
     return model, bits, mtp
