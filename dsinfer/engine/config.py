@@ -52,6 +52,8 @@ class EngineConfig:
     cpu_kernels: bool | None = None         # dsinfer's C kernels; None: DSINFER_CPU_KERNELS, else on
     enforce_eager: bool | None = None       # True: no fused decode; None: DSINFER_FUSED_DECODE, else fused
     ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
+    tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
+    enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -66,7 +68,7 @@ class EngineConfig:
 
     def check(self):
         """Checks what can be checked before the model's config is read."""
-        positive = ("max_num_seqs", "block_size", "bucket_window")
+        positive = ("max_num_seqs", "block_size", "bucket_window", "tensor_parallel_size")
         for name in positive + ("max_num_batched_tokens", "max_model_len", "prefix_cache_dir_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -112,6 +114,8 @@ class EngineConfig:
     def kernel_config(self, device: torch.device) -> KernelConfig:
         """The kernels this engine's model runs, resolved against the machine."""
         fused = None if self.enforce_eager is None else not self.enforce_eager
+        if self.tensor_parallel_size > 1:
+            fused = False  # the fused decode layer holds whole layers' weights, not a rank's slices
         kc = KernelConfig.from_options(cpu_kernels=self.cpu_kernels, fused_decode=fused,
                                        ffn_chunk_tokens=self.ffn_chunk_tokens or 0)
         return kc.resolve(device)
