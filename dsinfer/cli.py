@@ -79,13 +79,18 @@ def add_load_args(p: argparse.ArgumentParser):
     p.add_argument("--prefix-cache-dir", default=None,
                    help="a directory where prefix-cache blocks evicted from memory are kept, across restarts")
     p.add_argument("--prefix-cache-dir-bytes", type=COUNT, default=None, help="its size limit (default 10 GiB)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=COUNT, default=1,
+                   help="split the model over N ranks: N processes on this machine, or torchrun's N ranks")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: each rank holds whole routed experts, not a slice of each")
 
 
 def load_options(args) -> dict:
     """The LLM options every command that loads a model takes from its flags."""
     return dict(dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                prefix_cache_dir=args.prefix_cache_dir, prefix_cache_dir_bytes=args.prefix_cache_dir_bytes)
+                prefix_cache_dir=args.prefix_cache_dir, prefix_cache_dir_bytes=args.prefix_cache_dir_bytes,
+                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
 
 
 def add_model_args(p: argparse.ArgumentParser):

@@ -21,6 +21,8 @@ from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
 from dsinfer.engine.stats import EngineStats, collect_stats
 from dsinfer.layers import kv_format
+from dsinfer.layers.parallel import Shard
+from dsinfer.models.loader import default_model_path, read_config
 from dsinfer.outputs import RequestOutput
 from dsinfer.sampling_params import SamplingParams
 from dsinfer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -66,6 +68,8 @@ class LLMEngine:
     @classmethod
     def parallel(cls, cfg: EngineConfig) -> "LLMEngine":
         """The engine on rank 0 of a tensor-parallel group (engine/worker.py); the other ranks follow its model."""
+        path = Path(cfg.model) if cfg.model is not None else default_model_path()
+        Shard(size=cfg.tensor_parallel_size, expert_parallel=cfg.enable_expert_parallel).local_config(read_config(path))
         team = worker.start(cfg)
         try:
             m = load_engine_model(cfg, team.shard)

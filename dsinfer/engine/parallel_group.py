@@ -8,7 +8,6 @@ A rank that dies closes its sockets, and the collective waiting on it fails at o
 connection): rank 0 then names the dead rank in a ParallelError and shuts the others down. Idle ranks wait for
 the next message without a time limit, since a server may sit idle for hours."""
 import datetime
-import itertools
 import os
 import pickle
 import queue as queues
@@ -22,7 +21,6 @@ from dsinfer.layers.parallel import Shard
 
 START_SECONDS = 300  # for a rank to start (import and connect); loading after that is watched by liveness
 FOREVER = datetime.timedelta(days=3650)
-_stores = itertools.count()  # one key prefix per group made in this process (the same count on every rank)
 
 
 class ParallelError(RuntimeError):
@@ -63,7 +61,7 @@ class Channel:
 
 def join(store, rank: int, size: int, expert_parallel: bool, device: torch.device) -> tuple[Shard, Channel]:
     """This rank's Shard (collectives: gloo, or NCCL on CUDA) and the Channel (always gloo, on CPU tensors)."""
-    store = dist.PrefixStore(f"dsinfer/{next(_stores)}", store)
+    store = dist.PrefixStore("dsinfer", store)  # a store per group: a fresh one per spawn, torchrun's per job
     control = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, FOREVER)
     comm = control
     if device.type == "cuda":

@@ -34,6 +34,7 @@ class Shard:
         """The config of this rank's layers: its heads, and its share of every MLP's intermediate (the routed
         experts' only under tensor parallelism)."""
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.part(cfg.vocab_size, "vocab_size")
         if cfg.n_routed_experts:
             self.part(cfg.n_routed_experts if self.expert_parallel else cfg.moe_intermediate_size,
                       "n_routed_experts" if self.expert_parallel else "moe_intermediate_size")
