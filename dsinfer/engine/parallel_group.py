@@ -99,16 +99,19 @@ class Team:
         self.broken: ParallelError | None = None
 
     def send(self, msg):
+        start = time.perf_counter()
         self.call(self.channel.send, msg)
+        self.shard.comm_seconds += time.perf_counter() - start
 
     def call(self, fn, *args):
-        """fn(*args), a collective: a failure names the rank that died and shuts the group down."""
+        """fn(*args), which the other ranks make too. Any failure shuts the group down, since the ranks can no
+        longer be in step: a collective's names the rank that died."""
         if self.broken:
             raise self.broken
         try:
             return fn(*args)
-        except RuntimeError as e:
-            raise self.fail(f"a tensor-parallel collective failed: {e}") from e
+        except Exception as e:
+            raise self.fail(f"a tensor-parallel call failed: {type(e).__name__}: {e}") from e
 
     def fail(self, why: str) -> ParallelError:
         time.sleep(0.1)  # a rank that closed its sockets is about to be seen as exited
