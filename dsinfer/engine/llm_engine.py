@@ -70,6 +70,7 @@ class LLMEngine:
         """The engine on rank 0 of a tensor-parallel group (engine/worker.py); the other ranks follow its model."""
         path = Path(cfg.model) if cfg.model is not None else default_model_path()
         Shard(size=cfg.tensor_parallel_size, expert_parallel=cfg.enable_expert_parallel).local_config(read_config(path))
+        cfg.dtype = cfg.torch_dtype(cfg.torch_device())  # decided here, so that every rank computes in it
         team = worker.start(cfg)
         try:
             m = load_engine_model(cfg, team.shard)
