@@ -69,6 +69,15 @@ def join(store, rank: int, size: int, expert_parallel: bool, device: torch.devic
     return Shard(rank, size, expert_parallel, comm), Channel(control)
 
 
+def shutdown(shard: Shard, channel: Channel):
+    """Stops the groups' threads now: left to the interpreter's exit, their destructors may abort the process."""
+    for group in {id(g): g for g in (shard.group, channel.group) if g is not None}.values():
+        try:
+            group.shutdown()
+        except RuntimeError:
+            pass
+
+
 def client_store(port: int, size: int):
     """A worker process's connection to the store rank 0 hosts on this machine."""
     return dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=datetime.timedelta(seconds=START_SECONDS))
@@ -96,6 +105,7 @@ class Team:
 
     def __init__(self, shard: Shard, channel: Channel, processes=(), messages=None):
         self.shard, self.channel, self.processes, self.messages = shard, channel, list(processes), messages
+        self.store = None
         self.broken: ParallelError | None = None
 
     def send(self, msg):
@@ -171,6 +181,9 @@ class Team:
             for p in self.processes:
                 p.join(timeout=30)
         self.stop_processes()
+        if self.shard is not None and self.channel is not None:
+            shutdown(self.shard, self.channel)
+            self.shard.group = self.channel = self.store = None  # destroyed now, not at the interpreter's exit
         self.broken = self.broken or ParallelError("the tensor-parallel group was closed")
 
 

@@ -4,6 +4,7 @@ other ranks before making it, and each other rank makes the same call on its sli
 The ranks' latent caches hold the same rows, since the latent projections are replicated: rank 0 sends the
 cache's size once, and any block it writes outside a forward (the prefix cache's disk tier)."""
 import dataclasses
+import os
 import sys
 import traceback
 
@@ -95,6 +96,7 @@ def run_spawned(rank: int, size: int, port: int, messages, threads: int, cfg: En
     except BaseException:  # rank 0 reports it, or is gone
         messages.put(("error", rank, traceback.format_exc()))
         sys.exit(1)
+    parallel_group.shutdown(shard, channel)
 
 
 def start(cfg: EngineConfig):
@@ -112,7 +114,10 @@ def start(cfg: EngineConfig):
     if rank:
         loaded = load_engine_model(cfg, shard)
         follow(loaded.model, channel, loaded.device)
-        sys.exit(0)
+        parallel_group.shutdown(shard, channel)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # the rank's work ends with rank 0's: nothing of the caller's script runs on
     team = parallel_group.Team(shard, channel)
     team.store = store
     return team
