@@ -104,6 +104,10 @@ def add_load_args(p: argparse.ArgumentParser):
     p.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
                    help='speculative decoding with the checkpoint\'s MTP layer: \'{"method": "mtp", '
                         '"num_speculative_tokens": 2}\'')
+    p.add_argument("--tensor-parallel-size", "-tp", type=COUNT, default=1,
+                   help="split the model over N ranks: N processes on this machine, or torchrun's N ranks")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: each rank holds whole routed experts, not a slice of each")
 
 
 def load_options(args) -> dict:
@@ -111,7 +115,8 @@ def load_options(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                 quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 prefix_cache_dir=args.prefix_cache_dir, prefix_cache_dir_bytes=args.prefix_cache_dir_bytes,
-                speculative_config=args.speculative_config, sparse_attention=args.sparse_attention)
+                speculative_config=args.speculative_config, sparse_attention=args.sparse_attention,
+                tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
 
 
 def add_model_args(p: argparse.ArgumentParser):

@@ -56,6 +56,8 @@ class EngineConfig:
     ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
     speculative_config: dict | str | None = None  # {"method": "mtp", "num_speculative_tokens": k} or its JSON
     sparse_attention: dict | None = None    # training-free sparse attention {sink, window, topk_blocks}; None: dense
+    tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
+    enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -70,7 +72,7 @@ class EngineConfig:
 
     def check(self):
         """Checks what can be checked before the model's config is read."""
-        positive = ("max_num_seqs", "block_size", "bucket_window")
+        positive = ("max_num_seqs", "block_size", "bucket_window", "tensor_parallel_size")
         for name in positive + ("max_num_batched_tokens", "max_model_len", "prefix_cache_dir_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -91,6 +93,8 @@ class EngineConfig:
         if sparse is not None and sparse.window < self.block_size:
             raise ValueError(f"sparse_attention.window ({sparse.window}) must be at least block_size "
                              f"({self.block_size}): then every block a query chooses among is full and in its past")
+        if self.tensor_parallel_size > 1 and (self.speculative_config or sparse is not None):
+            raise ValueError("tensor_parallel_size > 1 does not support speculative_config or sparse_attention yet")
 
     def sparse_config(self) -> SparseConfig | None:
         """The checked sparse_attention setting (layers/block_sparse.py), None when off."""
@@ -133,6 +137,8 @@ class EngineConfig:
     def kernel_config(self, device: torch.device) -> KernelConfig:
         """The kernels this engine's model runs, resolved against the machine."""
         fused = None if self.enforce_eager is None else not self.enforce_eager
+        if self.tensor_parallel_size > 1:
+            fused = False  # the fused decode layer holds whole layers' weights, not a rank's slices
         kc = KernelConfig.from_options(cpu_kernels=self.cpu_kernels, fused_decode=fused,
                                        ffn_chunk_tokens=self.ffn_chunk_tokens or 0)
         return kc.resolve(device)

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import torch
 
+from dsinfer.engine import worker
 from dsinfer.engine.block_manager import BlockManager
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.disk_cache import DiskTier, cache_layout, model_key
 from dsinfer.engine.grammar import Grammars
 from dsinfer.engine.input_processor import InputProcessor, truncate_prompt
 from dsinfer.engine.kv_cache import KVCache, plan_blocks
+from dsinfer.engine.loading import load_engine_model
 from dsinfer.engine.model_runner import ModelRunner, is_decode
 from dsinfer.engine.output_processor import OutputProcessor
 from dsinfer.engine.sampler import (apply_penalties, apply_rules, apply_token_masks, block_stops, build_rules,
@@ -21,9 +23,8 @@ from dsinfer.engine.sequence import Sequence
 from dsinfer.engine.spec_decode import SpecDecoder
 from dsinfer.engine.stats import EngineStats, collect_stats
 from dsinfer.layers import kv_format
-from dsinfer.models import load_model
+from dsinfer.layers.parallel import Shard
 from dsinfer.models.loader import default_model_path, read_config
-from dsinfer.models.mtp import load_mtp
 from dsinfer.outputs import RequestOutput
 from dsinfer.sampling_params import SamplingParams
 from dsinfer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -56,24 +57,37 @@ class LLMEngine:
         self.seq_counter = itertools.count()
         self.num_generated = self.num_prompt_computed = 0
         self.spec = None if mtp is None else SpecDecoder(self, mtp, cfg.num_speculative_tokens)
+        self.team = None  # the tensor-parallel group, on rank 0 of one
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
         """Reads the checkpoint cfg.model names, builds and loads its model with the kernels cfg chooses, and
         the tokenizer, cache and scheduler around it."""
+        if cfg.tensor_parallel_size > 1:
+            return cls.parallel(cfg)
+        m = load_engine_model(cfg)
+        engine = cls(m.model, load_tokenizer(Path(cfg.tokenizer or m.path)), cfg, m.dtype, m.device, cfg.seed, m.path,
+                     m.draft)
+        engine.quantization, engine.mtp_tensors = m.bits, m.mtp  # bits per quantized unit; the MTP layer's tensors
+        return engine
+
+    @classmethod
+    def parallel(cls, cfg: EngineConfig) -> "LLMEngine":
+        """The engine on rank 0 of a tensor-parallel group (engine/worker.py); the other ranks follow its model."""
         path = Path(cfg.model) if cfg.model is not None else default_model_path()
-        mcfg = read_config(path)
-        cfg.fit_to(mcfg)
-        device = cfg.torch_device()
-        dtype = cfg.torch_dtype(device)
-        log.info("dtype: %s%s", str(dtype).removeprefix("torch."), " (auto)" if cfg.dtype == "auto" else "")
-        torch.manual_seed(cfg.seed)
-        kc = cfg.kernel_config(device)
-        model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, kc, cfg.quantization,
-                                      cfg.quant_group_size, cfg.map_embeddings, cfg.sparse_config())
-        draft = load_mtp(model, path, mtp, dtype, device, cfg.mla_mode, kc) if cfg.speculative_config else None
-        engine = cls(model, load_tokenizer(Path(cfg.tokenizer or path)), cfg, dtype, device, cfg.seed, path, draft)
-        engine.quantization, engine.mtp_tensors = bits, mtp  # bits per quantized unit; the MTP layer's tensors
+        Shard(size=cfg.tensor_parallel_size, expert_parallel=cfg.enable_expert_parallel).local_config(read_config(path))
+        cfg.dtype = cfg.torch_dtype(cfg.torch_device())  # decided here, so that every rank computes in it
+        team = worker.start(cfg)
+        try:
+            m = load_engine_model(cfg, team.shard)
+            team.wait_for("ready")
+            model = worker.Leader(m.model, team)
+            engine = cls(model, load_tokenizer(Path(cfg.tokenizer or m.path)), cfg, m.dtype, m.device, cfg.seed, m.path)
+            model.share_cache(engine.cache)
+        except BaseException:
+            team.close()
+            raise
+        engine.quantization, engine.mtp_tensors, engine.team = m.bits, m.mtp, team
         return engine
 
     def make_cache(self, mcfg, dtype, extra_layers: int) -> KVCache:
@@ -113,6 +127,8 @@ class LLMEngine:
         if self.disk_tier is not None:
             self.blocks.spill_cached()
             self.disk_tier.close()
+        if self.team is not None:
+            self.team.close()
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams):
         prompt_ids = truncate_prompt(prompt_ids, params)

@@ -92,7 +92,7 @@ class Experts(nn.Module):
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n)
+        counts = torch.bincount(flat, minlength=self.n)[:self.n]  # ids >= n (none of ours) sort last
         token, scale = order // k, weights.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x)
         start = 0

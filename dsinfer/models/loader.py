@@ -12,6 +12,7 @@ from tqdm import tqdm
 from dsinfer import malloc
 from dsinfer.config import ModelConfig
 from dsinfer.layers.embedding import FileRows
+from dsinfer.models.sharded_load import ShardError, gptq_part, read_part, store_part
 from dsinfer.quant import gptq_format
 from dsinfer.quant.fp8 import FP8_DTYPES, check_fp8_config, dequantize_fp8
 from dsinfer.quant.qtensor import QTensor, expand_groups
@@ -142,7 +143,9 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, s
     where = {name: file for file, names in tensor_files(path).items() for name in names}
     mtp = {name: file for name, file in where.items() if _is_mtp(name, cfg.num_hidden_layers)}
     size = sum((path / f).stat().st_size for f in set(where.values()))
-    fill(checkpoint_views(model), path, {n: f for n, f in where.items() if n not in mtp}, cfg, size < 1 << 30)
+    shard, group = getattr(model, "shard", None), getattr(model, "requested_group", None)  # tensor parallel
+    fill(checkpoint_views(model), path, {n: f for n, f in where.items() if n not in mtp}, cfg, size < 1 << 30,
+         shard, group)
     return mtp
 
 
@@ -151,17 +154,21 @@ def _is_mtp(name: str, num_layers: int) -> bool:
     return bool(m) and int(m.group(1)) >= num_layers
 
 
-def fill(views: dict, path: Path, where: dict[str, str], cfg: ModelConfig, quiet: bool = True):
+def fill(views: dict, path: Path, where: dict[str, str], cfg: ModelConfig, quiet: bool = True, shard=None,
+         group=None):
     """Copies the tensors of `where` (name -> file) into `views` (checkpoint_views); names not in views are
-    ignored, and a view left unfilled is a CheckpointError naming it."""
+    ignored, and a view left unfilled is a CheckpointError naming it. shard / group: this rank's slices."""
     qc = cfg.quantization_config or {}
     block = check_fp8_config(qc) if qc.get("quant_method") == "fp8" else None
     loaded, handles = set(), ShardReader(path)
     for name in tqdm(where, desc="loading weights", unit="tensor", disable=quiet):
         if name.endswith(".qweight") and name[:-7] + "weight" in views:
             target = name[:-7] + "weight"
-            _load_gptq(views[target], _gptq_tensors(handles, where, name[:-8]), qc, target)
+            _load_gptq(views[target], _gptq_tensors(handles, where, name[:-8]), qc, target, shard)
             loaded.add(target)
+        elif name in views and shard is not None:
+            _copy_part(views[name], handles, where, name, block, shard, group)
+            loaded.add(name)
         elif name in views:
             _copy(views[name], _read(handles, where, name, block), name)
             loaded.add(name)
@@ -193,15 +200,22 @@ class ShardReader:
     def __init__(self, path: Path):
         self.path, self.files, self.read = path, {}, {}
 
-    def get(self, file: str, name: str) -> torch.Tensor:
-        if file not in self.files:
-            self.files[file], self.read[file] = safe_open(self.path / file, "pt"), 0
-        t = self.files[file].get_tensor(name)
+    def get(self, file: str, name: str, index=None) -> torch.Tensor:
+        """The tensor, or only tensor[index] (a tuple of slices), reading only those bytes."""
+        t = self.open(file).get_tensor(name) if index is None else self.open(file).get_slice(name)[index]
         self.read[file] += t.numel() * t.element_size()
         if self.read[file] > self.REMAP_BYTES:
             del self.files[file]
             malloc.trim()  # and the heap left fragmented by the temporaries of the last REMAP_BYTES
         return t
+
+    def open(self, file: str):
+        if file not in self.files:
+            self.files[file], self.read[file] = safe_open(self.path / file, "pt"), 0
+        return self.files[file]
+
+    def shape(self, file: str, name: str) -> list[int]:
+        return self.open(file).get_slice(name).get_shape()
 
 
 def _get(handles: ShardReader, where, name: str) -> torch.Tensor:
@@ -226,6 +240,31 @@ def _read(handles, where, name: str, block) -> torch.Tensor:
         raise CheckpointError(str(e)) from None
 
 
+def _copy_part(dest, handles, where, name: str, block, shard, group):
+    """This rank's part of tensor `name` into dest (sharded_load.py)."""
+    scale = name + "_scale_inv"
+
+    def scale_inv():
+        if block is None:
+            raise CheckpointError(f"tensor {name} is fp8 but config.json has no fp8 quantization_config")
+        if scale not in where:
+            raise CheckpointError(f"fp8 tensor {name} has no {scale} beside it")
+        return _get(handles, where, scale)
+
+    try:
+        t = read_part(handles, where[name], name, dest, shard, scale_inv, block, group)
+    except ShardError as e:
+        raise CheckpointError(str(e)) from None
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read tensor {name} from {where[name]}: {e}") from None
+    if isinstance(dest, QTensor):
+        store_part(dest, t, shard)
+    else:
+        _copy(dest, t, name)
+
+
 def _copy(dest: torch.Tensor | QTensor, src: torch.Tensor, name: str):
     if tuple(src.shape) != tuple(dest.shape):
         raise CheckpointError(f"tensor {name} has shape {tuple(src.shape)}, expected {tuple(dest.shape)}")
@@ -246,11 +285,15 @@ def _gptq_tensors(handles, where, base: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_gptq(dest: torch.Tensor | QTensor, t: dict[str, torch.Tensor], qc: dict, name: str):
-    """Repacks one GPTQ layer into a QTensor (exactly), or dequantizes it for a full-precision destination."""
+def _load_gptq(dest: torch.Tensor | QTensor, t: dict[str, torch.Tensor], qc: dict, name: str, shard=None):
+    """Repacks one GPTQ layer into a QTensor (exactly), or dequantizes it for a full-precision destination;
+    with a shard, this rank's part of it."""
     n, k = dest.shape[-2:]
     try:
-        bits, group, codes, scales, mins, perm = gptq_format.read_layer(t, qc, n, k, name[:-7])
+        if shard is None:
+            bits, group, codes, scales, mins, perm = gptq_format.read_layer(t, qc, n, k, name[:-7])
+        else:
+            bits, group, codes, scales, mins, perm = gptq_part(t, qc, n, k, shard, name[:-7])
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(dest, QTensor):

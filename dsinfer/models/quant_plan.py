@@ -128,14 +128,22 @@ def prepare(model: nn.Module, path, quantization: str | None, group_size: int | 
     elif quantization is None:
         return None
     else:
-        info = tensor_info(path)
+        info, bits = tensor_info(path), 8 if quantization == "int8" else 4
         for u in units(model):
-            quantize_unit(u, 8 if quantization == "int8" else 4, group_size)
+            quantize_unit(u, bits, group_size)
+        model.requested_group = DEFAULT_GROUP[bits] if group_size is None else group_size  # for split weights
     shape_dtype = info.get("model.embed_tokens.weight")
     dtype = SAFETENSORS_DTYPES.get(shape_dtype[1]) if shape_dtype else None
     if dtype in (torch.bfloat16, torch.float16) and model.model.embed_tokens.device.type == "cpu":
         keep_embedding(model, path, dtype, map_embeddings)
     return summary(model)
+
+
+def _input_size(info: dict, qweight: str, k: int) -> int:
+    """The layer's full input size: g_idx's length where there is one (a rank of a tensor-parallel model may hold
+    only part of the input), else the model's."""
+    g_idx = info.get(qweight[:-7] + "g_idx")
+    return g_idx[0][0] if g_idx else k
 
 
 def _prepare_gptq_unit(unit: Unit, qc: dict, info: dict):
@@ -146,8 +154,7 @@ def _prepare_gptq_unit(unit: Unit, qc: dict, info: dict):
     if len(present) != len(qnames):
         missing = next(n for n in qnames if n not in info)
         raise CheckpointError(f"{unit.name} is GPTQ-quantized in part: {missing} is missing")
-    k = unit.weight.shape[-1]
-    bits = {bits_of(info[n][0], k) for n in present}
+    bits = {bits_of(info[n][0], _input_size(info, n, unit.weight.shape[-1])) for n in present}
     if len(bits) != 1 or not bits <= {4, 8}:
         raise CheckpointError(f"{present[0]} and the tensors fused with it must share 4 or 8 bits; found {sorted(bits)}")
     quantize_unit(unit, bits.pop(), qc.get("group_size", -1), with_mins=not qc.get("sym", True),
