@@ -137,3 +137,11 @@ def test_a_worker_that_dies_is_a_clear_error_and_no_hang(tp):
     assert time.monotonic() - start < 10
     with pytest.raises(ParallelError):  # and stays failed
         results(tp)
+
+
+@pytest.mark.parametrize("option", [{"speculative_config": {"method": "mtp", "num_speculative_tokens": 1}},
+                                    {"sparse_attention": {"sink": 16, "window": 64, "topk_blocks": 4}}])
+def test_features_not_split_yet_are_refused_before_any_process_starts(option):
+    from dsinfer.engine.config import EngineConfig
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 does not support"):
+        EngineConfig.from_kwargs(tensor_parallel_size=2, **option)
