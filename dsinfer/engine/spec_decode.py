@@ -141,10 +141,10 @@ class SpecDecoder:
     def constrain(self, target: torch.Tensor, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
         """Structured outputs: a grammar row (it never drafts, so it has one position) keeps what its grammar
         allows, as in a plain step."""
+        if all(s.matcher is None for s in seqs):
+            return target
         rows = list(itertools.accumulate(counts, initial=0))[:-1]
         grammar = [(r, s) for r, s in zip(rows, seqs) if s.matcher is not None]
-        if not grammar:
-            return target
         masks = self.engine.grammars.fill_masks([s.matcher for _, s in grammar])
         row_seqs = [s for s, c in zip(seqs, counts) for _ in range(c)]
         return apply_token_masks(target, row_seqs, [r for r, _ in grammar], masks)
