@@ -12,47 +12,56 @@
 
 #define MAX_M 8
 #define KC 128 /* columns per chunk in the blocked kernel */
+#ifndef ROW_STREAMS
+#define ROW_STREAMS 8 /* weight rows read side by side by the row kernel for one row of x */
+#endif
 
 static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 
 
-/* One output row at a time; M (rows of x) and U (8-float vectors per step, so that small M still has
- * independent FMA chains) are compile-time constants after inlining, so accumulators live in registers. */
+/* R weight rows at a time (several independent memory streams: one row at a time leaves the core's read
+ * bandwidth well short of the machine's, bf16 most of all), one accumulator per (weight row, x row), k walked in
+ * order, so that every output is summed in the same order as by the blocked kernel below (batch-invariant
+ * bits). M (rows of x) and R are compile-time constants after inlining, so accumulators live in registers. */
 #define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                          \
 static inline __attribute__((always_inline)) void NAME##_m(                                         \
-        const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t n0, int64_t n1,     \
-        const int M, const int U) {                                                                 \
-    for (int64_t j = n0; j < n1; j++) {                                                             \
-        const WTYPE *row = w + j * k;                                                               \
-        __m256 acc[MAX_M][4];                                                                       \
-        for (int r = 0; r < M; r++)                                                                 \
-            for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();                            \
-        int64_t i = 0;                                                                              \
-        for (; i + 8 * U <= k; i += 8 * U)                                                          \
-            for (int u = 0; u < U; u++) {                                                           \
-                __m256 wv = LOAD(row + i + 8 * u);                                                  \
-                for (int r = 0; r < M; r++)                                                         \
-                    acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * k + i + 8 * u), acc[r][u]); \
-            }                                                                                       \
+        const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t j, const int M,     \
+        const int R) {                                                                              \
+    const WTYPE *row = w + j * k;                                                                   \
+    __m256 acc[MAX_M][8];                                                                           \
+    for (int r = 0; r < M; r++)                                                                     \
+        for (int g = 0; g < R; g++) acc[r][g] = _mm256_setzero_ps();                                \
+    int64_t i = 0;                                                                                  \
+    for (; i + 8 <= k; i += 8)                                                                      \
         for (int r = 0; r < M; r++) {                                                               \
-            for (int u = 1; u < U; u++) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][u]);            \
-            float s = hsum(acc[r][0]);                                                              \
-            for (int64_t t = i; t < k; t++) s += SCALAR(row[t]) * x[r * k + t];                     \
-            y[r * n + j] = s;                                                                       \
+            __m256 xv = _mm256_loadu_ps(x + r * k + i);                                             \
+            for (int g = 0; g < R; g++) acc[r][g] = _mm256_fmadd_ps(LOAD(row + g * k + i), xv, acc[r][g]); \
         }                                                                                           \
-    }                                                                                               \
+    for (int r = 0; r < M; r++)                                                                     \
+        for (int g = 0; g < R; g++) {                                                               \
+            float s = hsum(acc[r][g]);                                                              \
+            for (int64_t t = i; t < k; t++) s += SCALAR(row[g * k + t]) * x[r * k + t];             \
+            y[r * n + j + g] = s;                                                                   \
+        }                                                                                           \
+}                                                                                                   \
+static inline __attribute__((always_inline)) void NAME##_rows(                                      \
+        const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t n0, int64_t n1,     \
+        const int M, const int R) {                                                                 \
+    int64_t j = n0;                                                                                 \
+    for (; j + R <= n1; j += R) NAME##_m(x, w, y, n, k, j, M, R);                                   \
+    for (; j < n1; j++) NAME##_m(x, w, y, n, k, j, M, 1);                                           \
 }                                                                                                   \
 static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k,        \
                  int64_t n0, int64_t n1) {                                                          \
     switch (m) {                                                                                    \
-    case 1: NAME##_m(x, w, y, n, k, n0, n1, 1, 4); break;                                           \
-    case 2: NAME##_m(x, w, y, n, k, n0, n1, 2, 4); break;                                           \
-    case 3: NAME##_m(x, w, y, n, k, n0, n1, 3, 2); break;                                           \
-    case 4: NAME##_m(x, w, y, n, k, n0, n1, 4, 2); break;                                           \
-    case 5: NAME##_m(x, w, y, n, k, n0, n1, 5, 1); break;                                           \
-    case 6: NAME##_m(x, w, y, n, k, n0, n1, 6, 1); break;                                           \
-    case 7: NAME##_m(x, w, y, n, k, n0, n1, 7, 1); break;                                           \
-    default: NAME##_m(x, w, y, n, k, n0, n1, 8, 1); break;                                          \
+    case 1: NAME##_rows(x, w, y, n, k, n0, n1, 1, ROW_STREAMS); break;                              \
+    case 2: NAME##_rows(x, w, y, n, k, n0, n1, 2, ROW_STREAMS / 2); break;                          \
+    case 3: NAME##_rows(x, w, y, n, k, n0, n1, 3, 2); break;                                        \
+    case 4: NAME##_rows(x, w, y, n, k, n0, n1, 4, 2); break;                                        \
+    case 5: NAME##_rows(x, w, y, n, k, n0, n1, 5, 1); break;                                        \
+    case 6: NAME##_rows(x, w, y, n, k, n0, n1, 6, 1); break;                                        \
+    case 7: NAME##_rows(x, w, y, n, k, n0, n1, 7, 1); break;                                        \
+    default: NAME##_rows(x, w, y, n, k, n0, n1, 8, 1); break;                                       \
     }                                                                                               \
 }
 
