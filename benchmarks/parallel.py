@@ -19,6 +19,9 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every setting imports the dsinfer of this checkout, not an installed one
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 SETTINGS = {"1 process, 2 threads": dict(tensor_parallel_size=1, threads=2),
             "TP=2, 1 thread a rank": dict(tensor_parallel_size=2),
             "EP=2, 1 thread a rank": dict(tensor_parallel_size=2, enable_expert_parallel=True)}
@@ -96,7 +99,8 @@ def table(results: dict) -> str:
             "communication per step, 1 / 8 streams (ms) | resident per rank after loading (MiB) | vs 1 process |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {'yes' if r['fused_decode'] else 'no'} | {r['prefill_tok_s']:.1f} | {r['decode1_tok_s']:.2f} | {r['decode8_tok_s']:.2f} | "
+        rows.append(f"| {name} | {'yes' if r['fused_decode'] else 'no'} | {r['prefill_tok_s']:.1f} | "
+                    f"{r['decode1_tok_s']:.2f} | {r['decode8_tok_s']:.2f} | "
                     f"{r['decode8_tok_s'] / base['decode8_tok_s']:.2f}x | {r['decode1_comm_ms']:.2f} / "
                     f"{r['decode8_comm_ms']:.2f} | {' / '.join(f'{m:.0f}' for m in r['rss_mib'])} | "
                     f"{max(r['rss_mib']) / base['rss_mib'][0]:.2f}x |")
@@ -120,7 +124,7 @@ def main():
     for name in list(SETTINGS) + (list(EAGER) if a.eager else []):
         cmd = [sys.executable, __file__, "--model", a.model, "--dtype", a.dtype, "--repeats", str(a.repeats),
                "--prefill", str(a.prefill), "--only", name]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=dict(os.environ))
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=ENV)
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
     print(table(results))

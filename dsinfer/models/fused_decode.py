@@ -155,7 +155,7 @@ class FusedDecoder:
         """x [T, hidden] through every layer; returns the result in x's dtype."""
         caches = self.caches
         dtype, x = x.dtype, x.float().contiguous()  # the C layer keeps the residual stream in fp32
-        step, kept = decode_step(self.model.rotary, positions, meta, caches[0], x.shape[0])
+        step, _kept = decode_step(self.model.rotary, positions, meta, caches[0], x.shape[0])
         threads = torch.get_num_threads()
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             code = run_layer(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), threads)

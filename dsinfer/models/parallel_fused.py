@@ -43,7 +43,7 @@ class ParallelFusedDecoder:
     def __call__(self, input_ids, positions, meta: AttentionMetadata, caches: list[torch.Tensor]) -> torch.Tensor:
         x = self.model.embed(input_ids)
         dtype, x = x.dtype, x.float().contiguous()  # the residual stream in fp32, as in one process
-        step, kept = decode_step(self.model.rotary, positions, meta, caches[0], x.shape[0])
+        step, _kept = decode_step(self.model.rotary, positions, meta, caches[0], x.shape[0])
         part, threads = torch.empty_like(x), torch.get_num_threads()
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             check(i, "attention", run_attention(self.lib, layer, step, x.data_ptr(), cache.data_ptr(),
