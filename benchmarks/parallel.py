@@ -4,7 +4,10 @@ threads, on the peer protocol's shapes (a 512-token prefill; 127 decode steps af
 per decode step rank 0 spends in communication (its collectives and the step's message to the other ranks,
 waits for a slower rank included).
 
-    flock /work/bench.lock python benchmarks/parallel.py --model ../bench-run/models/v2lite-4L --dtype bfloat16
+    flock /work/bench.lock python benchmarks/parallel.py --model ../bench-run/models/v2lite-4L --dtype bfloat16 --eager
+
+Every setting decodes through the fused decode layer where it can (one C call per layer in one process, two per
+layer and rank under TP / EP); --eager adds TP=2 and EP=2 with the Python layers (enforce_eager).
 
 Each setting runs in a fresh process of its own, one after the other, so that their memory figures are apart.
 """
@@ -16,9 +19,14 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every setting imports the dsinfer of this checkout, not an installed one
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 SETTINGS = {"1 process, 2 threads": dict(tensor_parallel_size=1, threads=2),
             "TP=2, 1 thread a rank": dict(tensor_parallel_size=2),
             "EP=2, 1 thread a rank": dict(tensor_parallel_size=2, enable_expert_parallel=True)}
+EAGER = {"TP=2, Python layers": dict(tensor_parallel_size=2, enforce_eager=True),  # --eager: the ranks without
+         "EP=2, Python layers": dict(tensor_parallel_size=2, enable_expert_parallel=True, enforce_eager=True)}
 
 
 def rss_mib(pid: int | str = "self") -> float:
@@ -29,6 +37,12 @@ def rss_mib(pid: int | str = "self") -> float:
 def comm_seconds(llm) -> float:
     team = llm.engine.team
     return 0.0 if team is None else team.shard.comm_seconds
+
+
+def fused_decode(llm) -> bool:
+    """Whether decode steps go through the fused decode layer (one process's, or the ranks')."""
+    engine = llm.engine
+    return (engine.runner.fused if engine.team is None else engine.model.fused) is not None
 
 
 def prefill_seconds(llm, params, tokens: int) -> float:
@@ -66,7 +80,8 @@ def one(model: str, dtype: str, repeats: int, prefill: int, setting: dict) -> di
     team = llm.engine.team
     rss = [rss_mib()] + [rss_mib(p.pid) for p in (team.processes if team else [])]
     params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    out = {"load_s": loaded, "rss_mib": rss, "threads": torch.get_num_threads()}
+    out = {"load_s": loaded, "rss_mib": rss, "threads": torch.get_num_threads(), "fused_decode": fused_decode(llm),
+           "dtype": str(llm.engine.model.model.norm.weight.dtype).removeprefix("torch.")}
     prefill_seconds(llm, params, prefill)
     out["prefill_tok_s"] = prefill / statistics.median(prefill_seconds(llm, params, prefill) for _ in range(repeats))
     for streams in (1, 8):
@@ -80,11 +95,12 @@ def one(model: str, dtype: str, repeats: int, prefill: int, setting: dict) -> di
 
 def table(results: dict) -> str:
     base = results[next(iter(SETTINGS))]
-    rows = ["| setting | prefill (tok/s) | decode, 1 stream | decode, 8 streams | vs 1 process at 8 | "
+    rows = ["| setting | fused decode | prefill (tok/s) | decode, 1 stream | decode, 8 streams | vs 1 process at 8 | "
             "communication per step, 1 / 8 streams (ms) | resident per rank after loading (MiB) | vs 1 process |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['prefill_tok_s']:.1f} | {r['decode1_tok_s']:.2f} | {r['decode8_tok_s']:.2f} | "
+        rows.append(f"| {name} | {'yes' if r['fused_decode'] else 'no'} | {r['prefill_tok_s']:.1f} | "
+                    f"{r['decode1_tok_s']:.2f} | {r['decode8_tok_s']:.2f} | "
                     f"{r['decode8_tok_s'] / base['decode8_tok_s']:.2f}x | {r['decode1_comm_ms']:.2f} / "
                     f"{r['decode8_comm_ms']:.2f} | {' / '.join(f'{m:.0f}' for m in r['rss_mib'])} | "
                     f"{max(r['rss_mib']) / base['rss_mib'][0]:.2f}x |")
@@ -97,17 +113,18 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill figure")
-    ap.add_argument("--only", choices=list(SETTINGS), default=None, help=argparse.SUPPRESS)  # one setting, as JSON
+    ap.add_argument("--eager", action="store_true", help="also TP=2 and EP=2 with the Python layers (enforce_eager)")
+    ap.add_argument("--only", choices=list(SETTINGS | EAGER), default=None, help=argparse.SUPPRESS)  # one, as JSON
     ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args()
     if a.only:
-        print(json.dumps(one(a.model, a.dtype, a.repeats, a.prefill, SETTINGS[a.only])))
+        print(json.dumps(one(a.model, a.dtype, a.repeats, a.prefill, (SETTINGS | EAGER)[a.only])))
         return
     results = {}
-    for name in SETTINGS:
+    for name in list(SETTINGS) + (list(EAGER) if a.eager else []):
         cmd = [sys.executable, __file__, "--model", a.model, "--dtype", a.dtype, "--repeats", str(a.repeats),
                "--prefill", str(a.prefill), "--only", name]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=dict(os.environ))
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=ENV)
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
     print(table(results))

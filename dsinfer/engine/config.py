@@ -136,9 +136,7 @@ class EngineConfig:
 
     def kernel_config(self, device: torch.device) -> KernelConfig:
         """The kernels this engine's model runs, resolved against the machine."""
-        fused = None if self.enforce_eager is None else not self.enforce_eager
-        if self.tensor_parallel_size > 1:
-            fused = False  # the fused decode layer holds whole layers' weights, not a rank's slices
+        fused = None if self.enforce_eager is None else not self.enforce_eager  # ranks too: models/parallel_fused.py
         kc = KernelConfig.from_options(cpu_kernels=self.cpu_kernels, fused_decode=fused,
                                        ffn_chunk_tokens=self.ffn_chunk_tokens or 0)
         return kc.resolve(device)

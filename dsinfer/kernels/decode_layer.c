@@ -149,12 +149,13 @@ static void add_into(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* x += MLA(RMSNorm(x)); scratch as laid out in decode_layer_f32. */
-static int attention(const Layer *L, const Step *S, float *x, void *cache, float *buf, int threads) {
+/* out [T, d] = MLA(RMSNorm(x)) (this rank's heads: a part of the sum over ranks); scratch of attention_floats. */
+static int attention(const Layer *L, const Step *S, const float *x, void *cache, float *buf, float *out,
+                     int threads) {
     const int64_t t = S->t, hq = L->h * (L->dn + L->dr);
     float *h = buf, *qa = h + t * L->d, *q = qa + t * L->qr, *kv = q + t * hq;
     float *qc = kv + t * (L->r + L->dr), *o_lat = qc + t * L->h * (L->r + L->dr), *attn = o_lat + t * L->h * L->r;
-    float *out = attn + t * L->h * L->dv, *fresh = out + t * L->d;
+    float *fresh = attn + t * L->h * L->dv;
     rms_norm_f32(x, L->in_norm, h, t, L->d, L->d, L->eps);
     if (L->qr) {
         mat_vec(&L->q_a, h, qa, t, L->qr, L->d, threads);
@@ -170,49 +171,118 @@ static int attention(const Layer *L, const Step *S, float *x, void *cache, float
     if (err) return 10 + err;
     mat_expand(o_lat, &L->kv_b, attn, t, L->h, L->dn, L->dv, L->r, threads);
     mat_vec(&L->o, attn, out, t, L->d, L->h * L->dv, threads);
-    add_into(x, out, t * L->d);
     return 0;
 }
 
-/* x += MoE(RMSNorm(x)) or the dense MLP's output. */
-static int feed_forward(const Layer *L, const Step *S, float *x, float *buf, int threads) {
-    const int64_t t = S->t, k = L->experts ? L->top_k : 1;
-    float *h = buf, *y = h + t * L->d, *ys = y + t * L->d, w[MAX_T * MAX_K], ones[MAX_T];
+static int64_t attention_floats(const Layer *L, int64_t t) {
+    return t * (L->d + L->qr + L->h * (L->dn + L->dr) + 2 * (L->r + L->dr) + L->h * (L->r + L->dr) + L->h * L->r
+                + L->h * L->dv);
+}
+
+/* Expert parallelism: rewrites the (token, expert) pairs ids, w [t, k] in place as *kl pairs per token of this
+ * rank's experts only, with local ids in [0, local_experts). A token with fewer than *kl pads with weight-0
+ * pairs of the expert in use that has the fewest pairs (so no expert gets more than MAX_T, and no other
+ * expert's weights are read). With all experts local the pairs stay as they are. */
+static void local_pairs(const Layer *L, int64_t t, int64_t k, int64_t *ids, float *w, int64_t *kl) {
+    const int64_t first = L->first_expert, n = L->local_experts;
+    if (!n || (first == 0 && n == L->experts)) { *kl = k; return; }
+    int64_t keep[MAX_T * MAX_K], got[MAX_T], uses[MAX_T * MAX_K] = {0}, used[MAX_T * MAX_K], nu = 0, most = 0;
+    float kw[MAX_T * MAX_K];
+    for (int64_t i = 0; i < t; i++) {
+        got[i] = 0;
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t e = ids[i * k + j] - first;
+            if (e < 0 || e >= n) continue;
+            keep[i * k + got[i]] = e, kw[i * k + got[i]++] = w[i * k + j];
+            int64_t u = 0;
+            while (u < nu && used[u] != e) u++;
+            if (u == nu) used[nu++] = e;
+            uses[u]++;
+        }
+        most = got[i] > most ? got[i] : most;
+    }
+    for (int64_t i = 0; i < t; i++)
+        for (int64_t j = 0; j < most; j++) {
+            if (j < got[i]) {
+                ids[i * most + j] = keep[i * k + j], w[i * most + j] = kw[i * k + j];
+                continue;
+            }
+            int64_t u = 0;
+            for (int64_t v = 1; v < nu; v++) u = uses[v] < uses[u] ? v : u;
+            uses[u]++;
+            ids[i * most + j] = used[u], w[i * most + j] = 0.0f;
+        }
+    *kl = most;
+}
+
+/* out [T, d] = MoE(RMSNorm(x)) (this rank's experts, or its part of each) or the dense MLP's output. */
+static int feed_forward(const Layer *L, const Step *S, const float *x, float *buf, float *out, int threads) {
+    const int64_t t = S->t;
+    int64_t k = L->experts ? L->top_k : 1;
+    float *h = buf, *ys = h + t * L->d, w[MAX_T * MAX_K], ones[MAX_T];
     int64_t ids[MAX_T * MAX_K], zeros[MAX_T];
     for (int64_t i = 0; i < t; i++) { ones[i] = 1.0f; zeros[i] = 0; }
     rms_norm_f32(x, L->post_norm, h, t, L->d, L->d, L->eps);
-    int err;
+    int err = 0;
     if (L->experts) {
         err = route_f32(h, L->router, (int)L->router_bf16, L->bias, w, ids, L->counts, t, L->d, L->experts, k, L->n_group,
                         L->topk_group, (int)L->method, (int)L->sigmoid, (int)L->norm_topk, L->route_scale);
         if (err) return 20 + err;
-        err = mat_ffn(&L->gate_up, &L->down, h, ids, w, y, t, k, L->experts, L->d, L->inter, threads);
+        local_pairs(L, t, k, ids, w, &k);
+        const int64_t e = L->local_experts ? L->local_experts : L->experts;
+        if (k) err = mat_ffn(&L->gate_up, &L->down, h, ids, w, out, t, k, e, L->d, L->inter, threads);
+        else memset(out, 0, sizeof(float) * t * L->d);  /* none of these tokens' experts is here */
     } else {
-        err = mat_ffn(&L->gate_up, &L->down, h, zeros, ones, y, t, 1, 1, L->d, L->inter, threads);
+        err = mat_ffn(&L->gate_up, &L->down, h, zeros, ones, out, t, 1, 1, L->d, L->inter, threads);
     }
     if (err) return 30 + err;
     if (L->sh_gate_up.w) {
         err = mat_ffn(&L->sh_gate_up, &L->sh_down, h, zeros, ones, ys, t, 1, 1, L->d, L->sh_inter, threads);
         if (err) return 30 + err;
-        add_into(y, ys, t * L->d);
+        add_into(out, ys, t * L->d);
     }
-    add_into(x, y, t * L->d);
     return 0;
 }
 
-/* x [T, d] (the residual stream) goes through the layer in place. Returns 0, or a code naming the failed
- * part: 1 bad sizes or no memory, 2 a slot outside the cache, 1x attention, 2x router, 3x experts. */
-int decode_layer_f32(const Layer *L, const Step *S, float *x, void *cache, int threads) {
-    if (S->t < 1 || S->t > MAX_T || (L->experts && (L->top_k < 1 || L->top_k > MAX_K))) return 1;
-    if (S->cache_format < CACHE_F32 || S->cache_format > CACHE_FP8) return 1;
-    const int64_t t = S->t, hq = L->h * (L->dn + L->dr), wide = L->h * (L->r + L->dr);
-    const int64_t attn_floats = t * (L->d + L->qr + hq + (L->r + L->dr) + wide + L->h * L->r + L->h * L->dv + L->d
-                                     + L->r + L->dr);
-    const int64_t ffn_floats = 3 * t * L->d;
-    float *buf = malloc(sizeof(float) * (attn_floats > ffn_floats ? attn_floats : ffn_floats));
+static int bad_sizes(const Layer *L, const Step *S) {
+    return S->t < 1 || S->t > MAX_T || (L->experts && (L->top_k < 1 || L->top_k > MAX_K))
+        || S->cache_format < CACHE_F32 || S->cache_format > CACHE_FP8
+        || L->first_expert < 0 || L->local_experts < 0 || L->first_expert + L->local_experts > L->experts;
+}
+
+/* out [T, d] = the attention half of the layer for the residual stream x [T, d] (not added into x): with a
+ * rank's heads, its part of a sum over ranks. Writes the new tokens' cache rows. Codes as decode_layer_f32. */
+int decode_attention_f32(const Layer *L, const Step *S, const float *x, void *cache, float *out, int threads) {
+    if (bad_sizes(L, S)) return 1;
+    float *buf = malloc(sizeof(float) * attention_floats(L, S->t));
     if (!buf) return 1;
-    int err = attention(L, S, x, cache, buf, threads);
-    if (!err) err = feed_forward(L, S, x, buf, threads);
+    const int err = attention(L, S, x, cache, buf, out, threads);
+    free(buf);
+    return err;
+}
+
+/* out [T, d] = the MoE / MLP half of the layer for x [T, d] (not added into x); codes as decode_layer_f32. */
+int decode_ffn_f32(const Layer *L, const Step *S, const float *x, float *out, int threads) {
+    if (bad_sizes(L, S)) return 1;
+    float *buf = malloc(sizeof(float) * 2 * S->t * L->d);
+    if (!buf) return 1;
+    const int err = feed_forward(L, S, x, buf, out, threads);
+    free(buf);
+    return err;
+}
+
+/* x [T, d] (the residual stream) goes through the layer in place: x += attention(x), then x += ffn(x). Returns
+ * 0, or a code naming the failed part: 1 bad sizes or no memory, 2 a slot outside the cache, 1x attention,
+ * 2x router, 3x experts. */
+int decode_layer_f32(const Layer *L, const Step *S, float *x, void *cache, int threads) {
+    if (bad_sizes(L, S)) return 1;
+    const int64_t t = S->t, attn = attention_floats(L, t), ffn = 2 * t * L->d;
+    float *buf = malloc(sizeof(float) * ((attn > ffn ? attn : ffn) + t * L->d)), *out = buf;
+    if (!buf) return 1;
+    int err = attention(L, S, x, cache, buf + t * L->d, out, threads);
+    if (!err) add_into(x, out, t * L->d);
+    if (!err) err = feed_forward(L, S, x, buf + t * L->d, out, threads);
+    if (!err) add_into(x, out, t * L->d);
     free(buf);
     return err;
 }

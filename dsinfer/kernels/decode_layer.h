@@ -35,6 +35,10 @@ typedef struct {
     Mat sh_gate_up, sh_down;                         /* shared experts [2 Is, d], [d, Is]; w NULL: none */
     int64_t sh_inter;
     int64_t *counts;                                 /* tokens per expert, [E] */
+    int64_t first_expert, local_experts;             /* gate_up / down hold experts first .. first + local - 1
+                                                        of the E the router picks among (expert parallel: the
+                                                        others are another rank's and skipped); local = E
+                                                        in one process */
 } Layer;
 
 /* One step's inputs, the same for every layer. cache_format: how the cache stores a row (0 fp32, 1 bf16,
@@ -50,7 +54,7 @@ typedef struct {
 #define LAYER_FIELDS(X) X(d) X(h) X(dn) X(dr) X(dv) X(r) X(qr) X(eps) X(scale) X(in_norm) X(post_norm) \
     X(q_a_norm) X(kv_norm) X(q_a) X(q_b) X(kv_a) X(kv_b) X(o) X(experts) X(top_k) X(n_group) X(topk_group) \
     X(method) X(sigmoid) X(norm_topk) X(route_scale) X(router) X(router_bf16) X(bias) X(gate_up) X(down) \
-    X(inter) X(sh_gate_up) X(sh_down) X(sh_inter) X(counts)
+    X(inter) X(sh_gate_up) X(sh_down) X(sh_inter) X(counts) X(first_expert) X(local_experts)
 #define STEP_FIELDS(X) X(t) X(b) X(lmax) X(cache_rows) X(cache_format) X(cs) X(slots) X(rows) X(seq) X(lens)
 
 /* decode_weights.c: products with a Mat, whatever its format. */

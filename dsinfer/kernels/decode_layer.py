@@ -19,7 +19,8 @@ class LayerC(ctypes.Structure):
         [(n, MatC) for n in ("q_a", "q_b", "kv_a", "kv_b", "o")] + \
         [(n, I64) for n in ("experts", "top_k", "n_group", "topk_group", "method", "sigmoid", "norm_topk")] + \
         [("route_scale", F32), ("router", P), ("router_bf16", I64), ("bias", P), ("gate_up", MatC),
-         ("down", MatC), ("inter", I64), ("sh_gate_up", MatC), ("sh_down", MatC), ("sh_inter", I64), ("counts", P)]
+         ("down", MatC), ("inter", I64), ("sh_gate_up", MatC), ("sh_down", MatC), ("sh_inter", I64), ("counts", P),
+         ("first_expert", I64), ("local_experts", I64)]  # local_experts 0: all of them
 
 
 class StepC(ctypes.Structure):
@@ -65,3 +66,14 @@ def check_layout(lib: ctypes.CDLL, structs: dict[int, type] = STRUCTS):
 def run_layer(lib: ctypes.CDLL, layer: LayerC, step: StepC, x_ptr: int, cache_ptr: int, threads: int) -> int:
     """x [T, d] through one decoder layer in place; 0 or the C error code."""
     return lib.decode_layer_f32(ctypes.byref(layer), ctypes.byref(step), x_ptr, cache_ptr, threads)
+
+
+def run_attention(lib: ctypes.CDLL, layer: LayerC, step: StepC, x_ptr: int, cache_ptr: int, out_ptr: int,
+                  threads: int) -> int:
+    """out [T, d] = the layer's attention half for x [T, d] (x unchanged; cache rows written); 0 or the C code."""
+    return lib.decode_attention_f32(ctypes.byref(layer), ctypes.byref(step), x_ptr, cache_ptr, out_ptr, threads)
+
+
+def run_ffn(lib: ctypes.CDLL, layer: LayerC, step: StepC, x_ptr: int, out_ptr: int, threads: int) -> int:
+    """out [T, d] = the layer's MoE / MLP half for x [T, d] (x unchanged); 0 or the C error code."""
+    return lib.decode_ffn_f32(ctypes.byref(layer), ctypes.byref(step), x_ptr, out_ptr, threads)

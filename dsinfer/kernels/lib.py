@@ -103,6 +103,9 @@ def declare(lib: ctypes.CDLL):
     _sig(lib, ("mla_expand_f32", "mla_expand_bf16"), [P] * 3 + [I64] * 5 + [INT])
     # layer, step (structs of decode_layer.py), x, cache, threads -> 0 or an error code
     _sig(lib, ("decode_layer_f32",), [P] * 4 + [INT], INT)
+    # layer, step, x, cache, out, threads / layer, step, x, out, threads -> 0 or an error code (the halves)
+    _sig(lib, ("decode_attention_f32",), [P] * 5 + [INT], INT)
+    _sig(lib, ("decode_ffn_f32",), [P] * 4 + [INT], INT)
     # which struct (0 Layer, 1 Step, 2 Mat), out [n] -> how many values: sizeof, then each field's offset
     _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)

@@ -51,6 +51,14 @@ class Shard:
         self.comm_seconds += time.perf_counter() - start
         return x
 
+    def all_agree(self, yes: bool, device: torch.device) -> bool:
+        """Whether every rank says yes (a collective: every rank must call it)."""
+        flag = torch.tensor([float(yes)], device=device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.group.allreduce([flag], opts).wait()
+        return bool(flag.item())
+
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0: every rank's x joined along the last dim, in rank order; other ranks: x itself."""
         start, x = time.perf_counter(), x.contiguous()

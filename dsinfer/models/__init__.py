@@ -9,6 +9,7 @@ from dsinfer.models.deepseek import DeepseekForCausalLM
 from dsinfer.models.deepseek_v32 import DeepseekV32ForCausalLM
 from dsinfer.models.loader import load_weights
 from dsinfer.models.parallel_model import ParallelDeepseekForCausalLM
+from dsinfer.models.parallel_fused import ParallelFusedDecoder
 
 MODEL_CLASSES = {"deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM,
                  "deepseek_v32": DeepseekV32ForCausalLM, "glm_moe_dsa": DeepseekV32ForCausalLM}
@@ -47,5 +48,6 @@ def load_model(path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
     mtp = load_weights(model, path)
     if isinstance(model, ParallelDeepseekForCausalLM):
         model.drop_replicated_biases()
+        model.fused = ParallelFusedDecoder.build(model)  # a collective: every rank loads, then agrees
     malloc.trim()  # loading's temporaries leave the heap fragmented (dsinfer/malloc.py)
     return model, bits, mtp

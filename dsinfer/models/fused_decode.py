@@ -16,7 +16,7 @@ from dsinfer.layers.moe import MoE
 from dsinfer.quant.qtensor import QTensor
 
 
-def _cpu_caches(caches: list[torch.Tensor]) -> bool:
+def cpu_caches(caches: list[torch.Tensor]) -> bool:
     """Contiguous CPU caches of one format the C layer knows (fp32, bf16, or fp8 as uint8 rows)."""
     formats = {str(c.dtype).removeprefix("torch.") for c in caches}
     return (len(formats) == 1 and formats <= set(CACHE_FORMATS)
@@ -29,6 +29,17 @@ def _ptr(t: torch.Tensor | None):
 
 def _cpu(t: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+
+
+def decode_step(rotary, positions, meta: AttentionMetadata, cache: torch.Tensor, tokens: int) -> tuple[StepC, list]:
+    """The StepC of a decode step of `tokens` tokens into caches like `cache`, and the tensors it points to
+    (keep them while the step runs)."""
+    cs, lens = torch.view_as_real(rotary.rotation(positions)), positions + 1
+    index = [t.contiguous() for t in (meta.slot_mapping, meta.gather_index, meta.token_seq)]
+    fmt = CACHE_FORMATS[str(cache.dtype).removeprefix("torch.")]
+    step = StepC(tokens, index[1].shape[0], index[1].shape[1], cache.shape[0], fmt, cs.data_ptr(),
+                 *(t.data_ptr() for t in index), lens.data_ptr())
+    return step, [cs, lens, *index]
 
 
 class LayerBuilder:
@@ -86,7 +97,9 @@ class LayerBuilder:
         router_fmt = WEIGHT_FORMATS.get(str(g.weight.dtype).removeprefix("torch."))
         if None in mats.values() or router_fmt not in (0, 1) or not _cpu(g.weight) or g.top_k > 64:
             return None
-        return dict(experts=ex.n, top_k=g.top_k, n_group=g.n_group, topk_group=g.topk_group,
+        total = getattr(ex, "total", ex.n)  # an expert-parallel rank's slice (layers/parallel.ExpertSlice)
+        return dict(experts=total, first_expert=getattr(ex, "first", 0), local_experts=ex.n, top_k=g.top_k,
+                    n_group=g.n_group, topk_group=g.topk_group,
                     method=kernels.ROUTE_METHODS[g.method], sigmoid=int(g.scoring == "sigmoid"),
                     norm_topk=int(g.norm_topk_prob), route_scale=g.scale, router=_ptr(g.weight),
                     router_bf16=router_fmt, bias=self.vec(g.e_score_correction_bias), inter=ex.inter,
@@ -112,7 +125,9 @@ class FusedDecoder:
     def build(cls, model, caches: list[torch.Tensor]) -> "FusedDecoder | None":
         """The decoder for a loaded model whose KernelConfig asks for it, writing into `caches` (one per layer),
         or None if it does not ask or if any layer or cache cannot take the fused path."""
-        if not model.kernel_config.fused_decode or kernels.library() is None or not _cpu_caches(caches):
+        if not model.kernel_config.fused_decode or kernels.library() is None or not cpu_caches(caches):
+            return None
+        if getattr(model, "shard", None) is not None:  # a rank's model runs its own (models/parallel_fused.py)
             return None
         builder = LayerBuilder(model.kernel_config.int8_kernel)
         layers = [builder.layer(layer, model.config.hidden_size) for layer in model.model.layers]
@@ -127,7 +142,7 @@ class FusedDecoder:
     def build_layer(cls, model, layer, cache: torch.Tensor) -> "FusedDecoder | None":
         """One more decoder layer of `model` (the MTP draft layer) alone, writing into its own `cache`, for
         run_layers; None where the model's KernelConfig or the layer or cache cannot take the fused path."""
-        if not model.kernel_config.fused_decode or kernels.library() is None or not _cpu_caches([cache]):
+        if not model.kernel_config.fused_decode or kernels.library() is None or not cpu_caches([cache]):
             return None
         builder = LayerBuilder(model.kernel_config.int8_kernel)
         struct = builder.layer(layer, model.config.hidden_size)
@@ -140,10 +155,7 @@ class FusedDecoder:
         """x [T, hidden] through every layer; returns the result in x's dtype."""
         caches = self.caches
         dtype, x = x.dtype, x.float().contiguous()  # the C layer keeps the residual stream in fp32
-        cs, lens = torch.view_as_real(self.model.rotary.rotation(positions)), positions + 1
-        index = [t.contiguous() for t in (meta.slot_mapping, meta.gather_index, meta.token_seq)]
-        step = StepC(x.shape[0], index[1].shape[0], index[1].shape[1], caches[0].shape[0], self.cache_format,
-                     cs.data_ptr(), *(t.data_ptr() for t in index), lens.data_ptr())
+        step, _kept = decode_step(self.model.rotary, positions, meta, caches[0], x.shape[0])
         threads = torch.get_num_threads()
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             code = run_layer(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), threads)

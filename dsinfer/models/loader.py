@@ -12,7 +12,7 @@ from tqdm import tqdm
 from dsinfer import malloc
 from dsinfer.config import ModelConfig
 from dsinfer.layers.embedding import FileRows
-from dsinfer.models.sharded_load import ShardError, gptq_part, read_part, store_part
+from dsinfer.models.sharded_load import ShardError, read_gptq_part, read_part, store_part
 from dsinfer.quant import gptq_format
 from dsinfer.quant.fp8 import FP8_DTYPES, check_fp8_config, dequantize_fp8
 from dsinfer.quant.qtensor import QTensor, expand_groups
@@ -164,7 +164,7 @@ def fill(views: dict, path: Path, where: dict[str, str], cfg: ModelConfig, quiet
     for name in tqdm(where, desc="loading weights", unit="tensor", disable=quiet):
         if name.endswith(".qweight") and name[:-7] + "weight" in views:
             target = name[:-7] + "weight"
-            _load_gptq(views[target], _gptq_tensors(handles, where, name[:-8]), qc, target, shard)
+            _load_gptq(views[target], handles, where, name[:-8], qc, target, shard)
             loaded.add(target)
         elif name in views and shard is not None:
             _copy_part(views[name], handles, where, name, block, shard, group)
@@ -285,15 +285,36 @@ def _gptq_tensors(handles, where, base: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_gptq(dest: torch.Tensor | QTensor, t: dict[str, torch.Tensor], qc: dict, name: str, shard=None):
-    """Repacks one GPTQ layer into a QTensor (exactly), or dequantizes it for a full-precision destination;
-    with a shard, this rank's part of it."""
+def _gptq_reader(handles, where, base: str):
+    """(read(suffix, index=None), shape(suffix) or None if absent) of GPTQ layer `base`'s tensors."""
+    for suffix in gptq_format.SUFFIXES[:3]:
+        if f"{base}.{suffix}" not in where:
+            raise CheckpointError(f"GPTQ tensor {base}.qweight has no {base}.{suffix} beside it")
+
+    def read(suffix: str, index=None) -> torch.Tensor:
+        name = f"{base}.{suffix}"
+        try:
+            return handles.get(where[name], name, index)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {where[name]}: {e}") from None
+
+    def shape(suffix: str) -> list[int] | None:
+        name = f"{base}.{suffix}"
+        return handles.shape(where[name], name) if name in where else None
+    return read, shape
+
+
+def _load_gptq(dest: torch.Tensor | QTensor, handles, where, base: str, qc: dict, name: str, shard=None):
+    """Repacks GPTQ layer `base` into a QTensor (exactly), or dequantizes it for a full-precision destination;
+    with a shard, this rank's part of it, reading only its slices."""
     n, k = dest.shape[-2:]
     try:
         if shard is None:
+            t = _gptq_tensors(handles, where, base)
             bits, group, codes, scales, mins, perm = gptq_format.read_layer(t, qc, n, k, name[:-7])
         else:
-            bits, group, codes, scales, mins, perm = gptq_part(t, qc, n, k, shard, name[:-7])
+            read, shape = _gptq_reader(handles, where, base)
+            bits, group, codes, scales, mins, perm = read_gptq_part(read, shape, qc, n, k, shard, name[:-7])
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(dest, QTensor):

@@ -73,6 +73,14 @@ class ParallelDeepseekForCausalLM(DeepseekForCausalLM):
         rows = shard.part(cfg.vocab_size, "vocab_size")
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, rows, kc=kc)
         self.matmul = Matmul(kc)
+        self.fused = None  # a ParallelFusedDecoder, set after loading (models/parallel_fused.py)
+
+    def forward(self, input_ids, positions, meta, caches) -> torch.Tensor:
+        """Decode steps that fit through the fused decode layer, the rest through the Python layers: every rank
+        decides alike (the same inputs)."""
+        if self.fused is not None and self.fused.takes(input_ids.shape[0], meta, caches):
+            return self.fused(input_ids, positions, meta, caches)
+        return self.model(input_ids, positions, meta, caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Rank 0: the full logits [T, vocab]; other ranks: their slice (not used)."""

@@ -111,3 +111,44 @@ def gptq_part(t: dict[str, torch.Tensor], qc: dict, n: int, k: int, shard: Shard
         raise ShardError(f"{name}: groups of {group} input columns are cut by the split into {k} per rank")
     g = slice(k0 // group, (k0 + k) // group)
     return bits, group, codes[:, k0:k0 + k], scales[:, g], None if mins is None else mins[:, g], None
+
+
+def read_gptq_part(read, shape, qc: dict, n: int, k: int, shard: Shard, name: str):
+    """gptq_part's result, reading only this rank's slices of the layer's GPTQ tensors: read(suffix, index=None)
+    gives a tensor (or its [index] part), shape(suffix) its shape in the file (None if absent). g_idx is read
+    whole (one int per input). Falls back to reading whole where a slice would cut a packed int32."""
+    has_g_idx = shape("g_idx") is not None
+    n_full, rows = shape("qweight")[1], shape("qweight")[0]
+    k_full = shape("g_idx")[0] if has_g_idx else rows * 32 // qc["bits"]
+    split = split_of([n_full, k_full], (n, k), shard, name + ".qweight")
+    bits = gptq_format.bits_of((rows,), k_full) if k_full else 0
+    per, start = 32 // bits if bits in (4, 8) else 0, split[1] if split else 0  # per: values in an int32
+    if split is None or not per or start % per or (n if split[0] == 0 else k) % per:
+        whole = {s: read(s) for s in gptq_format.SUFFIXES if shape(s) is not None}
+        return gptq_part(whole, qc, n, k, shard, name)
+    t = {"g_idx": read("g_idx")} if has_g_idx else {}
+    if split[0] == 0:  # output rows: columns of qweight, scales and (packed) qzeros
+        cols = (slice(None), slice(start, start + n))
+        t.update(qweight=read("qweight", cols), scales=read("scales", cols),
+                 qzeros=read("qzeros", (slice(None), slice(start // per, (start + n) // per))))
+        return gptq_format.read_layer(t, qc, n, k_full, name)
+    return _gptq_input_part(read, t, qc, n, k, k_full, start, per, name)
+
+
+def _gptq_input_part(read, t: dict, qc: dict, n: int, k: int, k_full: int, k0: int, per: int, name: str):
+    """read_gptq_part for a layer split by input: rows k0 .. k0 + k - 1 of qweight, with their groups."""
+    group = k_full if qc.get("group_size", -1) == -1 else min(qc["group_size"], k_full)
+    natural = torch.arange(k_full) // group
+    if "g_idx" in t and not torch.equal(t["g_idx"].long(), natural):
+        raise ShardError(f"{name} is GPTQ-quantized in activation order (desc_act), whose groups span all input "
+                         "columns; it cannot be split by input over ranks")
+    qweight = read("qweight", (slice(k0 // per, (k0 + k) // per), slice(None)))
+    if group == k_full:  # one group per row: every rank keeps the row's scale
+        t.update(qweight=qweight, scales=read("scales"), qzeros=read("qzeros"), g_idx=torch.zeros(k, dtype=torch.int32))
+        return gptq_format.read_layer(t, dict(qc, group_size=-1), n, k, name)
+    if k0 % group or k % group:
+        raise ShardError(f"{name}: groups of {group} input columns are cut by the split into {k} per rank")
+    g = (slice(k0 // group, (k0 + k) // group), slice(None))
+    t.update(qweight=qweight, scales=read("scales", g), qzeros=read("qzeros", g),
+             g_idx=natural[k0:k0 + k].to(torch.int32) - k0 // group)
+    return gptq_format.read_layer(t, qc, n, k, name)
