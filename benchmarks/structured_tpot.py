@@ -35,7 +35,8 @@ def timed(obj, name: str, spent: list[float]):
     setattr(obj, name, wrapper)
 
 
-GRAMMAR_WORK = (("grammars", "mask"), ("grammars", "advance_or_refuse"), (None, "advance_grammar"))
+GRAMMAR_WORK = (("grammars", "mask"), ("grammars", "advance_or_refuse"), ("grammars", "best_allowed"),
+                (None, "advance_grammar"))
 
 
 def run(llm: LLM, streams: int, steps: int, constrained: bool) -> tuple[float, float]:

@@ -109,6 +109,8 @@ def declare(lib: ctypes.CDLL):
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)
     # logits, row stride, mask, rows, n, vocab, words
     _sig(lib, ("token_mask_f32",), [P, I64, P, P] + [I64] * 3)
+    # scores, row stride, mask, rows, n, vocab, words, best [n]
+    _sig(lib, ("token_argmax_f32",), [P, I64, P, P] + [I64] * 3 + [P])
 
 
 def ptr(t) -> int | None:
