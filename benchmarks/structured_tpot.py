@@ -1,13 +1,14 @@
 """What structured outputs cost per decode step: time per output token (TPOT) on the built-in model at 1 and 8
 streams, free text against output constrained by a JSON schema, in one run (rounds interleaved, medians), and
-how much of a constrained step is the grammar (the batch's bitmasks from llguidance, applied to the logits).
+how much of a constrained step is the grammar (llguidance's bitmasks applied to the logits, the check of each
+sampled token, the matchers' advance).
 Each figure is the best of the rounds (which filters out other load on a shared machine), with the median
 beside it.
 
 The schema is an object with a long array of short strings (minItems 500), so that no stream finishes early
 and every run decodes the same number of steps.
 
-    flock /work/bench.lock python benchmarks/structured_tpot.py [--steps 64] [--rounds 3]
+    flock /work/bench.lock python benchmarks/structured_tpot.py [--steps 64] [--rounds 3] [--mask-first]
 """
 import argparse
 import statistics
@@ -22,28 +23,42 @@ SCHEMA = {"type": "object", "properties": {"id": {"type": "integer"}, "words": {
     "required": ["id", "words"]}
 
 
-def run(llm: LLM, streams: int, steps: int, constrained: bool) -> tuple[float, float]:
-    """(seconds per output token per stream, seconds per step in the grammar) over `steps` decode steps."""
-    engine, spent = llm.engine, [0.0]
-    constrain = engine.constrain
+def timed(obj, name: str, spent: list[float]):
+    """Shadows the method obj.name with a wrapper that adds its seconds to spent[0] (delattr removes it)."""
+    original = getattr(obj, name)
 
-    def timed(logits, seqs):
+    def wrapper(*args):
         start = time.perf_counter()
-        out = constrain(logits, seqs)
+        out = original(*args)
         spent[0] += time.perf_counter() - start
         return out
+    setattr(obj, name, wrapper)
+
+
+GRAMMAR_WORK = (("grammars", "mask"), ("grammars", "advance_or_refuse"), ("grammars", "best_allowed"),
+                (None, "advance_grammar"))
+
+
+def run(llm: LLM, streams: int, steps: int, constrained: bool) -> tuple[float, float]:
+    """(seconds per output token per stream, seconds per step in the grammar) over `steps` decode steps. The
+    grammar's time is its masks (computed and applied), the check of sampled tokens, and its matchers'
+    advance over each chosen token."""
+    engine, spent = llm.engine, [0.0]
     so = StructuredOutputsParams(json=SCHEMA) if constrained else None
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=steps + 1, ignore_eos=True, structured_outputs=so)
     llm.add_requests([f"# example {i}\n" for i in range(streams)], params)
     engine.step()  # the prefill and each stream's first token
-    engine.constrain = timed
+    owners = [engine.grammars if owner else engine for owner, _ in GRAMMAR_WORK]
+    for obj, (_, name) in zip(owners, GRAMMAR_WORK):
+        timed(obj, name, spent)
     start = time.perf_counter()
     taken = 0
     while engine.has_unfinished():
         engine.step()
         taken += 1
     elapsed = time.perf_counter() - start
-    engine.constrain = constrain
+    for obj, (_, name) in zip(owners, GRAMMAR_WORK):
+        delattr(obj, name)
     assert taken == steps, f"{taken} decode steps, expected {steps}"
     return elapsed / steps, spent[0] / steps
 
@@ -53,13 +68,15 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mask-first", action="store_true", help="grammar_check_first off: every grammar row masked "
+                    "before sampling")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM()
+    llm = LLM(grammar_check_first=not args.mask_first)
     for streams in (1, 8):  # warm-up: kernels, the grammar compile, the llguidance tokenizer
         run(llm, streams, 4, False), run(llm, streams, 4, True)
     print(f"built-in model, {args.steps} decode steps, best (median) of {args.rounds} interleaved rounds, "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}, grammar_check_first={not args.mask_first}")
     print(f"{'streams':>7} {'free TPOT ms':>16} {'schema TPOT ms':>16} {'slower':>7} {'grammar ms/step':>15}")
     for streams in (1, 8):
         free, schema, grammar = [], [], []

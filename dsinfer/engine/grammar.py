@@ -1,16 +1,19 @@
 """Structured outputs with llguidance: a request's StructuredOutputsParams compiled once into a grammar, a
-matcher per sequence that follows its output tokens, and the allowed-token bitmasks of a whole batch, one
-[B, V / 32] tensor per step. The masks are computed in the engine's thread, row by row: llguidance's thread pool
-(LLExecutor) measured no faster for 8 rows on 2 cores, and its spinning workers slow the forward pass's own."""
+matcher per sequence that follows its output tokens, and the allowed-token bitmasks of the rows that need them,
+[R, V / 32] per step. With grammar_check_first (sample_in_grammar) a row is sampled unmasked first and its mask
+computed only when the grammar refuses the token, which is the same token as masking first would draw. The
+masks are computed in the engine's thread, row by row: llguidance's thread pool (LLExecutor) measured no faster
+for 8 rows on 2 cores, and its spinning workers slow the forward pass's own."""
 import functools
 import json
 import threading
 
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
-import llguidance.torch as llg_torch
 import torch
 
+from dsinfer import kernels
+from dsinfer.engine.sampler import apply_token_masks, mask_rows, sample_scores
 from dsinfer.sampling_params import StructuredOutputsParams
 
 
@@ -72,11 +75,13 @@ class Grammars:
     """The engine's grammar engine: llguidance's view of the tokenizer (built on first use) and compiled grammars
     by constraint."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
-        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], kernel: bool = False):
+        """kernel: masks applied to the logits in C (kernels.token_mask) rather than by torch's ops."""
+        self.tokenizer, self.vocab_size, self.eos_ids, self.kernel = tokenizer, vocab_size, eos_ids, kernel
         self.lock = threading.Lock()
         self._tok = None
         self.compiled = functools.lru_cache(maxsize=256)(self._compile)
+        self.buffer = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)  # fill_masks' rows
 
     @property
     def ll_tokenizer(self):
@@ -114,11 +119,65 @@ class Grammars:
         return m
 
     def fill_masks(self, matchers: list) -> torch.Tensor:
-        """int32 [B, ceil(V / 32)]: bit t of row i set where matcher i allows token t next."""
-        mask = torch.full(llg_torch.get_bitmask_shape(len(matchers), self.vocab_size), -1, dtype=torch.int32)
+        """int32 [B, ceil(V / 32)]: bit t of row i set where matcher i allows token t next. A view of a buffer
+        that the next call overwrites."""
+        words = (self.vocab_size + 31) // 32
+        if self.buffer.shape[0] < len(matchers):
+            self.buffer = torch.empty(max(len(matchers), 2 * self.buffer.shape[0]), words, dtype=torch.int32)
+        base = self.buffer.data_ptr()
         for i, m in enumerate(matchers):
-            llg_torch.fill_next_token_bitmask(m, mask, i)
-        return mask
+            m.unsafe_compute_mask_ptr(base + 4 * words * i, 4 * words)
+        return self.buffer[:len(matchers)]
+
+    def mask(self, logits: torch.Tensor, seqs: list, rows: list[int]) -> torch.Tensor:
+        """logits [B, V] with rows[j] masked in place to what seqs[rows[j]]'s grammar allows next."""
+        return apply_token_masks(logits, seqs, rows, self.fill_masks([seqs[i].matcher for i in rows]), self.kernel)
+
+    def advance_or_refuse(self, seqs: list, rows: list[int], tokens: list[int]) -> list[int]:
+        """Each row's grammar takes its token where it allows it; returns the rows whose grammar refused theirs
+        (those grammars stay where they were)."""
+        return [i for i in rows if not seqs[i].matcher.try_consume_tokens([tokens[i]])]
+
+    def best_allowed(self, scores: torch.Tensor, seqs: list, rows: list[int]) -> list[int]:
+        """Each row's token of largest score among those its grammar allows next (scores left as they are)."""
+        bitmask = self.fill_masks([seqs[i].matcher for i in rows])
+        if self.kernel and kernels.token_mask_usable(scores):
+            return kernels.token_argmax(scores, rows, bitmask)
+        return best_allowed(scores, rows, bitmask)
+
+
+def best_allowed(scores: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> list[int]:
+    """[len(rows)]: row rows[j]'s argmax over the tokens bitmask[j] allows; the torch path of kernels.token_argmax."""
+    return mask_rows(scores[rows], list(range(len(rows))), bitmask).argmax(-1).tolist()
+
+
+def check_first_fits(s, vocab: int) -> bool:
+    """Whether a grammar row's masked sample is its unmasked sample whenever the grammar allows that one: no
+    rules of its own that could leave the grammar no token, and no top-k / top-p / min-p (which a mask moves)."""
+    p = s.params
+    if s.rules is not None or s.num_outputs < p.min_tokens:
+        return False
+    return p.greedy or ((p.top_k <= 0 or p.top_k >= vocab) and p.top_p >= 1 and not p.min_p)
+
+
+def sample_in_grammar(grammars: Grammars, logits: torch.Tensor, seqs: list, generator,
+                      check_first: bool) -> tuple[list[int], set[int]]:
+    """Each row's token [B], a grammar row's within its grammar, and the rows whose grammar has already taken
+    its token. Rows that check_first_fits (with check_first) are sampled unmasked and their grammar tries the
+    token; only a refused row computes its mask and takes the best allowed token of the same scores, which is
+    the token masking first would have drawn. The other grammar rows are masked before sampling."""
+    rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    later = [i for i in rows if check_first and check_first_fits(seqs[i], logits.shape[1])]
+    now = [i for i in rows if i not in later] if later else rows
+    if now:
+        logits = grammars.mask(logits, seqs, now)
+    scores = sample_scores(logits, seqs, generator)
+    tokens = scores.argmax(-1).tolist()
+    refused = grammars.advance_or_refuse(seqs, later, tokens) if later else []
+    if refused:
+        for i, t in zip(refused, grammars.best_allowed(scores, seqs, refused)):
+            tokens[i] = t
+    return tokens, set(later) - set(refused)
 
 
 def key(so: StructuredOutputsParams) -> str:

@@ -10,14 +10,13 @@ from dsinfer.engine import worker
 from dsinfer.engine.block_manager import BlockManager
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.disk_cache import DiskTier, cache_layout, model_key
-from dsinfer.engine.grammar import Grammars
+from dsinfer.engine.grammar import Grammars, sample_in_grammar
 from dsinfer.engine.input_processor import InputProcessor, truncate_prompt
 from dsinfer.engine.kv_cache import KVCache, plan_blocks
 from dsinfer.engine.loading import load_engine_model
 from dsinfer.engine.model_runner import ModelRunner, is_decode
 from dsinfer.engine.output_processor import OutputProcessor
-from dsinfer.engine.sampler import (apply_penalties, apply_rules, apply_token_masks, block_stops, build_rules,
-                                    sample, token_logprobs)
+from dsinfer.engine.sampler import apply_penalties, apply_rules, block_stops, build_rules, sample, token_logprobs
 from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
 from dsinfer.engine.spec_decode import SpecDecoder
@@ -52,7 +51,7 @@ class LLMEngine:
         mcfg = model.config
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids)
+        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids, model.kernel_config.cpu_kernels)
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
         self.num_generated = self.num_prompt_computed = 0
@@ -225,15 +224,15 @@ class LLMEngine:
         want_lp = any(s.params.logprobs is not None for s in seqs)
         raw = logits.log_softmax(-1) if want_lp else None
         logits = block_stops(apply_penalties(apply_rules(logits.clone(), seqs), seqs), seqs, self.eos_ids)
-        tokens = sample(self.constrain(logits, seqs), seqs, self.generator).tolist()
+        tokens, advanced = self.choose_tokens(logits, seqs)
         for i, (s, t) in enumerate(zip(seqs, tokens)):
-            self.emit(s, t, None if raw is None else raw[i])
+            self.emit(s, t, None if raw is None else raw[i], i in advanced)
             if s.is_finished:
                 self.scheduler.finish(s)
 
-    def emit(self, s: Sequence, token: int, raw: torch.Tensor | None):
+    def emit(self, s: Sequence, token: int, raw: torch.Tensor | None, advanced: bool = False):
         """Appends one chosen token to s, with its logprobs (raw: the position's log-softmax), checks stops and
-        moves its grammar on."""
+        moves its grammar on (advanced: the grammar has already taken the token)."""
         s.token_ids.append(token)
         self.num_generated += 1
         if s.params.logprobs is not None:
@@ -242,18 +241,18 @@ class LLMEngine:
             s.cumulative_logprob += entry[token].logprob
         self.check_stop(s, token)
         if s.matcher is not None:
-            self.advance_grammar(s, token)
+            self.advance_grammar(s, token, advanced)
 
-    def constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Structured outputs: the grammar rows' logits keep only what each one's grammar allows next."""
-        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        if not rows:
-            return logits
-        return apply_token_masks(logits, seqs, rows, self.grammars.fill_masks([seqs[i].matcher for i in rows]))
+    def choose_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], set[int]]:
+        """Each row's token, and the rows whose grammar has already taken it (grammar.sample_in_grammar)."""
+        if all(s.matcher is None for s in seqs):
+            return sample(logits, seqs, self.generator).tolist(), set()
+        return sample_in_grammar(self.grammars, logits, seqs, self.generator, self.cfg.grammar_check_first)
 
-    def advance_grammar(self, s: Sequence, token: int):
-        """The grammar follows the sampled token; a grammar that is complete finishes its sequence."""
-        if not s.matcher.consume_token(token):
+    def advance_grammar(self, s: Sequence, token: int, advanced: bool = False):
+        """The grammar follows the sampled token (unless it has already); a grammar that is complete finishes
+        its sequence."""
+        if not advanced and not s.matcher.consume_token(token):
             log.error("structured outputs: token %d was refused by the grammar (%s)", token, s.matcher.get_error())
         if not s.is_finished and (s.matcher.is_stopped() or s.matcher.is_error()):
             s.finish("stop")

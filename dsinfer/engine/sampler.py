@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dsinfer import kernels
 from dsinfer.engine.sequence import Sequence
 
 
@@ -107,23 +108,30 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.from_numpy(bits[:, :vocab].view(np.bool_))
 
 
-def apply_token_masks(logits: torch.Tensor, seqs: list[Sequence], rows: list[int],
-                      bitmask: torch.Tensor) -> torch.Tensor:
-    """Structured outputs: row rows[j] keeps only the tokens bitmask[j] allows, in one in-place fill. The grammar
-    wins over every other rule: a row whose other rules (allowed_token_ids, bad words, min_tokens holding back
-    the end the grammar asks for) left none of the grammar's tokens picks uniformly among them instead."""
+def mask_rows(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
+    """Row rows[j] of logits keeps only the tokens bitmask[j] allows (the rest -inf), in place: the torch path
+    of kernels.token_mask."""
+    allowed = unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)
+    if rows == list(range(logits.shape[0])):
+        return logits.masked_fill_(~allowed, float("-inf"))
+    logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
+    return logits
+
+
+def apply_token_masks(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], bitmask: torch.Tensor,
+                      kernel: bool = False) -> torch.Tensor:
+    """Structured outputs: row rows[j] keeps only the tokens bitmask[j] allows, in place (kernel: in C, where
+    kernels.token_mask_usable). The grammar wins over every other rule: a row whose other rules
+    (allowed_token_ids, bad words, min_tokens holding back the end the grammar asks for) left none of the
+    grammar's tokens picks uniformly among them instead."""
     if not rows:
         return logits
-    allowed = unpack_bitmask(bitmask, logits.shape[1])
-    if len(rows) < len(seqs):
-        full = torch.ones(len(seqs), logits.shape[1], dtype=torch.bool)
-        full[rows] = allowed
-        allowed = full
-    allowed = allowed.to(logits.device)
-    rescued = [i for i in rows if could_exclude_all(seqs[i]) and not bool(logits[i][allowed[i]].isfinite().any())]
-    logits.masked_fill_(~allowed, float("-inf"))
-    for i in rescued:
-        logits[i] = torch.zeros_like(logits[i]).masked_fill(~allowed[i], float("-inf"))
+    fill = kernels.token_mask if kernel and kernels.token_mask_usable(logits) else mask_rows
+    fill(logits, rows, bitmask)
+    for j, i in enumerate(rows):
+        if could_exclude_all(seqs[i]) and not bool(logits[i].isfinite().any()):
+            logits[i] = 0.0
+            fill(logits, [i], bitmask[j:j + 1])
     return logits
 
 
@@ -133,20 +141,28 @@ def could_exclude_all(s: Sequence) -> bool:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [B, V] fp32 after penalties. Greedy rows take the argmax; others draw by Gumbel-max
-    (argmax of p / Exp(1) noise), each seeded request from its own generator so it is reproducible."""
-    tokens = logits.argmax(-1)
+    """logits: [B, V] fp32 after penalties -> the chosen token of each row [B]."""
+    return sample_scores(logits, seqs, generator).argmax(-1)
+
+
+def sample_scores(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] scores whose row argmax is the row's sample: greedy rows' logits; for the others p / Exp(1) noise
+    (Gumbel-max), each seeded request's noise from its own generator so it is reproducible. A row's argmax over a
+    subset of tokens is the sample of its logits masked to that subset (the grammar's check-first path)."""
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
-        return tokens
+        return logits
     picked = [seqs[i] for i in rows]
     temp = torch.tensor([s.params.temperature for s in picked], device=logits.device)[:, None]
     probs = filter_logits(logits[rows] / temp, picked).softmax(-1)
     noise = torch.empty_like(probs)
     for j, s in enumerate(picked):
         noise[j].exponential_(generator=s.generator or generator)
-    tokens[rows] = (probs / noise).argmax(-1)
-    return tokens
+    if len(rows) == len(seqs):
+        return probs.div_(noise)
+    scores = logits.clone()
+    scores[rows] = probs / noise
+    return scores
 
 
 def token_logprobs(logprobs: torch.Tensor, token: int, k: int) -> dict[int, tuple[float, int]]:

@@ -16,7 +16,8 @@ log = logging.getLogger("dsinfer")
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c", "mla_decode_avx2.c",
                                     "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
-                                    "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c", "qgemv_x8_vnni.c")]
+                                    "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c", "qgemv_x8_vnni.c",
+                                    "token_mask.c")]
 HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h", "decode_layer.h")]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_tile")
@@ -109,6 +110,10 @@ def declare(lib: ctypes.CDLL):
     # which struct (0 Layer, 1 Step, 2 Mat), out [n] -> how many values: sizeof, then each field's offset
     _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)
+    # logits, row stride, mask, rows, n, vocab, words
+    _sig(lib, ("token_mask_f32",), [P, I64, P, P] + [I64] * 3)
+    # scores, row stride, mask, rows, n, vocab, words, best [n]
+    _sig(lib, ("token_argmax_f32",), [P, I64, P, P] + [I64] * 3 + [P])
 
 
 def ptr(t) -> int | None:

@@ -90,9 +90,10 @@ def test_constraint_needs_exactly_one_kind():
         StructuredOutputsParams(choice=[])
 
 
-def test_token_masks_against_a_plain_loop(llms):
-    """The batched bitmask unpacking and masking against a per-token Python reference; a row the other rules
-    emptied takes the grammar's tokens."""
+@pytest.mark.parametrize("kernel", [False, True])
+def test_token_masks_against_a_plain_loop(llms, kernel):
+    """The batched bitmask unpacking and masking (torch, or the C kernel) against a per-token Python reference;
+    a row the other rules emptied takes the grammar's tokens."""
     g = torch.Generator().manual_seed(0)
     vocab, words = 70, 3
     bitmask = torch.randint(-2**31, 2**31 - 1, (2, words), generator=g, dtype=torch.int64).to(torch.int32)
@@ -105,12 +106,48 @@ def test_token_masks_against_a_plain_loop(llms):
     seqs = list(llm.engine.scheduler.waiting)[-3:]
     logits = torch.randn(3, vocab, generator=g)
     logits[2] = float("-inf")  # as if min_tokens and other rules had banned every token
-    out = apply_token_masks(logits.clone(), seqs, [0, 2], bitmask)
+    out = apply_token_masks(logits.clone(), seqs, [0, 2], bitmask, kernel=kernel)
     assert torch.equal(out[1], logits[1])
     assert torch.equal(torch.isfinite(out[[0, 2]]), allowed)
     assert torch.equal(out[0][allowed[0]], logits[0][allowed[0]]) and bool((out[2][allowed[1]] == 0).all())
     for rid in list(llm.engine.requests):
         llm.engine.abort(rid)
+
+
+def test_check_first_draws_what_masking_first_draws(llms):
+    """grammar_check_first (sample unmasked, mask only a row whose grammar refuses its token) gives the same
+    tokens as masking every grammar row first: seeded and shared-generator sampling, greedy, top-p and
+    min_tokens (those two always masked first), beside a free request. Both paths are taken."""
+    so = StructuredOutputsParams(json=PERSON)
+    params = [SamplingParams(temperature=0.8, seed=3, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=1.0, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=0, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=0.7, seed=5, min_tokens=4, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=0.8, seed=6, max_tokens=20)]
+    prompts = ["Bob is", "x = 1", "Bob is", "a", "b", "c"]
+    outs = {}
+    for check_first in (False, True):
+        llm = llms("v3", max_model_len=256, grammar_check_first=check_first)
+        llm.engine.generator.manual_seed(11)
+        calls = {"advanced": 0, "refused": 0}
+        advance = llm.engine.grammars.advance_or_refuse
+
+        def counted(seqs, rows, tokens):
+            refused = advance(seqs, rows, tokens)
+            calls["advanced"] += len(rows) - len(refused)
+            calls["refused"] += len(refused)
+            return refused
+        llm.engine.grammars.advance_or_refuse = counted
+        try:
+            outs[check_first] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            del llm.engine.grammars.advance_or_refuse
+        assert (calls["advanced"] > 0 and calls["refused"] > 0) == check_first, calls
+    for masked_first, checked_first in zip(outs[False], outs[True]):
+        assert checked_first.token_ids == masked_first.token_ids
+    for c in outs[True][:5]:
+        jsonschema.validate(json.loads(c.text), PERSON)
 
 
 def test_built_in_model_writes_valid_json():
