@@ -18,7 +18,7 @@ from dsinfer.engine import rejection
 from dsinfer.engine.model_runner import is_decode
 from dsinfer.engine.sampler import apply_penalties, apply_rules, apply_token_masks, block_stops
 from dsinfer.engine.sequence import Sequence
-from dsinfer.models.fused_decode import FusedDecoder
+from dsinfer.models.mtp import FusedDraft
 
 
 @dataclass(slots=True)
@@ -60,7 +60,7 @@ class SpecDecoder:
     def __init__(self, engine, mtp, k: int):
         self.engine, self.mtp, self.k = engine, mtp, k
         self.cache = engine.cache.layers[-1]
-        self.fused = FusedDecoder.build_layer(engine.model, mtp, self.cache)  # None: the Python layer
+        self.fused = FusedDraft.build(engine.model, mtp, self.cache)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
 
     @torch.inference_mode()
