@@ -57,8 +57,8 @@ class Catchup:
 
 
 class SpecDecoder:
-    def __init__(self, engine, mtp, k: int):
-        self.engine, self.mtp, self.k = engine, mtp, k
+    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True):
+        self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
         self.cache = engine.cache.layers[-1]
         self.fused = FusedDraft.build(engine.model, mtp, self.cache)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
@@ -67,6 +67,8 @@ class SpecDecoder:
     def step(self, batch: list[tuple[Sequence, int]], want: list[bool]) -> list[Sequence]:
         """Computes the batch, verifies drafts, emits tokens and drafts again. Returns the sequences that
         produced tokens."""
+        if self.greedy_fast_path and not any(want) and all(plain_greedy(s) for s, _ in batch):
+            return self.greedy_step(batch)
         e = self.engine
         hidden = e.runner.run_hidden(batch).split([n for _, n in batch])
         ends = [s.num_cached + n - len(s.draft_ids) == len(s) for s, n in batch]
@@ -87,6 +89,41 @@ class SpecDecoder:
         self.draft(jobs)
         return [s for s, *_ in ready]
 
+    def greedy_step(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """step for a batch of plain greedy decodes (plain_greedy): every row is a verified position, so one
+        argmax over the head's rows chooses for all, with no sampler pass; the same tokens as verify."""
+        e = self.engine
+        hidden = e.runner.run_hidden(batch)
+        best = e.model.compute_logits(hidden).argmax(-1).tolist()
+        jobs, row = [], 0
+        for s, n in batch:
+            start, drafts, target = s.num_cached, s.draft_ids, best[row:row + n]
+            e.num_prompt_computed += start < s.num_prompt_tokens
+            accepted = next((j for j, (d, t) in enumerate(zip(drafts, target)) if d != t), len(drafts))
+            tokens = drafts[:accepted] + [target[accepted]]
+            self.stats.count(len(drafts), accepted)
+            s.drop_drafts()
+            if self.settle(s, start, 1, tokens, None):
+                jobs.append(Catchup(s, start, hidden[row:s.num_cached - start + row], False))
+            row += n
+        self.draft(jobs)
+        return [s for s, _ in batch]
+
+    def settle(self, s: Sequence, start: int, new: int, tokens: list[int], raw: torch.Tensor | None) -> bool:
+        """Emits s's chosen tokens (until one finishes it) after its `new` computed tokens from `start`, and
+        keeps the accepted ones' cache rows; returns whether s goes on."""
+        e, emitted = self.engine, 0
+        for t in tokens:
+            e.emit(s, t, None if raw is None else raw[emitted])
+            emitted += 1
+            if s.is_finished:
+                break
+        s.num_cached = start + new + min(len(tokens) - 1, emitted)
+        e.blocks.commit(s)
+        if s.is_finished:
+            e.scheduler.finish(s)
+        return not s.is_finished
+
     def logits(self, batch, hidden, want, ends) -> list[torch.Tensor | None]:
         """Per entry: every position's logits where want asks, else those of its verified positions (the
         drafts' and the one before) where it reaches its end, else None."""
@@ -103,24 +140,14 @@ class SpecDecoder:
         those that go on."""
         if not ready:
             return []
-        e, jobs = self.engine, []
+        jobs = []
         chosen = self.choose([(s, lg) for s, _, _, lg, _ in ready])
         for (s, n, h, lg, prefill), tokens in zip(ready, chosen):
             start, drafts = s.num_cached, len(s.draft_ids)
             self.stats.count(drafts, len(tokens) - 1)
             s.drop_drafts()
             raw = lg.log_softmax(-1) if s.params.logprobs is not None else None
-            emitted = 0
-            for t in tokens:
-                e.emit(s, t, None if raw is None else raw[emitted])
-                emitted += 1
-                if s.is_finished:
-                    break
-            s.num_cached = start + n - drafts + min(len(tokens) - 1, emitted)
-            e.blocks.commit(s)
-            if s.is_finished:
-                e.scheduler.finish(s)
-            else:
+            if self.settle(s, start, n - drafts, tokens, raw):
                 jobs.append(Catchup(s, start, h[:s.num_cached - start], prefill))
         return jobs
 
@@ -194,10 +221,17 @@ class SpecDecoder:
             rows = [rejection.views(s, s.draft_ids, len(s.draft_ids) + 1)[-1] for s in seqs]
             logits = block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, e.eos_ids)
         best = logits.argmax(-1).tolist()
-        for s, lg, b in zip(seqs, logits, best):
+        for i, (s, b) in enumerate(zip(seqs, best)):
             if s.params.greedy:
                 s.draft_ids.append(b)
                 continue
-            q = rejection.distribution(lg[None], s.params)
+            q = rejection.distribution(logits[i:i + 1], s.params)
             s.draft_ids.append(rejection.draw(q[0], s.generator or e.generator))
             s.draft_probs = q if s.draft_probs is None else torch.cat([s.draft_probs, q])
+
+
+def plain_greedy(s: Sequence) -> bool:
+    """Whether s is a decode (no drafts computed past its end) of a greedy request whose logits the sampler
+    leaves alone: no logprobs, logit rules, penalties, pending min_tokens or grammar."""
+    p = s.params
+    return s.num_new == 1 and p.greedy and p.logprobs is None and s.matcher is None and rejection.unchanged(s)
