@@ -9,6 +9,7 @@ for the next step: the first from its last position, the others by running it ag
 The MTP layer's latent cache is the KV cache's last layer, in the sequence's own blocks: it is paged, shared by
 prefix and freed with the sequence. Rows written for rejected tokens, in either cache, lie past num_cached and
 are overwritten later: a rejection moves no data."""
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from dsinfer.engine import rejection
 from dsinfer.engine.model_runner import is_decode
 from dsinfer.engine.sampler import apply_penalties, apply_rules, apply_token_masks, block_stops
 from dsinfer.engine.sequence import Sequence
+from dsinfer.kernels import MAX_M
+from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.models.mtp import FusedDraft
 
 
@@ -91,11 +94,13 @@ class SpecDecoder:
 
     def greedy_step(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
         """step for a batch of plain greedy decodes (plain_greedy): every row is a verified position, so one
-        argmax over the head's rows chooses for all, with no sampler pass; the same tokens as verify."""
+        argmax over the head's rows chooses for all, with no sampler pass; the same tokens as verify. The MTP
+        layer's catch-up reuses the step's own positions, cache slots and block tables."""
         e = self.engine
-        hidden = e.runner.run_hidden(batch)
+        ids, positions, meta = e.runner.prepare(batch)
+        hidden = e.runner.run_model(ids, positions, meta)
         best = e.model.compute_logits(hidden).argmax(-1).tolist()
-        jobs, row = [], 0
+        jobs, rows, next_ids, row = [], [], [], 0
         for s, n in batch:
             start, drafts, target = s.num_cached, s.draft_ids, best[row:row + n]
             e.num_prompt_computed += start < s.num_prompt_tokens
@@ -104,10 +109,25 @@ class SpecDecoder:
             self.stats.count(len(drafts), accepted)
             s.drop_drafts()
             if self.settle(s, start, 1, tokens, None):
-                jobs.append(Catchup(s, start, hidden[row:s.num_cached - start + row], False))
+                kept = s.num_cached - start
+                jobs.append(Catchup(s, start, hidden[row:row + kept], False))
+                rows += range(row, row + kept)
+                next_ids += s.token_ids[start + 1:start + 1 + kept]
             row += n
-        self.draft(jobs)
+        self.draft(jobs, self.catchup_inputs(rows, next_ids, hidden, positions, meta))
         return [s for s, _ in batch]
+
+    def catchup_inputs(self, rows: list[int], next_ids: list[int], hidden, positions, meta: AttentionMetadata):
+        """The MTP layer's (next ids, hidden, positions, metadata) for rows `rows` of a decode step, taken from
+        the step's own tensors (the rows keep their slots; token_seq still points into the step's block tables),
+        or None where the fused draft layer would not take them."""
+        if not rows or self.fused is None or len(rows) > MAX_M:
+            return None
+        index = None if rows[-1] == len(rows) - 1 else torch.tensor(rows, device=hidden.device)  # None: a prefix
+        take = functools.partial(pick_rows, count=len(rows), index=index)
+        lens = [len(rows)]  # not read by the fused layer, which takes decodes per token
+        sub = AttentionMetadata(0, 0, lens, lens, take(meta.slot_mapping), meta.gather_index, take(meta.token_seq))
+        return torch.tensor(next_ids, device=hidden.device), take(hidden), take(positions), sub
 
     def settle(self, s: Sequence, start: int, new: int, tokens: list[int], raw: torch.Tensor | None) -> bool:
         """Emits s's chosen tokens (until one finishes it) after its `new` computed tokens from `start`, and
@@ -176,14 +196,18 @@ class SpecDecoder:
         row_seqs = [s for s, c in zip(seqs, counts) for _ in range(c)]
         return apply_token_masks(target, row_seqs, [r for r, _ in grammar], masks)
 
-    def draft(self, jobs: list[Catchup]):
-        """The MTP layer over each job's positions, then up to k drafts per sequence."""
+    def draft(self, jobs: list[Catchup], inputs: tuple | None = None):
+        """The MTP layer over each job's positions, then up to k drafts per sequence. inputs: the layer's
+        inputs for the jobs' positions, in their order, where the caller has them (catchup_inputs)."""
         if not jobs:
             return
-        jobs.sort(key=lambda j: not j.prefill)
-        entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
-                   for j in jobs]
-        out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs))
+        if inputs is not None:
+            out = self.mtp(*inputs, self.cache, self.fused)
+        else:
+            jobs.sort(key=lambda j: not j.prefill)
+            entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
+                       for j in jobs]
+            out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs))
         last = [j for j, o in zip(jobs, out.split([len(j.hidden) for j in jobs])) if self.plan(j, o[-1:])]
         for step in range(self.k):
             last = [j for j in last if j.drafts > step]
@@ -228,6 +252,14 @@ class SpecDecoder:
             q = rejection.distribution(logits[i:i + 1], s.params)
             s.draft_ids.append(rejection.draw(q[0], s.generator or e.generator))
             s.draft_probs = q if s.draft_probs is None else torch.cat([s.draft_probs, q])
+
+
+def pick_rows(t: torch.Tensor, count: int, index: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a step's tensor: its first `count` (the tensor itself where that is all of them: the rotation
+    kept for these positions is found again), or those in `index`."""
+    if index is not None:
+        return t.index_select(0, index)
+    return t if count == t.shape[0] else t[:count]
 
 
 def plain_greedy(s: Sequence) -> bool:
