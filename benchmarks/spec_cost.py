@@ -22,8 +22,7 @@ from timing import best_seconds_per_call  # noqa: E402
 
 from dsinfer import LLM  # noqa: E402
 from dsinfer.layers import kv_format  # noqa: E402
-from dsinfer.models.fused_decode import FusedDecoder  # noqa: E402
-from dsinfer.models.mtp import MTPLayer  # noqa: E402
+from dsinfer.models.mtp import FusedDraft, MTPLayer  # noqa: E402
 
 
 def draft_layer(llm) -> MTPLayer:
@@ -52,7 +51,7 @@ def costs(llm, mtp, streams: int, context: int, ks: list[int], seconds: float) -
     rows = llm.engine.cache.layers[0].shape[0]
     cache = kv_format.allocate(llm.engine.cache.kv_dtype, rows, model.config.kv_lora_rank,
                                model.config.qk_rope_head_dim, llm.device)
-    fused = FusedDecoder.build_layer(model, mtp, cache)
+    fused = FusedDraft.build(model, mtp, cache)
     out = {}
     for t in [1] + [k + 1 for k in ks]:
         ids, positions, meta = runner.inputs(entries(streams, t, context, bs), 0)
