@@ -22,8 +22,7 @@ from timing import best_seconds_per_call  # noqa: E402
 
 from dsinfer import LLM  # noqa: E402
 from dsinfer.layers import kv_format  # noqa: E402
-from dsinfer.models.fused_decode import FusedDecoder  # noqa: E402
-from dsinfer.models.mtp import MTPLayer  # noqa: E402
+from dsinfer.models.mtp import FusedDraft, MTPLayer  # noqa: E402
 
 
 def draft_layer(llm) -> MTPLayer:
@@ -52,7 +51,7 @@ def costs(llm, mtp, streams: int, context: int, ks: list[int], seconds: float) -
     rows = llm.engine.cache.layers[0].shape[0]
     cache = kv_format.allocate(llm.engine.cache.kv_dtype, rows, model.config.kv_lora_rank,
                                model.config.qk_rope_head_dim, llm.device)
-    fused = FusedDecoder.build_layer(model, mtp, cache)
+    fused = FusedDraft.build(model, mtp, cache)
     out = {}
     for t in [1] + [k + 1 for k in ks]:
         ids, positions, meta = runner.inputs(entries(streams, t, context, bs), 0)
@@ -77,7 +76,10 @@ def main():
     ap.add_argument("--acceptance", default="0.85,0.9")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with AMX or AVX512-BF16), float32, ...")
     ap.add_argument("--seconds", type=float, default=0.5, help="minimum time of each of 3 measurements")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ks, rates = [int(k) for k in args.ks.split(",")], [float(a) for a in args.acceptance.split(",")]
     llm = LLM(args.model, max_model_len=1024, max_num_seqs=8, enable_prefix_caching=False, dtype=args.dtype)
     mtp = draft_layer(llm)
@@ -86,7 +88,8 @@ def main():
         for b in map(int, args.streams.split(",")):
             c = costs(llm, mtp, b, args.context, ks, args.seconds)
             base = c["verify 1"]
-            print(f"\n{b} stream(s), context {args.context}: plain decode step {base * 1e3:.1f} ms")
+            print(f"\n{b} stream(s), context {args.context}, {args.dtype}, {torch.get_num_threads()} thread(s): "
+                  f"plain decode step {base * 1e3:.1f} ms")
             print("| step | ms | x plain step |\n|---|---:|---:|")
             for name, s in c.items():
                 print(f"| {name} token(s) per stream | {s * 1e3:.1f} | {s / base:.2f} |")

@@ -5,7 +5,8 @@ trained on (windows of tqdm's sources, a dependency of dsinfer), so that accepta
     python benchmarks/spec_decode.py [--model DIR] [--ks 0,1,2,3] [--streams 8] [--tokens 128] [--rounds 3]
 
 1 stream: requests one after another, tokens/s between each one's first and last token (decode only), summed
-over requests. N streams: N requests at once, all generated tokens over the wall time (their prefills included).
+over requests; also the mean time of an engine step there and the tokens it emits (the best round's), whose
+ratio to k = 0 is the cost of a speculative step. N streams: N requests at once, all generated tokens over the wall time (their prefills included).
 Each k is measured once per round, rounds interleaved, and its best round is reported. Acceptance counts every
 request of every round.
 """
@@ -27,16 +28,17 @@ def code_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return [ids[i * step:i * step + length] for i in range(count)]
 
 
-def one_stream(llm, prompts, params) -> float:
-    tokens, seconds = 0, 0.0
+def one_stream(llm, prompts, params) -> tuple[float, float, float]:
+    """Decode tokens/s, ms per engine step and tokens per step, between each request's first and last token."""
+    tokens, seconds, steps = 0, 0.0, 0
     for p in prompts:
         stamps, n = [], 0
         for out in llm.stream({"prompt_token_ids": p}, params):
             stamps.append(time.perf_counter())
             n = len(out.outputs[0].token_ids)
         first_tokens = 1  # the first output carries the prefill's token (and, with speculation, maybe no more)
-        tokens, seconds = tokens + n - first_tokens, seconds + stamps[-1] - stamps[0]
-    return tokens / seconds
+        tokens, seconds, steps = tokens + n - first_tokens, seconds + stamps[-1] - stamps[0], steps + len(stamps) - 1
+    return tokens / seconds, 1000 * seconds / steps, tokens / steps
 
 
 def many_streams(llm, prompts, params) -> float:
@@ -52,7 +54,7 @@ def load(args, k: int):
     return llm
 
 
-def measure(llm, args) -> tuple[float, float]:
+def measure(llm, args) -> tuple[tuple[float, float, float], float]:
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     prompts = code_prompts(llm.get_tokenizer(), args.streams, args.prompt_len)
     return one_stream(llm, prompts[:args.single], params), many_streams(llm, prompts, params)
@@ -62,17 +64,18 @@ def run(args) -> dict[int, dict]:
     """Every k measured once per round, rounds interleaved; the best round of each (other work on the machine
     only ever slows a round down)."""
     llms = {k: load(args, k) for k in map(int, args.ks.split(","))}
-    best = {k: [0.0, 0.0] for k in llms}
+    best = {k: dict(one=0.0, many=0.0, step_ms=0.0, per_step=0.0) for k in llms}
     for _ in range(args.rounds):
         for k, llm in llms.items():
-            best[k] = [max(a, b) for a, b in zip(best[k], measure(llm, args))]
-    results = {}
+            (one, step_ms, per_step), many = measure(llm, args)
+            if one > best[k]["one"]:
+                best[k].update(one=one, step_ms=step_ms, per_step=per_step)
+            best[k]["many"] = max(best[k]["many"], many)
     for k, llm in llms.items():
         stats = llm.engine.stats()
-        results[k] = {"one": best[k][0], "many": best[k][1],
-                      "acceptance": [round(r, 3) for r in stats.spec_acceptance_rate],
-                      "length": round(stats.spec_mean_accepted_length, 3)}
-    return results
+        best[k].update(acceptance=[round(r, 3) for r in stats.spec_acceptance_rate],
+                       length=round(stats.spec_mean_accepted_length, 3))
+    return best
 
 
 def main():
@@ -91,13 +94,14 @@ def main():
         torch.set_num_threads(args.threads)
     results = run(args)
     base = results.get(0)
-    print(f"| k | 1 stream tok/s | x | {args.streams} streams tok/s | x | acceptance per position | "
-          "mean accepted length |\n|---|---:|---:|---:|---:|---|---:|")
+    print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}")
+    print(f"| k | 1 stream tok/s | x | ms per step | x | tokens per step | {args.streams} streams tok/s | x | "
+          "acceptance per position | mean accepted length |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for k, r in results.items():
-        x1 = r["one"] / base["one"] if base else float("nan")
-        xn = r["many"] / base["many"] if base else float("nan")
-        print(f"| {k} | {r['one']:.1f} | {x1:.2f} | {r['many']:.1f} | {xn:.2f} | {r['acceptance'] or '-'} | "
-              f"{r['length'] or '-'} |")
+        x1, xs, xn = ((r[f] / base[f] if base else float("nan")) for f in ("one", "step_ms", "many"))
+        print(f"| {k} | {r['one']:.1f} | {x1:.2f} | {r['step_ms']:.3f} | {xs:.2f} | {r['per_step']:.2f} | "
+              f"{r['many']:.1f} | {xn:.2f} | {r['acceptance'] or '-'} | {r['length'] or '-'} |")
+
 
 if __name__ == "__main__":
     main()

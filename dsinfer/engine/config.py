@@ -55,6 +55,7 @@ class EngineConfig:
     enforce_eager: bool | None = None       # True: no fused decode; None: DSINFER_FUSED_DECODE, else fused
     ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
     speculative_config: dict | str | None = None  # {"method": "mtp", "num_speculative_tokens": k} or its JSON
+    spec_greedy_fast_path: bool = True      # speculative steps of plain greedy decodes only: one argmax verifies all
     sparse_attention: dict | None = None    # training-free sparse attention {sink, window, topk_blocks}; None: dense
     tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
     enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate

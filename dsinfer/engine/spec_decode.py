@@ -9,6 +9,7 @@ for the next step: the first from its last position, the others by running it ag
 The MTP layer's latent cache is the KV cache's last layer, in the sequence's own blocks: it is paged, shared by
 prefix and freed with the sequence. Rows written for rejected tokens, in either cache, lie past num_cached and
 are overwritten later: a rejection moves no data."""
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -18,7 +19,9 @@ from dsinfer.engine import rejection
 from dsinfer.engine.model_runner import is_decode
 from dsinfer.engine.sampler import apply_penalties, apply_rules, apply_token_masks, block_stops
 from dsinfer.engine.sequence import Sequence
-from dsinfer.models.fused_decode import FusedDecoder
+from dsinfer.kernels import MAX_M
+from dsinfer.layers.attention import AttentionMetadata
+from dsinfer.models.mtp import FusedDraft
 
 
 @dataclass(slots=True)
@@ -57,16 +60,18 @@ class Catchup:
 
 
 class SpecDecoder:
-    def __init__(self, engine, mtp, k: int):
-        self.engine, self.mtp, self.k = engine, mtp, k
+    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True):
+        self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
         self.cache = engine.cache.layers[-1]
-        self.fused = FusedDecoder.build_layer(engine.model, mtp, self.cache)  # None: the Python layer
+        self.fused = FusedDraft.build(engine.model, mtp, self.cache)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[Sequence, int]], want: list[bool]) -> list[Sequence]:
         """Computes the batch, verifies drafts, emits tokens and drafts again. Returns the sequences that
         produced tokens."""
+        if self.greedy_fast_path and not any(want) and all(plain_greedy(s) for s, _ in batch):
+            return self.greedy_step(batch)
         e = self.engine
         hidden = e.runner.run_hidden(batch).split([n for _, n in batch])
         ends = [s.num_cached + n - len(s.draft_ids) == len(s) for s, n in batch]
@@ -87,6 +92,58 @@ class SpecDecoder:
         self.draft(jobs)
         return [s for s, *_ in ready]
 
+    def greedy_step(self, batch: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """step for a batch of plain greedy decodes (plain_greedy): every row is a verified position, so one
+        argmax over the head's rows chooses for all, with no sampler pass; the same tokens as verify. The MTP
+        layer's catch-up reuses the step's own positions, cache slots and block tables."""
+        e = self.engine
+        ids, positions, meta = e.runner.prepare(batch)
+        hidden = e.runner.run_model(ids, positions, meta)
+        best = e.model.compute_logits(hidden).argmax(-1).tolist()
+        jobs, rows, next_ids, row = [], [], [], 0
+        for s, n in batch:
+            start, drafts, target = s.num_cached, s.draft_ids, best[row:row + n]
+            e.num_prompt_computed += start < s.num_prompt_tokens
+            accepted = next((j for j, (d, t) in enumerate(zip(drafts, target)) if d != t), len(drafts))
+            tokens = drafts[:accepted] + [target[accepted]]
+            self.stats.count(len(drafts), accepted)
+            s.drop_drafts()
+            if self.settle(s, start, 1, tokens, None):
+                kept = s.num_cached - start
+                jobs.append(Catchup(s, start, hidden[row:row + kept], False))
+                rows += range(row, row + kept)
+                next_ids += s.token_ids[start + 1:start + 1 + kept]
+            row += n
+        self.draft(jobs, self.catchup_inputs(rows, next_ids, hidden, positions, meta))
+        return [s for s, _ in batch]
+
+    def catchup_inputs(self, rows: list[int], next_ids: list[int], hidden, positions, meta: AttentionMetadata):
+        """The MTP layer's (next ids, hidden, positions, metadata) for rows `rows` of a decode step, taken from
+        the step's own tensors (the rows keep their slots; token_seq still points into the step's block tables),
+        or None where the fused draft layer would not take them."""
+        if not rows or self.fused is None or len(rows) > MAX_M:
+            return None
+        index = None if rows[-1] == len(rows) - 1 else torch.tensor(rows, device=hidden.device)  # None: a prefix
+        take = functools.partial(pick_rows, count=len(rows), index=index)
+        lens = [len(rows)]  # not read by the fused layer, which takes decodes per token
+        sub = AttentionMetadata(0, 0, lens, lens, take(meta.slot_mapping), meta.gather_index, take(meta.token_seq))
+        return torch.tensor(next_ids, device=hidden.device), take(hidden), take(positions), sub
+
+    def settle(self, s: Sequence, start: int, new: int, tokens: list[int], raw: torch.Tensor | None) -> bool:
+        """Emits s's chosen tokens (until one finishes it) after its `new` computed tokens from `start`, and
+        keeps the accepted ones' cache rows; returns whether s goes on."""
+        e, emitted = self.engine, 0
+        for t in tokens:
+            e.emit(s, t, None if raw is None else raw[emitted])
+            emitted += 1
+            if s.is_finished:
+                break
+        s.num_cached = start + new + min(len(tokens) - 1, emitted)
+        e.blocks.commit(s)
+        if s.is_finished:
+            e.scheduler.finish(s)
+        return not s.is_finished
+
     def logits(self, batch, hidden, want, ends) -> list[torch.Tensor | None]:
         """Per entry: every position's logits where want asks, else those of its verified positions (the
         drafts' and the one before) where it reaches its end, else None."""
@@ -103,24 +160,14 @@ class SpecDecoder:
         those that go on."""
         if not ready:
             return []
-        e, jobs = self.engine, []
+        jobs = []
         chosen = self.choose([(s, lg) for s, _, _, lg, _ in ready])
         for (s, n, h, lg, prefill), tokens in zip(ready, chosen):
             start, drafts = s.num_cached, len(s.draft_ids)
             self.stats.count(drafts, len(tokens) - 1)
             s.drop_drafts()
             raw = lg.log_softmax(-1) if s.params.logprobs is not None else None
-            emitted = 0
-            for t in tokens:
-                e.emit(s, t, None if raw is None else raw[emitted])
-                emitted += 1
-                if s.is_finished:
-                    break
-            s.num_cached = start + n - drafts + min(len(tokens) - 1, emitted)
-            e.blocks.commit(s)
-            if s.is_finished:
-                e.scheduler.finish(s)
-            else:
+            if self.settle(s, start, n - drafts, tokens, raw):
                 jobs.append(Catchup(s, start, h[:s.num_cached - start], prefill))
         return jobs
 
@@ -149,14 +196,18 @@ class SpecDecoder:
         row_seqs = [s for s, c in zip(seqs, counts) for _ in range(c)]
         return apply_token_masks(target, row_seqs, [r for r, _ in grammar], masks)
 
-    def draft(self, jobs: list[Catchup]):
-        """The MTP layer over each job's positions, then up to k drafts per sequence."""
+    def draft(self, jobs: list[Catchup], inputs: tuple | None = None):
+        """The MTP layer over each job's positions, then up to k drafts per sequence. inputs: the layer's
+        inputs for the jobs' positions, in their order, where the caller has them (catchup_inputs)."""
         if not jobs:
             return
-        jobs.sort(key=lambda j: not j.prefill)
-        entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
-                   for j in jobs]
-        out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs))
+        if inputs is not None:
+            out = self.mtp(*inputs, self.cache, self.fused)
+        else:
+            jobs.sort(key=lambda j: not j.prefill)
+            entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
+                       for j in jobs]
+            out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs))
         last = [j for j, o in zip(jobs, out.split([len(j.hidden) for j in jobs])) if self.plan(j, o[-1:])]
         for step in range(self.k):
             last = [j for j in last if j.drafts > step]
@@ -194,10 +245,25 @@ class SpecDecoder:
             rows = [rejection.views(s, s.draft_ids, len(s.draft_ids) + 1)[-1] for s in seqs]
             logits = block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, e.eos_ids)
         best = logits.argmax(-1).tolist()
-        for s, lg, b in zip(seqs, logits, best):
+        for i, (s, b) in enumerate(zip(seqs, best)):
             if s.params.greedy:
                 s.draft_ids.append(b)
                 continue
-            q = rejection.distribution(lg[None], s.params)
+            q = rejection.distribution(logits[i:i + 1], s.params)
             s.draft_ids.append(rejection.draw(q[0], s.generator or e.generator))
             s.draft_probs = q if s.draft_probs is None else torch.cat([s.draft_probs, q])
+
+
+def pick_rows(t: torch.Tensor, count: int, index: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a step's tensor: its first `count` (the tensor itself where that is all of them: the rotation
+    kept for these positions is found again), or those in `index`."""
+    if index is not None:
+        return t.index_select(0, index)
+    return t if count == t.shape[0] else t[:count]
+
+
+def plain_greedy(s: Sequence) -> bool:
+    """Whether s is a decode (no drafts computed past its end) of a greedy request whose logits the sampler
+    leaves alone: no logprobs, logit rules, penalties, pending min_tokens or grammar."""
+    p = s.params
+    return s.num_new == 1 and p.greedy and p.logprobs is None and s.matcher is None and rejection.unchanged(s)

@@ -37,16 +37,33 @@ class RotaryEmbedding(nn.Module):
             self.attention_factor = 1.0
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self._last = None
+        self._table = None  # CPU: turns of positions 0 .. len - 1, grown on demand
 
     def rotation(self, positions: torch.Tensor) -> torch.Tensor:
         """The turn of every interleaved pair at each position as a complex number [T, dim/2], scaled by the
-        attention factor. Every layer asks for the same positions within a step, so the last answer is kept."""
+        attention factor. Every layer asks for the same positions within a step, so the last answer is kept. On
+        the CPU the turns are looked up in a table of every position seen so far (the same numbers: each is
+        computed alone), one indexing op in place of several."""
         if self._last is not None and self._last[0] is positions:
             return self._last[1]
-        freqs = positions[:, None].float() * self.inv_freq
-        cis = torch.polar(torch.full_like(freqs, self.attention_factor), freqs)
+        cis = self.lookup(positions) if positions.device.type == "cpu" else self.turns(positions)
         self._last = (positions, cis)
         return cis
+
+    def turns(self, positions: torch.Tensor) -> torch.Tensor:
+        freqs = positions[:, None].float() * self.inv_freq
+        return torch.polar(torch.full_like(freqs, self.attention_factor), freqs)
+
+    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._table is not None:
+            try:
+                return self._table[positions]
+            except IndexError:  # a position past the table: grow it below
+                pass
+        seen = self._table.shape[0] if self._table is not None else 0
+        size = max(1024, 2 * seen, int(positions.max()) + 1 if positions.numel() else 0)
+        self._table = self.turns(torch.arange(size, device=positions.device))
+        return self._table[positions]
 
 
 def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from dsinfer.config import ModelConfig
+from dsinfer import kernels
 from dsinfer.kernels import KernelConfig
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.linear import Linear
 from dsinfer.layers.norm import RMSNorm
+from dsinfer.layers.embedding import embed
 from dsinfer.models.deepseek import DecoderLayer
 from dsinfer.models.fused_decode import FusedDecoder
 from dsinfer.models.loader import CheckpointError, checkpoint_views, fill
@@ -37,18 +39,50 @@ class MTPLayer(DecoderLayer):
         self.main = [main]  # in a list: not a submodule (its weights are not the MTP layer's)
 
     def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, cache: torch.Tensor, fused: FusedDecoder | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, cache: torch.Tensor, fused: "FusedDraft | None" = None) -> torch.Tensor:
         """next_ids [T] (t_{i+1}), hidden [T, d] (h_i) at positions [T] -> normed output [T, d], which is both
-        what the head takes and the next draft step's h. fused: this layer in one C call (FusedDecoder.build_layer
-        over `cache`), taken for the steps it fits."""
+        what the head takes and the next draft step's h. fused: this layer's decode steps with the C kernels
+        (FusedDraft.build over `cache`), taken for the steps it fits."""
+        if fused is not None and fused.decoder.takes(next_ids.shape[0], meta):
+            return fused(next_ids, hidden, positions, meta)
         e = self.enorm(self.main[0].model.embed(next_ids))
         x = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], -1))
-        if fused is not None and fused.takes(x.shape[0], meta):
-            return self.shared_head.norm(fused.run_layers(x.contiguous(), positions, meta))
         return self.shared_head.norm(super().forward(x, positions, meta, cache))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.main[0].compute_logits(hidden)
+
+
+class FusedDraft:
+    """The MTP layer's decode-sized steps with the C kernels, in fp32 activations from end to end: the norms in
+    the fp32 kernel (weights copied to fp32 once), eh_proj in the weight-streaming kernel, the decoder layer in
+    one C call (FusedDecoder). A handful of calls a step in place of the modules' dispatch; with fp32 weights the
+    numbers are those of the Python layers with the kernels, with bf16 weights they skip the bf16 roundings of
+    the activations (drafts only: what the main model verifies is unchanged)."""
+
+    def __init__(self, mtp: MTPLayer, decoder: FusedDecoder):
+        self.mtp, self.decoder, self.eps = mtp, decoder, mtp.enorm.eps
+        norms = (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)
+        self.enorm, self.hnorm, self.out_norm = (n.weight.detach().float().contiguous() for n in norms)
+        self.eh_proj = mtp.eh_proj.weight
+
+    @classmethod
+    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor) -> "FusedDraft | None":
+        """None where the main model's KernelConfig, the layer or the cache cannot take the fused path."""
+        decoder = FusedDecoder.build_layer(main, mtp, cache)
+        w = mtp.eh_proj.weight
+        if decoder is None or mtp.eh_proj.bias is not None or not isinstance(w, torch.Tensor) \
+                or not kernels.usable(torch.empty(1, w.shape[1]), w):
+            return None
+        return cls(mtp, decoder)
+
+    def __call__(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """As MTPLayer.forward: normed output [T, d], fp32."""
+        e = kernels.rms_norm(embed(next_ids, self.mtp.main[0].model.embed_tokens).float(), self.enorm, self.eps)
+        h = kernels.rms_norm(hidden.float(), self.hnorm, self.eps)
+        x = kernels.gemv(torch.cat([e, h], -1), self.eh_proj)
+        return kernels.rms_norm(self.decoder.run_layers(x, positions, meta), self.out_norm, self.eps)
 
 
 def mtp_prefix(cfg: ModelConfig) -> str:

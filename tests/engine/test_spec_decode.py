@@ -42,6 +42,7 @@ def reference(ckpts):
     (3, dict(max_num_batched_tokens=7, enable_prefix_caching=False)),
     (3, dict(max_num_seqs=2, enforce_eager=True)),  # the MTP layer through the Python layers
     (2, dict(kv_cache_memory=13 * 16 * 5 * ROW)),  # 13 blocks of 16 tokens: preempts
+    (2, dict(spec_greedy_fast_path=False)),  # every step through the sampler's verification
 ], ids=str)
 def test_greedy_is_the_same_with_speculation(ckpts, reference, k, options):
     llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(k), **options)
@@ -51,6 +52,14 @@ def test_greedy_is_the_same_with_speculation(ckpts, reference, k, options):
     assert stats.spec_draft_tokens[0] > 0 and len(stats.spec_draft_tokens) == k
     if "kv_cache_memory" in options:
         assert stats.num_preemptions > 0
+
+
+def test_plain_greedy_steps_take_the_fast_path(ckpts, reference, monkeypatch):
+    steps, original = [], SpecDecoder.greedy_step
+    monkeypatch.setattr(SpecDecoder, "greedy_step", lambda self, batch: steps.append(batch) or original(self, batch))
+    llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(2))
+    assert token_ids(llm, prompts()) == reference
+    assert len(steps) > 10 and any(len(batch) > 1 for batch in steps)
 
 
 def test_bf16_verify_steps_run_as_plain_decodes(ckpts):

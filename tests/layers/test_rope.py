@@ -5,6 +5,9 @@ import torch
 
 from dsinfer.layers.rope import RotaryEmbedding, apply_rope, softmax_scale
 
+YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=0.707,
+            mscale_all_dim=0.707)
+
 
 def test_yarn_frequencies_and_attention_factor_match_transformers():
     from transformers import DeepseekV3Config
@@ -47,3 +50,13 @@ def test_rotation_is_kept_for_the_same_positions_only():
     a, b = torch.tensor([1, 2]), torch.tensor([5, 6])
     assert rot.rotation(a) is rot.rotation(a)
     torch.testing.assert_close(rot.rotation(b), RotaryEmbedding(8, 10000.0, None).rotation(b))
+
+
+@pytest.mark.parametrize("scaling", [None, YARN], ids=["plain", "yarn"])
+def test_the_position_table_gives_the_computed_turns_bit_for_bit(scaling):
+    """On the CPU turns come from a table grown on demand; they must be the very numbers computed directly."""
+    rot, g = RotaryEmbedding(64, 10000.0, scaling), torch.Generator().manual_seed(0)
+    for n, top in [(1, 10), (3, 900), (9, 1500), (2, 5000), (33, 5000)]:  # the table grows past 1024, then 3000
+        positions = torch.randint(0, top, (n,), generator=g)
+        assert torch.equal(rot.rotation(positions), rot.turns(positions))
+    assert rot._table.shape[0] > 3000

@@ -10,9 +10,8 @@ from dsinfer.engine.model_runner import ModelRunner
 from dsinfer import kernels
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.models import load_model
-from dsinfer.models.fused_decode import FusedDecoder
 from dsinfer.models.loader import CheckpointError, read_config
-from dsinfer.models.mtp import load_mtp
+from dsinfer.models.mtp import FusedDraft, load_mtp
 from tests.checkpoints import SPECS, add_mtp_layer, build_hf
 from tests.conftest import random_prompts
 
@@ -36,7 +35,7 @@ def mtp_logits(path, hidden, ids, kc: KernelConfig, one_by_one: bool) -> torch.T
     mtp = load_mtp(model, path, names, torch.float32, "cpu", "auto", kc)
     cache = KVCache(cfg, "float32", "cpu", 4, 16, extra_layers=1)
     runner, n, table = ModelRunner(model, cache), len(ids) - 1, list(range(4))
-    fused = FusedDecoder.build_layer(model, mtp, cache.layers[-1])
+    fused = FusedDraft.build(model, mtp, cache.layers[-1])
     assert (fused is not None) == (kc.fused_decode and kernels.library() is not None)
     spans = [(i, i + 1) for i in range(n)] if one_by_one else [(0, n)]
     out = []
