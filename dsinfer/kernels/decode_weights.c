@@ -113,45 +113,73 @@ int mat_ffn(const Mat *gate_up, const Mat *down, const float *x, const int64_t *
 
 /* MLA's absorption and expansion through kv_b [h (dn + dv), r], for fp32 (LOAD load_f32) or bf16 weights:
  * qc[t][h] = (W_uk[h]^T q_nope[t][h], q_pe[t][h]), W_uk[h] the first dn rows of head h, with q_nope and q_pe
- * holding one (token, head) pair every ns and ps floats; attn[t][h dv + j] = W_uv[h][j] . o_lat[t][h]. */
+ * holding one (token, head) pair every ns and ps floats; attn[t][h dv + j] = W_uv[h][j] . o_lat[t][h].
+ * Threads split the heads; each head's rows of kv_b are read from memory once for all t tokens (a piece of a
+ * row is used for every token while it is in a register), and every output is summed in the same order
+ * whatever t is. */
 static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 static inline float f32_value(float v) { return v; }
 
 #define ABSORB_EXPAND(SUFFIX, WT, LOAD, SCALAR)                                                              \
-void mla_absorb_##SUFFIX(const float *q_nope, int64_t ns, const float *q_pe, int64_t ps, const WT *kv_b,      \
+void mla_absorb_##SUFFIX(const float *q_nope, int64_t ns, const float *q_pe, int64_t ps, const WT *kv_b,     \
                          float *qc, int64_t t, int64_t h, int64_t dn, int64_t dr, int64_t dv, int64_t r,     \
                          int threads) {                                                                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                        \
-    for (int64_t th = 0; th < t * h; th++) {                                                                 \
-        const float *qn = q_nope + th * ns;                                                                  \
-        float *out = qc + th * (r + dr);                                                                     \
-        memset(out, 0, sizeof(float) * r);                                                                   \
+    for (int64_t hd = 0; hd < h; hd++) {                                                                     \
+        for (int64_t tt = 0; tt < t; tt++) memset(qc + (tt * h + hd) * (r + dr), 0, sizeof(float) * r);      \
         for (int64_t i = 0; i < dn; i++) {                                                                   \
-            const WT *w = kv_b + ((th % h) * (dn + dv) + i) * r;                                             \
-            const __m256 s = _mm256_set1_ps(qn[i]);                                                          \
+            const WT *w = kv_b + (hd * (dn + dv) + i) * r;                                                   \
             int64_t j = 0;                                                                                   \
-            for (; j + 8 <= r; j += 8)                                                                       \
-                _mm256_storeu_ps(out + j, _mm256_fmadd_ps(s, LOAD(w + j), _mm256_loadu_ps(out + j)));        \
-            for (; j < r; j++) out[j] += qn[i] * SCALAR(w[j]);                                               \
+            for (; j + 8 <= r; j += 8) {                                                                     \
+                const __m256 wv = LOAD(w + j);                                                               \
+                for (int64_t tt = 0; tt < t; tt++) {                                                         \
+                    float *out = qc + (tt * h + hd) * (r + dr) + j;                                          \
+                    const __m256 s = _mm256_set1_ps(q_nope[(tt * h + hd) * ns + i]);                         \
+                    _mm256_storeu_ps(out, _mm256_fmadd_ps(s, wv, _mm256_loadu_ps(out)));                     \
+                }                                                                                            \
+            }                                                                                                \
+            for (; j < r; j++)                                                                               \
+                for (int64_t tt = 0; tt < t; tt++)                                                           \
+                    qc[(tt * h + hd) * (r + dr) + j] += q_nope[(tt * h + hd) * ns + i] * SCALAR(w[j]);       \
         }                                                                                                    \
-        memcpy(out + r, q_pe + th * ps, sizeof(float) * dr);                                                 \
+        for (int64_t tt = 0; tt < t; tt++)                                                                   \
+            memcpy(qc + (tt * h + hd) * (r + dr) + r, q_pe + (tt * h + hd) * ps, sizeof(float) * dr);        \
+    }                                                                                                        \
+}                                                                                                            \
+/* W_uv[h][j] . o_lat[t][h] for T tokens t0 .. t0 + T - 1 (T a constant: the sums stay in registers). */     \
+static inline __attribute__((always_inline)) void expand_row_##SUFFIX(                                       \
+        const WT *w, const float *o_lat, float *attn, int64_t t0, int64_t h, int64_t hd, int64_t dv,         \
+        int64_t j, int64_t r, const int T) {                                                                 \
+    __m256 acc[4];                                                                                           \
+    for (int u = 0; u < T; u++) acc[u] = _mm256_setzero_ps();                                                \
+    int64_t i = 0;                                                                                           \
+    for (; i + 8 <= r; i += 8) {                                                                             \
+        const __m256 wv = LOAD(w + i);                                                                       \
+        for (int u = 0; u < T; u++)                                                                          \
+            acc[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(o_lat + ((t0 + u) * h + hd) * r + i), acc[u]);      \
+    }                                                                                                        \
+    for (int u = 0; u < T; u++) {                                                                            \
+        const float *o = o_lat + ((t0 + u) * h + hd) * r;                                                    \
+        float s = hsum(acc[u]);                                                                              \
+        for (int64_t c = i; c < r; c++) s += SCALAR(w[c]) * o[c];                                            \
+        attn[((t0 + u) * h + hd) * dv + j] = s;                                                              \
     }                                                                                                        \
 }                                                                                                            \
 void mla_expand_##SUFFIX(const float *o_lat, const WT *kv_b, float *attn, int64_t t, int64_t h, int64_t dn,  \
                          int64_t dv, int64_t r, int threads) {                                               \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                        \
-    for (int64_t th = 0; th < t * h; th++) {                                                                 \
-        const float *o = o_lat + th * r;                                                                     \
+    for (int64_t hd = 0; hd < h; hd++)                                                                       \
         for (int64_t j = 0; j < dv; j++) {                                                                   \
-            const WT *w = kv_b + ((th % h) * (dn + dv) + dn + j) * r;                                        \
-            __m256 acc = _mm256_setzero_ps();                                                                \
-            int64_t i = 0;                                                                                   \
-            for (; i + 8 <= r; i += 8) acc = _mm256_fmadd_ps(LOAD(w + i), _mm256_loadu_ps(o + i), acc);     \
-            float s = hsum(acc);                                                                             \
-            for (; i < r; i++) s += SCALAR(w[i]) * o[i];                                                     \
-            attn[th * dv + j] = s;                                                                           \
+            const WT *w = kv_b + (hd * (dn + dv) + dn + j) * r;                                              \
+            for (int64_t t0 = 0; t0 < t; t0 += 4) { /* tokens in fours; the row stays in L1 between them */  \
+                switch (t - t0 < 4 ? t - t0 : 4) {                                                           \
+                case 1: expand_row_##SUFFIX(w, o_lat, attn, t0, h, hd, dv, j, r, 1); break;                  \
+                case 2: expand_row_##SUFFIX(w, o_lat, attn, t0, h, hd, dv, j, r, 2); break;                  \
+                case 3: expand_row_##SUFFIX(w, o_lat, attn, t0, h, hd, dv, j, r, 3); break;                  \
+                default: expand_row_##SUFFIX(w, o_lat, attn, t0, h, hd, dv, j, r, 4); break;                 \
+                }                                                                                            \
+            }                                                                                                \
         }                                                                                                    \
-    }                                                                                                        \
 }
 
 ABSORB_EXPAND(f32, float, load_f32, f32_value)
