@@ -117,31 +117,49 @@ int mat_ffn(const Mat *gate_up, const Mat *down, const float *x, const int64_t *
  * Threads split the heads; each head's rows of kv_b are read from memory once for all t tokens (a piece of a
  * row is used for every token while it is in a register), and every output is summed in the same order
  * whatever t is. */
+#ifndef ABSORB_PF_F32
+#define ABSORB_PF_F32 0
+#endif
+#ifndef ABSORB_PF_BF16
+#define ABSORB_PF_BF16 512
+#endif
 static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 static inline float f32_value(float v) { return v; }
 
-#define ABSORB_EXPAND(SUFFIX, WT, LOAD, SCALAR)                                                              \
+#define ABSORB_EXPAND(SUFFIX, WT, LOAD, SCALAR, PF)                                                          \
+/* qc[t][hd][:r] += sum over U rows u of q_nope[t][hd][i + u] * w[u] (w: row i of W_uk[hd]), in u order. */     \
+static inline __attribute__((always_inline)) void absorb_rows_##SUFFIX(                                      \
+        const float *q_nope, int64_t ns, const WT *w, float *qc, int64_t t, int64_t h, int64_t hd, int64_t i, \
+        int64_t r, int64_t dr, const int U) {                                                                \
+    int64_t j = 0;                                                                                           \
+    for (; j + 8 <= r; j += 8) {                                                                             \
+        __m256 wv[4];                                                                                        \
+        if (PF && (j * (int64_t)sizeof(WT)) % 64 == 0)                                                       \
+            for (int u = 0; u < U; u++) _mm_prefetch((const char *)(w + u * r + j) + PF, _MM_HINT_T0);       \
+        for (int u = 0; u < U; u++) wv[u] = LOAD(w + u * r + j);                                             \
+        for (int64_t tt = 0; tt < t; tt++) {                                                                 \
+            float *out = qc + (tt * h + hd) * (r + dr) + j;                                                  \
+            const float *qn = q_nope + (tt * h + hd) * ns + i;                                               \
+            __m256 a = _mm256_loadu_ps(out);                                                                 \
+            for (int u = 0; u < U; u++) a = _mm256_fmadd_ps(_mm256_set1_ps(qn[u]), wv[u], a);                \
+            _mm256_storeu_ps(out, a);                                                                        \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (; j < r; j++)                                                                                       \
+        for (int64_t tt = 0; tt < t; tt++)                                                                   \
+            for (int u = 0; u < U; u++)                                                                      \
+                qc[(tt * h + hd) * (r + dr) + j] += q_nope[(tt * h + hd) * ns + i + u] * SCALAR(w[u * r + j]); \
+}                                                                                                            \
 void mla_absorb_##SUFFIX(const float *q_nope, int64_t ns, const float *q_pe, int64_t ps, const WT *kv_b,     \
                          float *qc, int64_t t, int64_t h, int64_t dn, int64_t dr, int64_t dv, int64_t r,     \
                          int threads) {                                                                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                        \
     for (int64_t hd = 0; hd < h; hd++) {                                                                     \
-        for (int64_t tt = 0; tt < t; tt++) memset(qc + (tt * h + hd) * (r + dr), 0, sizeof(float) * r);      \
-        for (int64_t i = 0; i < dn; i++) {                                                                   \
-            const WT *w = kv_b + (hd * (dn + dv) + i) * r;                                                   \
-            int64_t j = 0;                                                                                   \
-            for (; j + 8 <= r; j += 8) {                                                                     \
-                const __m256 wv = LOAD(w + j);                                                               \
-                for (int64_t tt = 0; tt < t; tt++) {                                                         \
-                    float *out = qc + (tt * h + hd) * (r + dr) + j;                                          \
-                    const __m256 s = _mm256_set1_ps(q_nope[(tt * h + hd) * ns + i]);                         \
-                    _mm256_storeu_ps(out, _mm256_fmadd_ps(s, wv, _mm256_loadu_ps(out)));                     \
-                }                                                                                            \
-            }                                                                                                \
-            for (; j < r; j++)                                                                               \
-                for (int64_t tt = 0; tt < t; tt++)                                                           \
-                    qc[(tt * h + hd) * (r + dr) + j] += q_nope[(tt * h + hd) * ns + i] * SCALAR(w[j]);       \
-        }                                                                                                    \
+        const WT *w = kv_b + hd * (dn + dv) * r;                                                             \
+        for (int64_t tt = 0; tt < t; tt++) memset(qc + (tt * h + hd) * (r + dr), 0, sizeof(float) * r);     \
+        int64_t i = 0; /* 4 rows at a time: each sum is still taken row by row, in order */                  \
+        for (; i + 4 <= dn; i += 4) absorb_rows_##SUFFIX(q_nope, ns, w + i * r, qc, t, h, hd, i, r, dr, 4);  \
+        for (; i < dn; i++) absorb_rows_##SUFFIX(q_nope, ns, w + i * r, qc, t, h, hd, i, r, dr, 1);          \
         for (int64_t tt = 0; tt < t; tt++)                                                                   \
             memcpy(qc + (tt * h + hd) * (r + dr) + r, q_pe + (tt * h + hd) * ps, sizeof(float) * dr);        \
     }                                                                                                        \
@@ -154,6 +172,7 @@ static inline __attribute__((always_inline)) void expand_row_##SUFFIX(          
     for (int u = 0; u < T; u++) acc[u] = _mm256_setzero_ps();                                                \
     int64_t i = 0;                                                                                           \
     for (; i + 8 <= r; i += 8) {                                                                             \
+        if (PF && (i * (int64_t)sizeof(WT)) % 64 == 0) _mm_prefetch((const char *)(w + i) + PF, _MM_HINT_T0); \
         const __m256 wv = LOAD(w + i);                                                                       \
         for (int u = 0; u < T; u++)                                                                          \
             acc[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(o_lat + ((t0 + u) * h + hd) * r + i), acc[u]);      \
@@ -182,8 +201,8 @@ void mla_expand_##SUFFIX(const float *o_lat, const WT *kv_b, float *attn, int64_
         }                                                                                                    \
 }
 
-ABSORB_EXPAND(f32, float, load_f32, f32_value)
-ABSORB_EXPAND(bf16, uint16_t, load_bf16, bf16_to_f32)
+ABSORB_EXPAND(f32, float, load_f32, f32_value, ABSORB_PF_F32)
+ABSORB_EXPAND(bf16, uint16_t, load_bf16, bf16_to_f32, ABSORB_PF_BF16)
 
 void mat_absorb(const float *q_nope, int64_t ns, const float *q_pe, int64_t ps, const Mat *kv_b, float *qc,
                 int64_t t, int64_t h, int64_t dn, int64_t dr, int64_t dv, int64_t r, int threads) {
