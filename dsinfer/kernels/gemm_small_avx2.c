@@ -67,10 +67,10 @@ static inline __attribute__((always_inline)) void chunk_g(
         const float *xt = xp + kc * m + len * r0[i];
         __m256 *a = acc + i * 3 * MAX_M;
         switch (t[i]) { /* the tile's x pieces are T * 8 floats apart: T passed as the tile kernel's m */
-        case 4: rows_f32_blocked_tile(xt, w + kc, a, 4, k, len, G, 4, 0); break;
-        case 3: rows_f32_blocked_tile(xt, w + kc, a, 3, k, len, G, 3, 0); break;
-        case 2: rows_f32_blocked_tile(xt, w + kc, a, 2, k, len, G, 2, 0); break;
-        default: rows_f32_blocked_tile(xt, w + kc, a, 1, k, len, G, 1, 0); break;
+        case 4: rows_f32_blocked_tile(xt, w + kc, a, 4, k, len, G, 4); break;
+        case 3: rows_f32_blocked_tile(xt, w + kc, a, 3, k, len, G, 3); break;
+        case 2: rows_f32_blocked_tile(xt, w + kc, a, 2, k, len, G, 2); break;
+        default: rows_f32_blocked_tile(xt, w + kc, a, 1, k, len, G, 1); break;
         }
     }
 }

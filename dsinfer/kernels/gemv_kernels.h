@@ -12,13 +12,11 @@
 
 #define MAX_M 8
 #define KC 128 /* columns per chunk in the blocked kernel */
-/* Bytes ahead of its reads that the row kernels prefetch each weight row by, per weight type: bf16 rows are
- * consumed at half fp32's bytes per FMA, and the hardware prefetcher alone left the bf16 kernels at ~23 GB/s
- * (fp32 ~31) on a 2-core Xeon; 512 bytes ahead took them to ~27. fp32 gained nothing measurable. */
-#define PF_F32 0
-#define PF_BF16 512
 #ifndef ROW_STREAMS
 #define ROW_STREAMS 8 /* weight rows read side by side by the row kernel for one row of x */
+#endif
+#ifndef ROW_PREFETCH
+#define ROW_PREFETCH 1 /* bf16 row kernel: prefetch the next R rows as it reads these (-DROW_PREFETCH=0: off) */
 #endif
 
 static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
@@ -27,8 +25,19 @@ static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 /* R weight rows at a time (several independent memory streams: one row at a time leaves the core's read
  * bandwidth well short of the machine's, bf16 most of all), one accumulator per (weight row, x row), k walked in
  * order, so that every output is summed in the same order as by the blocked kernel below (batch-invariant
- * bits). M (rows of x) and R are compile-time constants after inlining, so accumulators live in registers. */
-#define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR, PF)                                                   \
+ * bits). M (rows of x) and R are compile-time constants after inlining, so accumulators live in registers.
+ * LINE > 0 (bf16: 32 values, a 64-byte line): each line read also prefetches the same line of the next R rows,
+ * so their streams are running when the kernel gets to them (a 2-byte row of K = 2048 is one 4 KiB page, where
+ * the hardware prefetcher stops): 25 -> 28 GB/s on a [102400, 2048] head, 2 threads, same sums. */
+#define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR, LINE)                                                    \
+static inline __attribute__((always_inline)) void NAME##_step(                                      \
+        const float *x, const WTYPE *row, __m256 acc[MAX_M][8], int64_t k, int64_t i, const int M,  \
+        const int R) {                                                                              \
+    for (int r = 0; r < M; r++) {                                                                   \
+        __m256 xv = _mm256_loadu_ps(x + r * k + i);                                                 \
+        for (int g = 0; g < R; g++) acc[r][g] = _mm256_fmadd_ps(LOAD(row + g * k + i), xv, acc[r][g]); \
+    }                                                                                               \
+}                                                                                                   \
 static inline __attribute__((always_inline)) void NAME##_m(                                         \
         const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t j, const int M,     \
         const int R) {                                                                              \
@@ -37,15 +46,12 @@ static inline __attribute__((always_inline)) void NAME##_m(                     
     for (int r = 0; r < M; r++)                                                                     \
         for (int g = 0; g < R; g++) acc[r][g] = _mm256_setzero_ps();                                \
     int64_t i = 0;                                                                                  \
-    for (; i + 8 <= k; i += 8) {                                                                    \
-        if (PF && (i * (int64_t)sizeof(WTYPE)) % 64 == 0)                                           \
-            for (int g = 0; g < R; g++)                                                             \
-                _mm_prefetch((const char *)(row + g * k + i) + PF, _MM_HINT_T0);                    \
-        for (int r = 0; r < M; r++) {                                                               \
-            __m256 xv = _mm256_loadu_ps(x + r * k + i);                                             \
-            for (int g = 0; g < R; g++) acc[r][g] = _mm256_fmadd_ps(LOAD(row + g * k + i), xv, acc[r][g]); \
+    if (LINE && ROW_PREFETCH && j + 2 * R <= n) /* one cache line of each of the next R rows per line */ \
+        for (; i + LINE <= k; i += LINE) {                                                          \
+            for (int g = 0; g < R; g++) _mm_prefetch((const char *)(row + (R + g) * k + i), _MM_HINT_T1); \
+            for (int64_t c = 0; c < LINE; c += 8) NAME##_step(x, row, acc, k, i + c, M, R);         \
         }                                                                                           \
-    }                                                                                               \
+    for (; i + 8 <= k; i += 8) NAME##_step(x, row, acc, k, i, M, R);                                \
     for (int r = 0; r < M; r++)                                                                     \
         for (int g = 0; g < R; g++) {                                                               \
             float s = hsum(acc[r][g]);                                                              \
@@ -60,7 +66,7 @@ static inline __attribute__((always_inline)) void NAME##_rows(                  
     for (; j + R <= n1; j += R) NAME##_m(x, w, y, n, k, j, M, R);                                   \
     for (; j < n1; j++) NAME##_m(x, w, y, n, k, j, M, 1);                                           \
 }                                                                                                   \
-static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k,         \
+static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k,        \
                  int64_t n0, int64_t n1) {                                                          \
     switch (m) {                                                                                    \
     case 1: NAME##_rows(x, w, y, n, k, n0, n1, 1, ROW_STREAMS); break;                              \
@@ -82,17 +88,15 @@ static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n,
  *  - L1: K is walked in chunks of KC columns, all tiles finishing a chunk before the next one, so the weight
  *    rows stream from memory at an even pace; partial sums wait in acc[][] between chunks.
  *  - memory: every weight element is read from memory once. */
-#define GROUP_KERNEL(NAME, WTYPE, LOAD, SCALAR, PF)                                                 \
+#define GROUP_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                        \
 static inline __attribute__((always_inline)) void NAME##_tile(                                      \
         const float *xp, const WTYPE *w, __m256 *acc, int64_t m, int64_t k, int64_t len,            \
-        const int G, const int T, const int pf) {                                                   \
+        const int G, const int T) {                                                                 \
     __m256 a[3][4];                                                                                 \
     for (int g = 0; g < G; g++)                                                                     \
         for (int r = 0; r < T; r++) a[g][r] = acc[g * MAX_M + r];                                   \
     for (int64_t i = 0; i < len; i += 8, xp += 8 * m) {                                             \
         __m256 wv[3];                                                                               \
-        if (pf && PF && (i * (int64_t)sizeof(WTYPE)) % 64 == 0)                                     \
-            for (int g = 0; g < G; g++) _mm_prefetch((const char *)(w + g * k + i) + PF, _MM_HINT_T0); \
         for (int g = 0; g < G; g++) wv[g] = LOAD(w + g * k + i);                                    \
         for (int r = 0; r < T; r++) {                                                               \
             __m256 xv = _mm256_load_ps(xp + 8 * r);                                                 \
@@ -115,14 +119,14 @@ static inline __attribute__((always_inline)) int64_t NAME##_groups(             
             for (int r = 0; r < T0 + T1; r++) acc[g][r] = _mm256_setzero_ps();                      \
         for (int64_t kc = 0; kc < k8; kc += KC) {                                                   \
             const int64_t len = k8 - kc < KC ? k8 - kc : KC;                                        \
-            NAME##_tile(xp + kc * m, w + j * k + kc, &acc[0][0], m, k, len, G, T0, 1);              \
+            NAME##_tile(xp + kc * m, w + j * k + kc, &acc[0][0], m, k, len, G, T0);                 \
             if (T1)                                                                                 \
-                NAME##_tile(xp + kc * m + 8 * T0, w + j * k + kc, &acc[0][T0], m, k, len, G, T1, 0); \
+                NAME##_tile(xp + kc * m + 8 * T0, w + j * k + kc, &acc[0][T0], m, k, len, G, T1);   \
         }                                                                                           \
         for (int g = 0; g < G; g++)                                                                 \
             for (int r = 0; r < T0 + T1; r++) {                                                     \
                 float s = hsum(acc[g][r]);                                                          \
-                for (int64_t t = k8; t < k; t++) s += SCALAR(w[(j + g) * k + t]) * x[r * k + t];    \
+                for (int64_t t = k8; t < k; t++) s += SCALAR(w[(j + g) * k + t]) * x[r * k + t];   \
                 y[r * n + j + g] = s;                                                               \
             }                                                                                       \
     }                                                                                               \
@@ -143,19 +147,19 @@ static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int6
 }
 
 #define AS_F32(v) (v)
-ROW_KERNEL(rows_f32, float, load_f32, AS_F32, PF_F32)
-ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32, PF_BF16)
+ROW_KERNEL(rows_f32, float, load_f32, AS_F32, 0)
+ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32, 32)
 #define rows_f32_blocked_single rows_f32
 #define rows_bf16_blocked_single rows_bf16
-GROUP_KERNEL(rows_f32_blocked, float, load_f32, AS_F32, PF_F32)
-GROUP_KERNEL(rows_bf16_blocked, uint16_t, load_bf16, bf16_to_f32, PF_BF16)
+GROUP_KERNEL(rows_f32_blocked, float, load_f32, AS_F32)
+GROUP_KERNEL(rows_bf16_blocked, uint16_t, load_bf16, bf16_to_f32)
 
 #ifndef BLOCKED_FROM
 #define BLOCKED_FROM 2
 #endif
 /* Up to BLOCKED_FROM rows (or if packing found no memory): one weight row at a time on x as it is; more:
  * the blocked kernel on packed x. */
-#define ANY(NAME, ROWS, BLOCKED, WTYPE)                                                             \
+#define ANY(NAME, ROWS, BLOCKED, WTYPE)                                                                \
 static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
                  int64_t k, int64_t n0, int64_t n1) {                                               \
     if (m > BLOCKED_FROM && xp) BLOCKED(x, xp, w, y, m, n, k, n0, n1);                              \

@@ -21,6 +21,18 @@ def test_gemv_equals_torch(m, n, k, dtype):
     torch.testing.assert_close(kernels.gemv(x, w), F.linear(x, w.float()), rtol=1e-5, atol=1e-5 + 1e-6 * k)  # fp32 sum order
 
 
+@pytest.mark.parametrize("k", [40, 100, 2048 + 8 + 3])  # whole cache lines of a row, 8-column pieces, a tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_rows_do_not_depend_on_the_batch(k, dtype):
+    """Each row of x gives the same bits alone as with up to MAX_M rows (the row kernels for 1 and 2 rows and
+    the blocked one for more sum every output in one order), which greedy speculative decoding relies on."""
+    g = torch.Generator().manual_seed(k)
+    x, w = torch.randn(kernels.MAX_M, k, generator=g), torch.randn(37, k, generator=g).to(dtype)
+    alone = torch.cat([kernels.gemv(x[i:i + 1], w) for i in range(kernels.MAX_M)])
+    for m in range(2, kernels.MAX_M + 1):
+        assert torch.equal(kernels.gemv(x[:m], w), alone[:m]), f"{m} rows"
+
+
 def test_only_decode_sized_fp32_cpu_inputs_take_the_kernel():
     w = torch.randn(16, 32)
     assert kernels.usable(torch.randn(kernels.MAX_M, 32), w)
