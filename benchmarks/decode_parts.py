@@ -10,9 +10,9 @@ from time import perf_counter
 
 import torch
 
-from dsinfer import LLM  # noqa: E402
-from dsinfer.kernels.decode_layer import run_attention, run_ffn  # noqa: E402
-from dsinfer.models.fused_decode import decode_step  # noqa: E402
+from dsinfer import LLM
+from dsinfer.kernels.decode_layer import run_attention, run_ffn
+from dsinfer.models.fused_decode import decode_step
 
 
 def nbytes(*ts) -> int:
@@ -35,6 +35,24 @@ def parts(mlp_layer_c):
     return routed, shared
 
 
+def cold_timer(repeats: int, flush_mb: int):
+    """A timer of C calls (0 on success): the best of `repeats` single calls, each after flush_mb MB of other data
+    were read (the parts are small enough to stay in a large L3 between calls, which a real step's parts do not)."""
+    flush = torch.ones(flush_mb << 18, dtype=torch.float32)
+
+    def time(fn) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            flush.sum()
+            start = perf_counter()
+            code = fn()
+            best = min(best, perf_counter() - start)
+            if code:
+                raise RuntimeError(f"C call failed with {code}")
+        return best
+    return time
+
+
 def measure(llm, t: int, repeats: int, flush_mb: int, moe_layers: int) -> list[tuple[str, float, int]]:
     """(part, seconds, bytes read) for a step of t tokens of one stream at context 128."""
     runner, model, fused = llm.engine.runner, llm.model, llm.engine.runner.fused
@@ -45,20 +63,7 @@ def measure(llm, t: int, repeats: int, flush_mb: int, moe_layers: int) -> list[t
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(t)).contiguous()
     out = torch.empty_like(x)
     lib, rows = fused.lib, []
-    flush = torch.ones(flush_mb << 18, dtype=torch.float32)
-
-    def time(fn):
-        """The best of `repeats` single calls, each after the last-level cache was filled with other data (the
-        parts are small enough to stay in a large L3 between calls, which a real step's parts do not)."""
-        best = float("inf")
-        for _ in range(repeats):
-            flush.sum()
-            start = perf_counter()
-            code = fn()
-            best = min(best, perf_counter() - start)
-            if code:
-                raise RuntimeError(f"C call failed with {code}")
-        return best
+    time = cold_timer(repeats, flush_mb)
     for i, (layer, lc, cache) in enumerate(zip(model.model.layers, fused.layers, fused.caches)):
         if not lc.experts or moe_layers == 0:
             continue
@@ -72,7 +77,7 @@ def measure(llm, t: int, repeats: int, flush_mb: int, moe_layers: int) -> list[t
         run_ffn(lib, routed, step, x.data_ptr(), out.data_ptr(), threads)
         used = int(((mlp.expert_counts - before) > 0).sum())
         per_expert = nbytes(mlp.experts.gate_up_proj, mlp.experts.down_proj) // mlp.experts.n
-        rows.append((f"layer {i} router + routed ({used} experts)",
+        rows.append((f"layer {i} router + routed experts",
                      time(lambda: run_ffn(lib, routed, step, x.data_ptr(), out.data_ptr(), threads)),
                      used * per_expert + nbytes(mlp.gate.weight)))
         sh = mlp.shared_experts
