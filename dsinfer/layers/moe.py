@@ -68,7 +68,7 @@ class Experts(nn.Module):
         super().__init__()
         self.n, self.inter = n, inter
         self.matmul, self.decode_kernel, self.prefill_kernel = Matmul(kc), kc.cpu_kernels, kc.moe_prefill
-        self.grouped_mm = kc.grouped_mm
+        self.grouped_mm, self.amx = kc.grouped_mm, kc.grouped_mm and kc.amx_experts and kernels.amx_ready()
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
@@ -112,10 +112,17 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         offs = torch.bincount(flat, minlength=self.n).cumsum(0).to(torch.int32)
         token = order // k
-        h = silu_and_mul(torch._grouped_mm(x.index_select(0, token), self.gate_up_proj.transpose(1, 2), offs=offs))
+        h = silu_and_mul(self.expert_products(x.index_select(0, token), self.gate_up_proj, offs))
         h.mul_(weights.flatten()[order, None].to(x.dtype))
-        y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        y = self.expert_products(h, self.down_proj, offs)
         return torch.zeros_like(x).index_add_(0, token, y)
+
+    def expert_products(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x [T, K] sorted by expert (offs: the running ends) times each expert's w [N, K]: on dsinfer's AMX kernel
+        where the model was built for it and the shapes fit, else torch._grouped_mm."""
+        if self.amx and kernels.amx_grouped_usable(x, w):
+            return kernels.amx_grouped_mm(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         views, i = {}, self.inter
