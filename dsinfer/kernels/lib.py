@@ -5,6 +5,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
 import tempfile
 from functools import cache
@@ -42,14 +43,16 @@ def cpu_has_avx2() -> bool:
 
 def build() -> ctypes.CDLL:
     """Compiles the kernels once per source version into the cache directory and loads them."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS)).hexdigest()[:16]
+    compiler = os.environ.get("CC", "cc")  # may carry flags, e.g. CC="cc -DROW_PREFETCH=0"
+    sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
+    digest = hashlib.sha256(sources + compiler.encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("DSINFER_CACHE", Path.home() / ".cache" / "dsinfer"))
     target = cache_dir / f"gemv_avx2-{digest}.so"
     if not target.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             out = Path(tmp) / target.name
-            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
+            cmd = [*shlex.split(compiler), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
                    *map(str, SOURCES), "-o", str(out), "-lm"]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             out.replace(target)
