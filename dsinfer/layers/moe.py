@@ -82,9 +82,13 @@ class Experts(nn.Module):
             return kernels.moe_decode(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
         if self.prefill_kernel and kernels.moe_prefill_usable(x, self.gate_up_proj):
             return kernels.moe_prefill(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
-        if self.grouped_mm and x.is_cpu and x.dtype == torch.bfloat16 and self.gate_up_proj.dtype == x.dtype:
+        if self.grouped_mm and x.is_cpu and x.dtype == torch.bfloat16 and self.same_dtype(x):
             return self.stacked(x, weights, ids)
         return self.grouped(x, weights, ids)
+
+    def same_dtype(self, x: torch.Tensor) -> bool:
+        """Whether the expert weights are plain tensors of x's dtype (quantized ones go to `grouped`)."""
+        return isinstance(self.gate_up_proj, torch.Tensor) and self.gate_up_proj.dtype == x.dtype
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each expert gathers its own tokens and adds its weighted output into the result, so activations never
