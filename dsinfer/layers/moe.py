@@ -8,6 +8,7 @@ from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers.linear import Matmul, widened
 from dsinfer.layers.mlp import MLP, silu_and_mul
+from dsinfer.layers.quant_linear import bf16_linear, dequantize_into, stack_fits_bf16
 
 
 class Router(nn.Module):
@@ -68,14 +69,15 @@ class Experts(nn.Module):
         super().__init__()
         self.n, self.inter = n, inter
         self.matmul, self.decode_kernel, self.prefill_kernel = Matmul(kc), kc.cpu_kernels, kc.moe_prefill
-        self.grouped_mm = kc.grouped_mm
+        self.grouped_mm, self.bf16_tiles = kc.grouped_mm, kc.bf16_prefill_tiles
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weighted sum of each token's experts' outputs [T, D]. A decode-sized batch goes to the fused CPU
         kernel (one call, every active expert's weights read once), a larger fp32 one to the prefill kernel (one
-        call, no [T, 2I] intermediate); the rest runs grouped by expert, which defines the result."""
+        call, no [T, 2I] intermediate), quantized ones on a bf16 CPU to `dequantized`; the rest runs grouped by
+        expert, which defines the result."""
         if self.decode_kernel and widened(x):
             return self(x.float(), weights, ids).to(x.dtype)
         if self.decode_kernel and kernels.moe_usable(x, self.gate_up_proj):
@@ -84,6 +86,8 @@ class Experts(nn.Module):
             return kernels.moe_prefill(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
         if self.grouped_mm and x.is_cpu and x.dtype == torch.bfloat16 and self.same_dtype(x):
             return self.stacked(x, weights, ids)
+        if self.bf16_tiles and stack_fits_bf16(self.gate_up_proj, x) and stack_fits_bf16(self.down_proj, x):
+            return self.dequantized(x, weights, ids)
         return self.grouped(x, weights, ids)
 
     def same_dtype(self, x: torch.Tensor) -> bool:
@@ -120,6 +124,30 @@ class Experts(nn.Module):
         h.mul_(weights.flatten()[order, None].to(x.dtype))
         y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
         return torch.zeros_like(x).index_add_(0, token, y)
+
+    def dequantized(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`grouped` for quantized experts in bf16 (KernelConfig.bf16_prefill_tiles): x rounded to bf16 once,
+        each active expert's two matrices expanded whole into one expert's bf16 buffers (never more: the memory
+        bound), two bf16 matmuls (2-4x fp32's rate on AMX), the gate/up activation and the output in fp32 (or
+        x's dtype), added in `grouped`'s order. Per expert rather than torch._grouped_mm over several experts'
+        buffers: that measured no faster, and would need several experts in bf16 at once."""
+        k = ids.shape[1]
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n)[:self.n]
+        token, scale = order // k, weights.flatten()[order, None].float()
+        xs = x.to(torch.bfloat16).index_select(0, token)
+        gate_up = torch.empty(self.gate_up_proj.shape[1:], dtype=torch.bfloat16)
+        down = torch.empty(self.down_proj.shape[1:], dtype=torch.bfloat16)
+        out, start = torch.zeros_like(x), 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                rows = slice(start, start + c)
+                h = silu_and_mul(bf16_linear(xs[rows], dequantize_into(self.gate_up_proj[e], gate_up)).float())
+                y = bf16_linear(h.mul_(scale[rows]), dequantize_into(self.down_proj[e], down))
+                out.index_add_(0, token[rows], y.to(x.dtype))
+                start += c
+        return out
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         views, i = {}, self.inter

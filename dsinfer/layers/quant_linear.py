@@ -17,6 +17,7 @@ from dsinfer.quant.qtensor import QTensor
 
 TILE_VALUES = 1 << 20  # weights per dequantized tile on CPU (4 MiB in fp32: stays in cache)
 BF16_TILE_VALUES = 1 << 21  # ... for bf16 tiles (4 MiB too: oneDNN's bf16 matmul gains from the longer tiles)
+ROW_BUCKET = 16  # bf16 tiles multiply x padded to a multiple of this many rows (see padded_rows)
 GPU_TILE_VALUES = 1 << 24  # on other devices larger tiles keep kernel launches few (64 MiB in fp32)
 
 
@@ -30,7 +31,7 @@ def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None, use_k
         int8_x = int8 if int8 and int8_activations_fit(x, w) else 0
         y = kernels.qgemv(x, w.q, w.scales, w.mins, w.bits, w.group_size, int8_activations=int8_x)
     elif bf16_tiles and bf16_tiles_fit(x, w):
-        y = tiled(x, w, use_kernels, torch.bfloat16)
+        y = tiled(padded_rows(x), w, use_kernels, torch.bfloat16)[:x.shape[0]]
     else:
         y = tiled(kernels.round_to_int8(x) if int8 and use_kernels and int8_activations_fit(x, w) else x, w,
                   use_kernels)
@@ -41,7 +42,33 @@ def bf16_tiles_fit(x: torch.Tensor, w: QTensor) -> bool:
     """Whether tiles of w may be dequantized to bf16 for x: fp32 or bf16 x on CPU, where the kernels expand the
     tiles. fp32 x is rounded to bf16 once, not to int8 (see docs/architecture.md): the bf16 rounding of x and of
     the weights already parts prefill's numbers from decode's, and int8 on top would only add error."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels.dequant_usable(w.q)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2
+            and kernels.dequant_usable(w.q))
+
+
+def padded_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with zero rows added up to a multiple of ROW_BUCKET. oneDNN keeps a primitive of 0.6-1 MiB for
+    each (M, N, K) it multiplies in bf16 (up to 1024 of them), and a prefill's experts see every M from 9 up:
+    without this a long-running server would hold ~1 GiB of them. The padding costs little: AMX tiles have 16
+    rows anyway."""
+    pad = -x.shape[0] % ROW_BUCKET
+    return x if not pad else torch.cat([x, x.new_zeros(pad, x.shape[1])])
+
+
+def stack_fits_bf16(w, x: torch.Tensor) -> bool:
+    """Whether a stack of quantized expert matrices can run Experts.dequantized for x: a prefill-sized batch
+    that bf16 tiles take, and no column permutation (each expert's would reorder x differently)."""
+    return isinstance(w, QTensor) and w.perm is None and x.shape[0] > kernels.MAX_M and bf16_tiles_fit(x, w)
+
+
+def dequantize_into(w: QTensor, out: torch.Tensor) -> torch.Tensor:
+    """The whole of w [N, K] expanded by the kernel into out, a contiguous bf16 [N, K] buffer."""
+    return kernels.dequant(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, out=out, dtype=torch.bfloat16)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w.T for a bf16 w, x rounded to bf16 and padded as bf16 tiles do: bf16 [M, N]."""
+    return F.linear(padded_rows(x.to(torch.bfloat16)), w)[:x.shape[0]]
 
 
 def int8_activations_fit(x: torch.Tensor, w: QTensor) -> bool:
