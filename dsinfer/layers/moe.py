@@ -8,7 +8,7 @@ from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers.linear import Matmul, widened
 from dsinfer.layers.mlp import MLP, silu_and_mul
-from dsinfer.layers.quant_linear import bf16_linear, dequantize_into, stack_fits_bf16
+from dsinfer.layers.quant_linear import ROW_BUCKET, dequantize_into, padded, stack_fits_bf16
 
 
 class Router(nn.Module):
@@ -129,23 +129,28 @@ class Experts(nn.Module):
         """`grouped` for quantized experts in bf16 (KernelConfig.bf16_prefill_tiles): x rounded to bf16 once,
         each active expert's two matrices expanded whole into one expert's bf16 buffers (never more: the memory
         bound), two bf16 matmuls (2-4x fp32's rate on AMX), the gate/up activation and the output in fp32 (or
-        x's dtype), added in `grouped`'s order. Per expert rather than torch._grouped_mm over several experts'
-        buffers: that measured no faster, and would need several experts in bf16 at once."""
+        x's dtype), added in `grouped`'s order. Each expert multiplies its rows padded to a multiple of
+        ROW_BUCKET (quant_linear.padded_rows says why) by reading on into the next expert's rows, whose results
+        are dropped. Per expert rather than torch._grouped_mm over several experts' buffers: that measured no
+        faster, and would need several experts in bf16 at once."""
         k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n)[:self.n]
-        token, scale = order // k, weights.flatten()[order, None].float()
-        xs = x.to(torch.bfloat16).index_select(0, token)
+        token = order // k
+        spare = token.new_zeros(ROW_BUCKET)  # rows past the last expert's, for its padding
+        xs = x.to(torch.bfloat16).index_select(0, torch.cat([token, spare]))
+        scale = torch.cat([weights.flatten()[order].float(), spare.float()])[:, None]
         gate_up = torch.empty(self.gate_up_proj.shape[1:], dtype=torch.bfloat16)
         down = torch.empty(self.down_proj.shape[1:], dtype=torch.bfloat16)
         out, start = torch.zeros_like(x), 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                rows = slice(start, start + c)
-                h = silu_and_mul(bf16_linear(xs[rows], dequantize_into(self.gate_up_proj[e], gate_up)).float())
-                y = bf16_linear(h.mul_(scale[rows]), dequantize_into(self.down_proj[e], down))
-                out.index_add_(0, token[rows], y.to(x.dtype))
+                rows = slice(start, start + padded(c))
+                h = F.linear(xs[rows], dequantize_into(self.gate_up_proj[e], gate_up))
+                h = silu_and_mul(h.float()).mul_(scale[rows]).to(torch.bfloat16)
+                y = F.linear(h, dequantize_into(self.down_proj[e], down))[:c]
+                out.index_add_(0, token[start:start + c], y.to(x.dtype))
                 start += c
         return out
 

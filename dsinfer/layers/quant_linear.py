@@ -51,8 +51,12 @@ def padded_rows(x: torch.Tensor) -> torch.Tensor:
     each (M, N, K) it multiplies in bf16 (up to 1024 of them), and a prefill's experts see every M from 9 up:
     without this a long-running server would hold ~1 GiB of them. The padding costs little: AMX tiles have 16
     rows anyway."""
-    pad = -x.shape[0] % ROW_BUCKET
+    pad = padded(x.shape[0]) - x.shape[0]
     return x if not pad else torch.cat([x, x.new_zeros(pad, x.shape[1])])
+
+
+def padded(m: int) -> int:
+    return m + -m % ROW_BUCKET
 
 
 def stack_fits_bf16(w, x: torch.Tensor) -> bool:
@@ -64,11 +68,6 @@ def stack_fits_bf16(w, x: torch.Tensor) -> bool:
 def dequantize_into(w: QTensor, out: torch.Tensor) -> torch.Tensor:
     """The whole of w [N, K] expanded by the kernel into out, a contiguous bf16 [N, K] buffer."""
     return kernels.dequant(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, out=out, dtype=torch.bfloat16)
-
-
-def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w.T for a bf16 w, x rounded to bf16 and padded as bf16 tiles do: bf16 [M, N]."""
-    return F.linear(padded_rows(x.to(torch.bfloat16)), w)[:x.shape[0]]
 
 
 def int8_activations_fit(x: torch.Tensor, w: QTensor) -> bool:
