@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c", "mla_decode_avx2.c",
                                     "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
                                     "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c", "qgemv_x8_vnni.c",
-                                    "token_mask.c", "grouped_mm_amx.c")]
+                                    "token_mask.c", "grouped_mm_amx.c", "dequant_avx2.c")]
 HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h", "decode_layer.h")]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_tile")
@@ -89,8 +89,8 @@ def declare(lib: ctypes.CDLL):
     _sig(lib, ("qgemv_i8", "qgemv_i4", "qgemv_i8_x8", "qgemv_i4_x8", "qgemv_i8_x8_vnni", "qgemv_i4_x8_vnni"),
          [P] * 5 + [I64] * 4 + [INT])
     _sig(lib, ("round_x_i8",), [P] * 2 + [I64] * 2 + [INT])
-    # q, scales, mins, out, k, group size, n0, n1, threads
-    _sig(lib, ("dequant_i8", "dequant_i4"), [P] * 4 + [I64] * 4 + [INT])
+    # q, scales, mins, out (fp32 or bf16), k, group size, n0, n1, threads
+    _sig(lib, ("dequant_i8", "dequant_i4", "dequant_i8_bf16", "dequant_i4_bf16"), [P] * 4 + [I64] * 4 + [INT])
     # q, cache, rows, seq, lens, out, t, h, r, dr, lmax, b, cache rows, scale, threads -> 0 or an error code
     _sig(lib, ("mla_decode_f32", "mla_decode_bf16", "mla_decode_fp8"), [P] * 6 + [I64] * 7 + [F32, INT], INT)
     _sig(lib, ("rms_norm_f32",), [P] * 3 + [I64] * 3 + [F32])
