@@ -155,12 +155,19 @@ class Experts(nn.Module):
         for e, c in enumerate(counts.tolist()):
             if c:
                 rows = slice(start, start + padded(c))
-                h = F.linear(xs[rows], dequantize_into(self.gate_up_proj[e], gate_up))
+                h = self.bf16_product(xs[rows], dequantize_into(self.gate_up_proj[e], gate_up))
                 h = silu_and_mul(h.float()).mul_(scale[rows]).to(torch.bfloat16)
-                y = F.linear(h, dequantize_into(self.down_proj[e], down))[:c]
+                y = self.bf16_product(h, dequantize_into(self.down_proj[e], down))[:c]
                 out.index_add_(0, token[start:start + c], y.to(x.dtype))
                 start += c
         return out
+
+    def bf16_product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w.T for one expert's bf16 buffer: on the AMX kernel where the model has it (no repacking of w),
+        else torch's matmul."""
+        if self.amx and kernels.amx_grouped_usable(x, w[None]):
+            return kernels.amx_grouped_mm(x, w[None], x.new_tensor([x.shape[0]], dtype=torch.int32))
+        return F.linear(x, w)
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         views, i = {}, self.inter

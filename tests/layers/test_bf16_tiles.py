@@ -194,3 +194,21 @@ def test_a_quantized_model_prefills_in_bf16_close_to_fp32(ckpts, quantization, m
         assert not torch.allclose(a, b, rtol=1e-5, atol=1e-5)
         assert float((b.exp() * (b - a)).sum(-1).median()) < 0.01  # KL(fp32 || bf16) per position
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.skipif(not kernels.amx_ready(), reason="needs AMX-BF16 tiles (amx_tile, amx_bf16)")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_on_amx_tiles_equal_torch_matmul(bits, monkeypatch):
+    """KernelConfig.amx_experts: each expert's expanded bf16 buffer multiplied on the AMX kernel or by torch."""
+    ex = quantized_experts(ON, bits, inter=64)
+    x, weights, ids = routing(40)
+    calls = []
+    real = kernels.amx_grouped_mm
+    monkeypatch.setattr(kernels, "amx_grouped_mm", lambda *a: calls.append(1) or real(*a))
+    assert ex.amx
+    y = ex(x, weights, ids)
+    assert len(calls) == 2 * 7  # gate_up and down of each of the 7 experts used
+    ex.amx = False
+    ref = ex(x, weights, ids)
+    assert len(calls) == 2 * 7
+    assert rel_err(y, ref) < 1e-2
