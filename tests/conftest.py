@@ -11,6 +11,10 @@ from tests.checkpoints import build_all
 # The tests compare with transformers in fp32 (and their subprocesses inherit this): dtype="auto" would mean bf16
 # on CPUs with AMX or AVX512-BF16. tests/engine/test_auto_dtype.py checks the choice itself.
 os.environ.setdefault("DSINFER_CPU_DTYPE", "float32")
+# For the same reason quantized prefills keep fp32 tiles: several tests check that a sequence gets the same tokens
+# alone and batched, split across processes, or with speculation, which bf16 products (rounded differently from
+# the decode kernels' fp32 ones) cannot promise. tests/layers/test_bf16_tiles.py turns them on.
+os.environ.setdefault("DSINFER_BF16_PREFILL_TILES", "0")
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,16 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from dsinfer.kernels.grouped_mm import amx_ready
 from dsinfer.kernels.lib import cpu_flags, library
 
 log = logging.getLogger("dsinfer")
 CPU_DTYPE_ENV = "DSINFER_CPU_DTYPE"
 ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECODE",
        "small_gemm": "DSINFER_SMALL_GEMM", "moe_prefill": "DSINFER_MOE_PREFILL",
-       "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI", "grouped_mm": "DSINFER_GROUPED_MM"}
+       "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI", "grouped_mm": "DSINFER_GROUPED_MM",
+       "amx_experts": "DSINFER_AMX_EXPERTS", "bf16_prefill_tiles": "DSINFER_BF16_PREFILL_TILES"}
+SWITCHES = tuple(name for name in ENV if name != "cpu_kernels")
 
 
 @dataclass(slots=True, frozen=True)
@@ -26,11 +29,13 @@ class KernelConfig:
     int8_activations: bool = True  # quantized decode matmuls round x to int8 and multiply in integers
     vnni: bool = True              # ... with AVX-VNNI's byte dot products, where the CPU has them
     grouped_mm: bool = True        # 16-bit prefill experts: two torch._grouped_mm calls instead of two per expert
+    amx_experts: bool = True       # ... and those two calls on dsinfer's AMX tiles (weights as stored, no repacking)
+    bf16_prefill_tiles: bool = True  # quantized prefill matmuls dequantize tiles to bf16, multiply in bf16 (AMX)
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):
         if not self.cpu_kernels:  # every other switch picks among the kernels
-            for name in ("fused_decode", "small_gemm", "moe_prefill", "int8_activations", "vnni", "grouped_mm"):
+            for name in SWITCHES:
                 object.__setattr__(self, name, False)
 
     @classmethod
@@ -52,6 +57,10 @@ class KernelConfig:
             kc = replace(kc, vnni=False)
         if not hasattr(torch, "_grouped_mm"):
             kc = replace(kc, grouped_mm=False)
+        if not (kc.grouped_mm and amx_ready()):
+            kc = replace(kc, amx_experts=False)
+        if not cpu_flags() & BF16_FLAGS:  # elsewhere bf16 matmuls are emulated, far slower than fp32
+            kc = replace(kc, bf16_prefill_tiles=False)
         log.info("kernels: %s (CPU: %s)", kc.describe(), " ".join(sorted(cpu_flags())) or "unknown")
         return kc
 

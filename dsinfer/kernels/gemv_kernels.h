@@ -15,6 +15,9 @@
 #ifndef ROW_STREAMS
 #define ROW_STREAMS 8 /* weight rows read side by side by the row kernel for one row of x */
 #endif
+#ifndef ROW_PREFETCH
+#define ROW_PREFETCH 1 /* bf16 row kernel: prefetch the next R rows as it reads these (-DROW_PREFETCH=0: off) */
+#endif
 
 static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 
@@ -22,8 +25,19 @@ static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 /* R weight rows at a time (several independent memory streams: one row at a time leaves the core's read
  * bandwidth well short of the machine's, bf16 most of all), one accumulator per (weight row, x row), k walked in
  * order, so that every output is summed in the same order as by the blocked kernel below (batch-invariant
- * bits). M (rows of x) and R are compile-time constants after inlining, so accumulators live in registers. */
-#define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                          \
+ * bits). M (rows of x) and R are compile-time constants after inlining, so accumulators live in registers.
+ * LINE > 0 (bf16: 32 values, a 64-byte line): each line read also prefetches the same line of the next R rows,
+ * so their streams are running when the kernel gets to them (a 2-byte row of K = 2048 is one 4 KiB page, where
+ * the hardware prefetcher stops): 25 -> 28 GB/s on a [102400, 2048] head, 2 threads, same sums. */
+#define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR, LINE)                                                    \
+static inline __attribute__((always_inline)) void NAME##_step(                                      \
+        const float *x, const WTYPE *row, __m256 acc[MAX_M][8], int64_t k, int64_t i, const int M,  \
+        const int R) {                                                                              \
+    for (int r = 0; r < M; r++) {                                                                   \
+        __m256 xv = _mm256_loadu_ps(x + r * k + i);                                                 \
+        for (int g = 0; g < R; g++) acc[r][g] = _mm256_fmadd_ps(LOAD(row + g * k + i), xv, acc[r][g]); \
+    }                                                                                               \
+}                                                                                                   \
 static inline __attribute__((always_inline)) void NAME##_m(                                         \
         const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t j, const int M,     \
         const int R) {                                                                              \
@@ -32,11 +46,12 @@ static inline __attribute__((always_inline)) void NAME##_m(                     
     for (int r = 0; r < M; r++)                                                                     \
         for (int g = 0; g < R; g++) acc[r][g] = _mm256_setzero_ps();                                \
     int64_t i = 0;                                                                                  \
-    for (; i + 8 <= k; i += 8)                                                                      \
-        for (int r = 0; r < M; r++) {                                                               \
-            __m256 xv = _mm256_loadu_ps(x + r * k + i);                                             \
-            for (int g = 0; g < R; g++) acc[r][g] = _mm256_fmadd_ps(LOAD(row + g * k + i), xv, acc[r][g]); \
+    if (LINE && ROW_PREFETCH && j + 2 * R <= n) /* one cache line of each of the next R rows per line */ \
+        for (; i + LINE <= k; i += LINE) {                                                          \
+            for (int g = 0; g < R; g++) _mm_prefetch((const char *)(row + (R + g) * k + i), _MM_HINT_T1); \
+            for (int64_t c = 0; c < LINE; c += 8) NAME##_step(x, row, acc, k, i + c, M, R);         \
         }                                                                                           \
+    for (; i + 8 <= k; i += 8) NAME##_step(x, row, acc, k, i, M, R);                                \
     for (int r = 0; r < M; r++)                                                                     \
         for (int g = 0; g < R; g++) {                                                               \
             float s = hsum(acc[r][g]);                                                              \
@@ -132,8 +147,8 @@ static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int6
 }
 
 #define AS_F32(v) (v)
-ROW_KERNEL(rows_f32, float, load_f32, AS_F32)
-ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32)
+ROW_KERNEL(rows_f32, float, load_f32, AS_F32, 0)
+ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32, 32)
 #define rows_f32_blocked_single rows_f32
 #define rows_bf16_blocked_single rows_bf16
 GROUP_KERNEL(rows_f32_blocked, float, load_f32, AS_F32)

@@ -5,6 +5,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
 import tempfile
 from functools import cache
@@ -17,7 +18,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c", "mla_decode_avx2.c",
                                     "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
                                     "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c", "qgemv_x8_vnni.c",
-                                    "token_mask.c")]
+                                    "token_mask.c", "grouped_mm_amx.c", "dequant_avx2.c")]
 HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h", "decode_layer.h")]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_tile")
@@ -42,14 +43,16 @@ def cpu_has_avx2() -> bool:
 
 def build() -> ctypes.CDLL:
     """Compiles the kernels once per source version into the cache directory and loads them."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS)).hexdigest()[:16]
+    compiler = os.environ.get("CC", "cc")  # may carry flags, e.g. CC="cc -DROW_PREFETCH=0"
+    sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
+    digest = hashlib.sha256(sources + compiler.encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("DSINFER_CACHE", Path.home() / ".cache" / "dsinfer"))
     target = cache_dir / f"gemv_avx2-{digest}.so"
     if not target.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             out = Path(tmp) / target.name
-            cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
+            cmd = [*shlex.split(compiler), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC",
                    *map(str, SOURCES), "-o", str(out), "-lm"]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             out.replace(target)
@@ -86,8 +89,8 @@ def declare(lib: ctypes.CDLL):
     _sig(lib, ("qgemv_i8", "qgemv_i4", "qgemv_i8_x8", "qgemv_i4_x8", "qgemv_i8_x8_vnni", "qgemv_i4_x8_vnni"),
          [P] * 5 + [I64] * 4 + [INT])
     _sig(lib, ("round_x_i8",), [P] * 2 + [I64] * 2 + [INT])
-    # q, scales, mins, out, k, group size, n0, n1, threads
-    _sig(lib, ("dequant_i8", "dequant_i4"), [P] * 4 + [I64] * 4 + [INT])
+    # q, scales, mins, out (fp32 or bf16), k, group size, n0, n1, threads
+    _sig(lib, ("dequant_i8", "dequant_i4", "dequant_i8_bf16", "dequant_i4_bf16"), [P] * 4 + [I64] * 4 + [INT])
     # q, cache, rows, seq, lens, out, t, h, r, dr, lmax, b, cache rows, scale, threads -> 0 or an error code
     _sig(lib, ("mla_decode_f32", "mla_decode_bf16", "mla_decode_fp8"), [P] * 6 + [I64] * 7 + [F32, INT], INT)
     _sig(lib, ("rms_norm_f32",), [P] * 3 + [I64] * 3 + [F32])
@@ -110,6 +113,9 @@ def declare(lib: ctypes.CDLL):
     # which struct (0 Layer, 1 Step, 2 Mat), out [n] -> how many values: sizeof, then each field's offset
     _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)
+    # x, offs, w, y, t, e, n, k, threads -> 0 or an error code; amx_init -> 0 if the OS grants the tile state
+    _sig(lib, ("grouped_mm_amx_bf16",), [P] * 4 + [I64] * 4 + [INT], INT)
+    _sig(lib, ("amx_init",), [], INT)
     # logits, row stride, mask, rows, n, vocab, words
     _sig(lib, ("token_mask_f32",), [P, I64, P, P] + [I64] * 3)
     # scores, row stride, mask, rows, n, vocab, words, best [n]

@@ -2,7 +2,7 @@
 once for all rows (torch's own matmul reads the weights at a fraction of memory bandwidth for such shapes);
 `gemm_small` does it for up to SMALL_MAX_M rows (a prefill's per-expert matmuls, where MKL's sgemm is not yet at
 its large-matrix speed); `qgemv` does it for weight-only quantized weights (int8 / int4 codes in groups, see
-dsinfer/quant/qtensor.py), and `dequant` expands a range of their rows to fp32 for prefill.
+dsinfer/quant/qtensor.py), and `dequant` expands a range of their rows to fp32 or bf16 for prefill.
 
 With int8 activations, `qgemv` first quantizes x to int8 (per row, one fp32 scale per block of 32 columns:
 d = max|x| / 127) and runs the dot products in integers, as llama.cpp does for Q4_0 x Q8_0: faster, at the cost
@@ -113,18 +113,27 @@ def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     return y
 
 
+DEQUANT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def dequant(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group_size: int, k: int,
-            n0: int = 0, n1: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows n0..n1 of the quantized W [N, K] in fp32, [n1 - n0, K] (into `out` if given, contiguous fp32)."""
+            n0: int = 0, n1: int | None = None, out: torch.Tensor | None = None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows n0..n1 of the quantized W [N, K], [n1 - n0, K] in fp32, or in bf16 (each fp32 value rounded to
+    nearest even), into `out` if given (contiguous, of that dtype)."""
     q, scales, mins = _quantized(q, scales, mins, bits, k, group_size)
     n1 = q.shape[0] if n1 is None else n1
     if not 0 <= n0 <= n1 <= q.shape[0]:
         raise ValueError(f"rows {n0}..{n1} of a matrix with {q.shape[0]}")
+    if dtype not in DEQUANT_DTYPES:
+        raise ValueError(f"dequant writes float32 or bfloat16, not {dtype}")
     if out is None:
-        out = torch.empty(n1 - n0, k, dtype=torch.float32)
-    elif out.shape != (n1 - n0, k) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous fp32 [{n1 - n0}, {k}]")
-    fn = library().dequant_i8 if bits == 8 else library().dequant_i4
+        out = torch.empty(n1 - n0, k, dtype=dtype)
+    elif out.shape != (n1 - n0, k) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {dtype} [{n1 - n0}, {k}]")
+    lib, bf16 = library(), dtype == torch.bfloat16
+    fn = {(8, False): lib.dequant_i8, (4, False): lib.dequant_i4, (8, True): lib.dequant_i8_bf16,
+          (4, True): lib.dequant_i4_bf16}[bits, bf16]
     fn(q.data_ptr(), scales.data_ptr(), ptr(mins), out.data_ptr(), k, group_size, n0, n1, torch.get_num_threads())
     return out
 

@@ -1,5 +1,5 @@
-/* Weight-only quantized kernels: y[M,N] = x[M,K] . W[N,K]^T for a few rows M (decode), and W itself in fp32
- * for a range of rows (prefill tiles). W is stored as int8 codes [N,K] or int4 nibbles [N,K/2], in groups of
+/* Weight-only quantized kernels: y[M,N] = x[M,K] . W[N,K]^T for a few rows M (decode); prefill tiles of W are
+ * expanded by dequant_avx2.c. W is stored as int8 codes [N,K] or int4 nibbles [N,K/2], in groups of
  * G columns along K with an fp32 scale (and optionally an fp32 min) per row and group:
  *     W[j,i] = scales[j,i/G] * code[j,i] + mins[j,i/G]        (the last group may be shorter than G)
  * int4: a nibble v holds code v - 8; within a group of g columns, byte t holds column t (low nibble) and
@@ -298,46 +298,4 @@ void qgemv_i8(const float *x, const int8_t *q, const float *scales, const float 
 void qgemv_i4(const float *x, const uint8_t *q, const float *scales, const float *mins, float *y, int64_t m,
               int64_t n, int64_t k, int64_t g, int threads) {
     qgemv(x, q, scales, mins, y, m, n, k, g, threads, 1);
-}
-
-/* out[(j - n0) * k + i] = W[j, i] in fp32 for rows n0 <= j < n1. */
-void dequant_i8(const int8_t *q, const float *scales, const float *mins, float *out, int64_t k, int64_t g,
-                int64_t n0, int64_t n1, int threads) {
-    int64_t ng = (k + g - 1) / g;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = n0; j < n1; j++)
-        for (int64_t gi = 0; gi < ng; gi++) {
-            const int8_t *w = q + j * k + gi * g;
-            float *o = out + (j - n0) * k + gi * g, s = scales[j * ng + gi], mn = mins ? mins[j * ng + gi] : 0.0f;
-            int64_t len = k - gi * g < g ? k - gi * g : g, i = 0;
-            __m256 sv = _mm256_set1_ps(s), mv = _mm256_set1_ps(mn);
-            for (; i + 8 <= len; i += 8)
-                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(i8x8(w + i)), sv, mv));
-            for (; i < len; i++) o[i] = s * w[i] + mn;
-        }
-}
-
-void dequant_i4(const uint8_t *q, const float *scales, const float *mins, float *out, int64_t k, int64_t g,
-                int64_t n0, int64_t n1, int threads) {
-    int64_t ng = (k + g - 1) / g;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = n0; j < n1; j++)
-        for (int64_t gi = 0; gi < ng; gi++) {
-            int64_t len = k - gi * g < g ? k - gi * g : g, h = len / 2, i = 0;
-            const uint8_t *w = q + j * (k / 2) + gi * (g / 2);
-            float *o = out + (j - n0) * k + gi * g, s = scales[j * ng + gi], mn = mins ? mins[j * ng + gi] : 0.0f;
-            __m256 sv = _mm256_set1_ps(s), mv = _mm256_set1_ps(mn);
-            __m256i eight = _mm256_set1_epi32(8);
-            for (; i + 8 <= h; i += 8) {
-                __m256i b = u8x8(w + i);
-                __m256i lo = _mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight);
-                __m256i hi = _mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight);
-                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), sv, mv));
-                _mm256_storeu_ps(o + h + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), sv, mv));
-            }
-            for (; i < h; i++) {
-                o[i] = s * ((w[i] & 15) - 8) + mn;
-                o[h + i] = s * ((w[i] >> 4) - 8) + mn;
-            }
-        }
 }

@@ -15,14 +15,15 @@ class Matmul:
     go through the weight-streaming kernel, and batches of up to kernels.SMALL_MAX_M rows (a prefill's
     per-expert matmuls) through the small-GEMM kernel if that is on; everything else through torch, which is
     also the whole of the plain path."""
-    __slots__ = ("kernels", "small_gemm", "int8_activations")
+    __slots__ = ("kernels", "small_gemm", "int8_activations", "bf16_tiles")
 
     def __init__(self, kc: KernelConfig = PLAIN):
         self.kernels, self.small_gemm, self.int8_activations = kc.cpu_kernels, kc.small_gemm, kc.int8_kernel
+        self.bf16_tiles = kc.bf16_prefill_tiles
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QTensor):
-            return qlinear(x, w, bias, self.kernels, self.int8_activations)
+            return qlinear(x, w, bias, self.kernels, self.int8_activations, self.bf16_tiles)
         if self.kernels and widened(x) and kernels.usable(x.float(), w):
             return self(x.float(), w, bias).to(x.dtype)  # 16-bit decode rows through the fp32-activation kernel
         if self.kernels and kernels.usable(x, w):

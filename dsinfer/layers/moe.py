@@ -8,6 +8,7 @@ from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers.linear import Matmul, widened
 from dsinfer.layers.mlp import MLP, silu_and_mul
+from dsinfer.layers.quant_linear import ROW_BUCKET, dequantize_into, padded, stack_fits_bf16
 
 
 class Router(nn.Module):
@@ -68,23 +69,31 @@ class Experts(nn.Module):
         super().__init__()
         self.n, self.inter = n, inter
         self.matmul, self.decode_kernel, self.prefill_kernel = Matmul(kc), kc.cpu_kernels, kc.moe_prefill
-        self.grouped_mm = kc.grouped_mm
+        self.grouped_mm, self.amx = kc.grouped_mm, kc.grouped_mm and kc.amx_experts and kernels.amx_ready()
+        self.bf16_tiles = kc.bf16_prefill_tiles
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weighted sum of each token's experts' outputs [T, D]. A decode-sized batch goes to the fused CPU
         kernel (one call, every active expert's weights read once), a larger fp32 one to the prefill kernel (one
-        call, no [T, 2I] intermediate); the rest runs grouped by expert, which defines the result."""
+        call, no [T, 2I] intermediate), quantized ones on a bf16 CPU to `dequantized`; the rest runs grouped by
+        expert, which defines the result."""
         if self.decode_kernel and widened(x):
             return self(x.float(), weights, ids).to(x.dtype)
         if self.decode_kernel and kernels.moe_usable(x, self.gate_up_proj):
             return kernels.moe_decode(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
         if self.prefill_kernel and kernels.moe_prefill_usable(x, self.gate_up_proj):
             return kernels.moe_prefill(x, ids, weights.float(), self.gate_up_proj, self.down_proj)
-        if self.grouped_mm and x.is_cpu and x.dtype == torch.bfloat16 and self.gate_up_proj.dtype == x.dtype:
+        if self.grouped_mm and x.is_cpu and x.dtype == torch.bfloat16 and self.same_dtype(x):
             return self.stacked(x, weights, ids)
+        if self.bf16_tiles and stack_fits_bf16(self.gate_up_proj, x) and stack_fits_bf16(self.down_proj, x):
+            return self.dequantized(x, weights, ids)
         return self.grouped(x, weights, ids)
+
+    def same_dtype(self, x: torch.Tensor) -> bool:
+        """Whether the expert weights are plain tensors of x's dtype (quantized ones go to `grouped`)."""
+        return isinstance(self.gate_up_proj, torch.Tensor) and self.gate_up_proj.dtype == x.dtype
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each expert gathers its own tokens and adds its weighted output into the result, so activations never
@@ -112,10 +121,53 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         offs = torch.bincount(flat, minlength=self.n).cumsum(0).to(torch.int32)
         token = order // k
-        h = silu_and_mul(torch._grouped_mm(x.index_select(0, token), self.gate_up_proj.transpose(1, 2), offs=offs))
+        h = silu_and_mul(self.expert_products(x.index_select(0, token), self.gate_up_proj, offs))
         h.mul_(weights.flatten()[order, None].to(x.dtype))
-        y = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        y = self.expert_products(h, self.down_proj, offs)
         return torch.zeros_like(x).index_add_(0, token, y)
+
+    def expert_products(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x [T, K] sorted by expert (offs: the running ends) times each expert's w [N, K]: on dsinfer's AMX kernel
+        where the model was built for it and the shapes fit, else torch._grouped_mm."""
+        if self.amx and kernels.amx_grouped_usable(x, w):
+            return kernels.amx_grouped_mm(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    def dequantized(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`grouped` for quantized experts in bf16 (KernelConfig.bf16_prefill_tiles): x rounded to bf16 once,
+        each active expert's two matrices expanded whole into one expert's bf16 buffers (never more: the memory
+        bound), two bf16 matmuls (2-4x fp32's rate on AMX), the gate/up activation and the output in fp32 (or
+        x's dtype), added in `grouped`'s order. Each expert multiplies its rows padded to a multiple of
+        ROW_BUCKET (quant_linear.padded_rows says why) by reading on into the next expert's rows, whose results
+        are dropped. Per expert rather than torch._grouped_mm over several experts' buffers: that measured no
+        faster, and would need several experts in bf16 at once."""
+        k = ids.shape[1]
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n)[:self.n]
+        token = order // k
+        spare = token.new_zeros(ROW_BUCKET)  # rows past the last expert's, for its padding
+        xs = x.to(torch.bfloat16).index_select(0, torch.cat([token, spare]))
+        scale = torch.cat([weights.flatten()[order].float(), spare.float()])[:, None]
+        gate_up = torch.empty(self.gate_up_proj.shape[1:], dtype=torch.bfloat16)
+        down = torch.empty(self.down_proj.shape[1:], dtype=torch.bfloat16)
+        out, start = torch.zeros_like(x), 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                rows = slice(start, start + padded(c))
+                h = self.bf16_product(xs[rows], dequantize_into(self.gate_up_proj[e], gate_up))
+                h = silu_and_mul(h.float()).mul_(scale[rows]).to(torch.bfloat16)
+                y = self.bf16_product(h, dequantize_into(self.down_proj[e], down))[:c]
+                out.index_add_(0, token[start:start + c], y.to(x.dtype))
+                start += c
+        return out
+
+    def bf16_product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w.T for one expert's bf16 buffer: on the AMX kernel where the model has it (no repacking of w),
+        else torch's matmul."""
+        if self.amx and kernels.amx_grouped_usable(x, w[None]):
+            return kernels.amx_grouped_mm(x, w[None], x.new_tensor([x.shape[0]], dtype=torch.int32))
+        return F.linear(x, w)
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         views, i = {}, self.inter

@@ -33,6 +33,17 @@ def test_gemv_rows_do_not_depend_on_the_batch(k, dtype):
         assert torch.equal(kernels.gemv(x[:m], w), alone[:m]), f"{m} rows"
 
 
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("k", [100, 256])
+def test_bf16_rows_that_prefetch_sum_like_the_last_rows(m, k):
+    """The bf16 row kernel prefetches the next rows while it reads a block, except near the matrix's end: both
+    must sum each row in the same order (same bits for the same row)."""
+    g = torch.Generator().manual_seed(k + m)
+    x, row = torch.randn(m, k, generator=g), torch.randn(1, k, generator=g).bfloat16()
+    y = kernels.gemv(x, row.expand(64, k).contiguous())
+    assert torch.equal(y, y[:, :1].expand_as(y))
+
+
 def test_only_decode_sized_fp32_cpu_inputs_take_the_kernel():
     w = torch.randn(16, 32)
     assert kernels.usable(torch.randn(kernels.MAX_M, 32), w)
