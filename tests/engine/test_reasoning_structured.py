@@ -107,3 +107,9 @@ def test_end_found_by_id_or_in_text(ckpts, marker_ckpt):
         for text, closed in ((f"a{START}b", False), (f"a{START}b{END}c", True), ("plain", False),
                              (f"{END}x{START}y", False)):
             assert end.ended_in_prompt(tok.encode(text)) == closed, text
+
+
+def test_an_unknown_reasoning_parser_is_a_clear_error():
+    from dsinfer.engine.config import EngineConfig
+    with pytest.raises(ValueError, match="reasoning_parser must be one of"):
+        EngineConfig.from_kwargs(reasoning_parser="qwen3")
