@@ -34,10 +34,9 @@ class ReasoningEnd:
     def ended_in_prompt(self, prompt_ids: list[int]) -> bool:
         """Whether the prompt's last marker closes a reasoning (the output then starts constrained)."""
         if self.end_id is not None:
-            last = next((t for t in reversed(prompt_ids) if t in (self.start_id, self.end_id)), None)
-            return last is not None and last == self.end_id
+            return next((t for t in reversed(prompt_ids) if t in (self.start_id, self.end_id)), None) == self.end_id
         text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-        return text.rfind(END) > max(text.rfind(START), -1)
+        return text.rfind(END) > text.rfind(START)
 
     def rest_after_end(self, s, token: int) -> str | None:
         """None while s is still reasoning after its new token; once the token ends the reasoning, the text the
