@@ -181,7 +181,8 @@ def add_serve_args(p: argparse.ArgumentParser):
     p.add_argument("--semantic-cache-threshold", type=SIMILARITY, default=None,
                    help="answer near-duplicate deterministic prompts from the cache (cosine similarity, e.g. 0.95)")
     p.add_argument("--reasoning-parser", choices=["deepseek_r1"], default=None,
-                   help="split <think>...</think> off chat answers into reasoning_content")
+                   help="split <think>...</think> off chat answers into reasoning_content; structured outputs "
+                        "and forced tool calls start after </think>")
 
 
 def length_range(text: str) -> tuple[int, int]:
@@ -278,11 +279,12 @@ def serve(args):
     from dsinfer import LLM
     from dsinfer.engine.async_engine import AsyncLLM
     from dsinfer.server.app import ServerConfig, build_app
-    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory, **load_options(args))
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+              reasoning_parser=args.reasoning_parser, **load_options(args))
     name = args.served_model_name or (Path(args.model).name if args.model else "dsinfer-default")
     cfg = ServerConfig(name, args.api_key or os.environ.get("DSINFER_API_KEY"), args.max_waiting,
                        args.max_body_bytes, args.max_tokens_cap, args.response_cache_size,
-                       args.semantic_cache_threshold, args.reasoning_parser)
+                       args.semantic_cache_threshold)
     # uvicorn stops taking requests on SIGTERM/SIGINT, lets the ones in flight finish (up to 30 s), then
     # re-raises the signal; this handler turns SIGTERM's re-raise into a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

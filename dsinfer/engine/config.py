@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from dsinfer.config import ModelConfig
+from dsinfer.engine.reasoning_end import PARSERS
 from dsinfer import kernels
 from dsinfer.kernels import KernelConfig
 from dsinfer.layers.attention import MLA_MODES
@@ -60,6 +61,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
     enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate
     grammar_check_first: bool = True        # structured outputs: a grammar's mask only when the sample breaks it
+    reasoning_parser: str | None = None     # deepseek_r1: structured outputs start after </think>
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -90,6 +92,8 @@ class EngineConfig:
         if self.ffn_chunk_tokens is not None and self.ffn_chunk_tokens < 0:
             raise ValueError(f"ffn_chunk_tokens must be >= 0 or None, got {self.ffn_chunk_tokens}")
         self.torch_dtype(torch.device("cpu"))
+        if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {PARSERS} or None, got {self.reasoning_parser!r}")
         self.speculative_config = check_speculative_config(self.speculative_config)
         sparse = self.sparse_config()
         if sparse is not None and sparse.window < self.block_size:

@@ -16,6 +16,7 @@ from dsinfer.engine.kv_cache import KVCache, plan_blocks
 from dsinfer.engine.loading import load_engine_model
 from dsinfer.engine.model_runner import ModelRunner, is_decode
 from dsinfer.engine.output_processor import OutputProcessor
+from dsinfer.engine.reasoning_end import Reasoning, ReasoningEnd
 from dsinfer.engine.sampler import apply_penalties, apply_rules, block_stops, build_rules, sample, token_logprobs
 from dsinfer.engine.scheduler import Scheduler
 from dsinfer.engine.sequence import Sequence
@@ -52,6 +53,7 @@ class LLMEngine:
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids, model.kernel_config.cpu_kernels)
+        self.reasoning_end = ReasoningEnd(tokenizer) if cfg.reasoning_parser and tokenizer else None
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
         self.num_generated = self.num_prompt_computed = 0
@@ -141,17 +143,24 @@ class LLMEngine:
             max_tokens = min(max_tokens, params.max_tokens)
         seqs, rules = [], build_rules(params, self.model.config.vocab_size, self.device, self.tokenizer)
         grammar = self.grammars.check(params.structured_outputs)
+        reasons = bool(grammar) and self.reasons_first(prompt_ids)
         for i in range(params.n):
             gen = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed + i)
             seq = Sequence(next(self.seq_counter), request_id, i, prompt_ids, params, max_tokens, gen)
             if self.tokenizer:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, len(prompt_ids), params.skip_special_tokens)
             seq.first, seq.rules = (seqs[0] if seqs else None), rules
-            seq.matcher = grammar and self.grammars.matcher(grammar)
+            matcher = grammar and self.grammars.matcher(grammar)
+            seq.matcher, seq.reasoning = (None, Reasoning(matcher)) if reasons else (matcher, None)
             seqs.append(seq)
         self.requests[request_id] = (prompt, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def reasons_first(self, prompt_ids: list[int]) -> bool:
+        """Whether a constrained output starts with free reasoning (a reasoning parser is set and the prompt has
+        not closed the reasoning already)."""
+        return self.reasoning_end is not None and not self.reasoning_end.ended_in_prompt(prompt_ids)
 
     def check_prompt(self, ids: list[int]):
         vocab = self.model.config.vocab_size
@@ -231,9 +240,11 @@ class LLMEngine:
             if s.is_finished:
                 self.scheduler.finish(s)
 
-    def emit(self, s: Sequence, token: int, raw: torch.Tensor | None, advanced: bool = False):
+    def emit(self, s: Sequence, token: int, raw: torch.Tensor | None, advanced: bool = False) -> bool:
         """Appends one chosen token to s, with its logprobs (raw: the position's log-softmax), checks stops and
-        moves its grammar on (advanced: the grammar has already taken the token)."""
+        moves its grammar on (advanced: the grammar has already taken the token). Returns whether the token
+        ended s's reasoning, so that its grammar starts with the next one (the tokens after it in a
+        speculative step were chosen without the grammar)."""
         s.token_ids.append(token)
         self.num_generated += 1
         if s.params.logprobs is not None:
@@ -243,6 +254,18 @@ class LLMEngine:
         self.check_stop(s, token)
         if s.matcher is not None:
             self.advance_grammar(s, token, advanced)
+        elif s.reasoning is not None:
+            return self.end_reasoning(s, token)
+        return False
+
+    def end_reasoning(self, s: Sequence, token: int) -> bool:
+        """Whether token ends s's reasoning (reasoning_end.py); then its grammar takes over."""
+        rest = self.reasoning_end.rest_after_end(s, token)
+        if rest is None:
+            return False
+        self.reasoning_end.take_up(s, rest)
+        self.advance_grammar(s, token, advanced=True)  # finishes s if the text after the marker completed it
+        return True
 
     def choose_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], set[int]]:
         """Each row's token, and the rows whose grammar has already taken it (grammar.sample_in_grammar)."""

@@ -26,7 +26,8 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "params", "token_ids", "num_prompt_tokens", "num_cached",
                  "block_table", "digests", "num_named", "status", "generator", "detok", "text", "logprobs",
                  "cumulative_logprob", "prompt_logprobs", "finish_reason", "stop_reason", "max_tokens", "first",
-                 "sent_text", "sent_tokens", "rules", "metrics", "draft_ids", "draft_probs", "matcher")
+                 "sent_text", "sent_tokens", "rules", "metrics", "draft_ids", "draft_probs", "matcher",
+                 "reasoning")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
                  max_tokens: int, generator: torch.Generator | None):
@@ -47,6 +48,7 @@ class Sequence:
         self.draft_ids: list[int] = []  # tokens the MTP layer proposed after token_ids, verified next step
         self.draft_probs = None  # [drafts, vocab] the distributions they were drawn from (sampled requests)
         self.matcher = None  # structured outputs: the grammar state after this sample's output tokens
+        self.reasoning = None  # structured outputs after reasoning: the grammar waiting for </think> (reasoning_end)
 
     def __len__(self) -> int:
         return len(self.token_ids)

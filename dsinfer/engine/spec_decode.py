@@ -130,15 +130,16 @@ class SpecDecoder:
         return torch.tensor(next_ids, device=hidden.device), take(hidden), take(positions), sub
 
     def settle(self, s: Sequence, start: int, new: int, tokens: list[int], raw: torch.Tensor | None) -> bool:
-        """Emits s's chosen tokens (until one finishes it) after its `new` computed tokens from `start`, and
-        keeps the accepted ones' cache rows; returns whether s goes on."""
+        """Emits s's chosen tokens (until one finishes it, or ends its reasoning: the grammar then chooses the
+        next) after its `new` computed tokens from `start`, and keeps the accepted ones' cache rows (all but the
+        last emitted, which is the next step's input, unless s finished); returns whether s goes on."""
         e, emitted = self.engine, 0
         for t in tokens:
-            e.emit(s, t, None if raw is None else raw[emitted])
+            grammar_starts = e.emit(s, t, None if raw is None else raw[emitted])
             emitted += 1
-            if s.is_finished:
+            if s.is_finished or grammar_starts:
                 break
-        s.num_cached = start + new + min(len(tokens) - 1, emitted)
+        s.num_cached = start + new + min(len(tokens) - 1, emitted if s.is_finished else emitted - 1)
         e.blocks.commit(s)
         if s.is_finished:
             e.scheduler.finish(s)

@@ -36,7 +36,6 @@ class ServerConfig:
     max_tokens_cap: int = 4096
     response_cache_size: int = 512  # 0 turns the response cache off
     semantic_cache_threshold: float | None = None  # cosine similarity for a semantic hit; None: off
-    reasoning_parser: str | None = None  # deepseek_r1: <think>...</think> becomes reasoning_content
 
 
 class OpenAIServer:
@@ -49,6 +48,7 @@ class OpenAIServer:
             self.semantic = SemanticCache(async_llm.llm.model.config.hidden_size, cfg.semantic_cache_threshold)
         self.metrics = Metrics(async_llm, self.cache, self.semantic)
         self.handler = Handler(async_llm, cfg.model_name, cfg.max_tokens_cap, self.metrics, cfg.max_waiting)
+        self.reasoning_parser = async_llm.llm.config.reasoning_parser  # the engine's: it also gates the grammars
 
     async def health(self):
         return {"status": "ok"}
@@ -99,7 +99,7 @@ class OpenAIServer:
 
     def chat_shape(self, req: ChatCompletionRequest) -> ChatShape:
         mode = req.tool_mode
-        return ChatShape(self.cfg.reasoning_parser is not None, mode != "none", mode == "named")
+        return ChatShape(self.reasoning_parser is not None, mode != "none", mode == "named")
 
     async def serve(self, endpoint: str, req):
         self.admit()

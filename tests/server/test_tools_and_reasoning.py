@@ -13,6 +13,9 @@ import pytest
 from dsinfer.server.reasoning import ReasoningStream, split_reasoning
 from dsinfer.server.tool_calls import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, ToolCallStream,
                                        parse_tool_calls, tool_grammar)
+from tests.engine.scripted import Script
+from tests.engine.test_reasoning_structured import AFTER, THOUGHT, script_tokens
+from tests.engine.test_structured_outputs import PERSON
 from tests.server.conftest import LiveServer
 
 TOOL_TOKENS = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP, "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"]
@@ -57,13 +60,13 @@ def tool_ckpt(ckpts, tmp_path_factory):
     return out
 
 
-def live(path, **cfg):
+def live(path, **llm_kw):
     from dsinfer import LLM
     from dsinfer.engine.async_engine import AsyncLLM
     from dsinfer.server.app import ServerConfig, build_app
-    llm = LLM(path, max_model_len=256)
+    llm = LLM(path, max_model_len=256, **llm_kw)
     assert llm.get_tokenizer().vocab_size <= 512
-    server = LiveServer(build_app(AsyncLLM(llm), ServerConfig("tiny-v3", **cfg)))
+    server = LiveServer(build_app(AsyncLLM(llm), ServerConfig("tiny-v3")))
     server.llm = llm
     return server
 
@@ -81,10 +84,15 @@ def tclient(tool_server):
 
 
 @pytest.fixture(scope="module")
-def rclient(tool_ckpt):
+def rserver(tool_ckpt):
     server = live(tool_ckpt, reasoning_parser="deepseek_r1")
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def rclient(rserver):
+    return openai.OpenAI(base_url=rserver.url + "/v1", api_key="unused", max_retries=0)
 
 
 def check_calls(calls, names=SCHEMAS):
@@ -157,14 +165,25 @@ def test_bad_tool_requests_are_400(tool_server, extra, param):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith(param), r.text
 
 
-def test_reasoning_split_streamed_and_not(rclient):
-    kw = dict(model="tiny-v3", messages=ASK, max_tokens=60, temperature=0.7, seed=3,
-              extra_body={"structured_outputs": {"regex": "[a-z ]{3,15}</think>[a-z]{2,10}"}})
+def test_reasoning_then_schema_streamed_and_not(rserver, rclient, monkeypatch):
+    """With the parser the schema holds after </think> only: the (scripted) reasoning is free text, and the
+    content validates although the script goes on with text the schema refuses."""
+    Script(monkeypatch, rserver.llm.engine, script_tokens(rserver.llm, THOUGHT, AFTER))
+    kw = dict(model="tiny-v3", messages=ASK, max_tokens=160, temperature=0.7, seed=3,
+              response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
     msg = rclient.chat.completions.create(**kw).choices[0].message
-    assert msg.reasoning_content and "</think>" not in msg.reasoning_content and msg.content.isalpha()
+    assert msg.reasoning_content == THOUGHT
+    jsonschema.validate(json.loads(msg.content), PERSON)
     chunks = [c.choices[0].delta for c in rclient.chat.completions.create(stream=True, **kw) if c.choices]
-    assert "".join(getattr(d, "reasoning_content", None) or "" for d in chunks) == msg.reasoning_content
-    assert "".join(d.content or "" for d in chunks) == msg.content
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in chunks) == THOUGHT
+    jsonschema.validate(json.loads("".join(d.content or "" for d in chunks)), PERSON)
+    r = rclient.chat.completions.create(model="tiny-v3", messages=ASK, tools=TOOLS, max_tokens=150, temperature=0,
+                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert r.choices[0].message.reasoning_content == THOUGHT
+    check_calls(r.choices[0].message.tool_calls, {"get_weather": WEATHER})
+
+
+def test_reasoning_split_without_a_constraint(rclient):
     free = rclient.chat.completions.create(model="tiny-v3", messages=ASK, max_tokens=8, temperature=0,
                                            extra_body={"ignore_eos": True}).choices[0].message
     assert free.content is None and free.reasoning_content  # R1 thinks until </think>: all reasoning
