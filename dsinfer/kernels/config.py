@@ -27,7 +27,7 @@ class KernelConfig:
     small_gemm: bool = True        # fp32 matmuls of 9-64 rows (a prefill's per-expert products) in C
     moe_prefill: bool = True       # prefill MoE / MLP layers in one C call, no [T, 2I] intermediate
     int8_activations: bool = True  # quantized decode matmuls round x to int8 and multiply in integers
-    vnni: bool = True              # ... with AVX-VNNI's byte dot products, where the CPU has them
+    vnni: bool = True              # ... with VNNI's byte dot products (AVX-VNNI or AVX512-VNNI), where the CPU has them
     grouped_mm: bool = True        # 16-bit prefill experts: two torch._grouped_mm calls instead of two per expert
     amx_experts: bool = True       # ... and those two calls on dsinfer's AMX tiles (weights as stored, no repacking)
     bf16_prefill_tiles: bool = True  # quantized prefill matmuls dequantize tiles to bf16, multiply in bf16 (AMX)
@@ -53,7 +53,7 @@ class KernelConfig:
             raise ValueError(f"ffn_chunk_tokens must be >= 0, got {self.ffn_chunk_tokens}")
         runs = torch.device(device).type == "cpu" and library() is not None
         kc = self if runs else replace(self, cpu_kernels=False)
-        if "avx_vnni" not in cpu_flags():
+        if not has_vnni(cpu_flags()):
             kc = replace(kc, vnni=False)
         if not hasattr(torch, "_grouped_mm"):
             kc = replace(kc, grouped_mm=False)
@@ -67,8 +67,10 @@ class KernelConfig:
     @property
     def int8_kernel(self) -> int:
         """Which integer-activation kernel quantized decode matmuls run: 0 none (fp32 activations), 1 AVX2,
-        2 AVX-VNNI."""
-        return 0 if not self.int8_activations else 2 if self.vnni else 1
+        2 AVX-VNNI, 3 AVX512-VNNI (the same dot product, EVEX-encoded, where the CPU lacks AVX-VNNI)."""
+        if not self.int8_activations:
+            return 0
+        return 1 if not self.vnni else 2 if "avx_vnni" in cpu_flags() else 3
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -76,6 +78,11 @@ class KernelConfig:
 
 PLAIN = KernelConfig(cpu_kernels=False)  # the torch reference every kernel is tested against
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def has_vnni(flags: frozenset[str]) -> bool:
+    """Whether the CPU has vpdpbusd on 256-bit vectors: AVX-VNNI, or AVX512-VNNI with AVX512VL."""
+    return "avx_vnni" in flags or {"avx512_vnni", "avx512vl"} <= flags
 CPU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

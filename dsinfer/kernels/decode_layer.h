@@ -16,7 +16,7 @@ typedef struct {
     const void *w;                    /* [N, K] values, or codes (int4: two per byte) */
     const float *scales, *mins;       /* [N, groups] for the integer formats (mins may be NULL), else NULL */
     int64_t format, group, int8_x;    /* int8_x: multiply int8-rounded activations in integers (qgemv_*_x8):
-                                         0 no, 1 with AVX2, 2 with AVX-VNNI */
+                                         0 no, 1 with AVX2, 2 with AVX-VNNI, 3 with AVX512-VNNI */
 } Mat;
 
 typedef struct {

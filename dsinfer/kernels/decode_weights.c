@@ -20,6 +20,8 @@ QGEMV(qgemv_i8_x8, int8_t)
 QGEMV(qgemv_i4_x8, uint8_t)
 QGEMV(qgemv_i8_x8_vnni, int8_t)
 QGEMV(qgemv_i4_x8_vnni, uint8_t)
+QGEMV(qgemv_i8_x8_vnni512, int8_t)
+QGEMV(qgemv_i4_x8_vnni512, uint8_t)
 #define MOE(NAME, WT) int NAME(const float *x, const int64_t *ids, const float *weights, const WT *gate_up, \
                                const WT *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d,   \
                                int64_t inter, int threads);
@@ -32,11 +34,11 @@ void mat_vec(const Mat *A, const float *x, float *y, int64_t m, int64_t n, int64
     case W_F32: gemv_f32(x, A->w, y, m, n, k, threads); break;
     case W_BF16: gemv_bf16(x, A->w, y, m, n, k, threads); break;
     case W_I8:
-        (A->int8_x == 2 ? qgemv_i8_x8_vnni : A->int8_x ? qgemv_i8_x8 : qgemv_i8)(x, A->w, A->scales, A->mins, y, m,
+        (A->int8_x == 3 ? qgemv_i8_x8_vnni512 : A->int8_x == 2 ? qgemv_i8_x8_vnni : A->int8_x ? qgemv_i8_x8 : qgemv_i8)(x, A->w, A->scales, A->mins, y, m,
                                                                                    n, k, A->group, threads);
         break;
     default:
-        (A->int8_x == 2 ? qgemv_i4_x8_vnni : A->int8_x ? qgemv_i4_x8 : qgemv_i4)(x, A->w, A->scales, A->mins, y, m,
+        (A->int8_x == 3 ? qgemv_i4_x8_vnni512 : A->int8_x == 2 ? qgemv_i4_x8_vnni : A->int8_x ? qgemv_i4_x8 : qgemv_i4)(x, A->w, A->scales, A->mins, y, m,
                                                                                    n, k, A->group, threads);
     }
 }

@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c", "mla_decode_avx2.c",
                                     "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
                                     "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c", "qgemv_x8_vnni.c",
-                                    "token_mask.c", "grouped_mm_amx.c", "dequant_avx2.c")]
+                                    "token_mask.c", "grouped_mm_amx.c", "dequant_avx2.c", "qgemv_x8_vnni512.c")]
 HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h", "decode_layer.h")]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_tile")
@@ -86,7 +86,8 @@ def declare(lib: ctypes.CDLL):
     # x, w, y, m, n, k, threads
     _sig(lib, ("gemv_f32", "gemv_bf16", "gemm_small_f32"), [P] * 3 + [I64] * 3 + [INT])
     # x, q, scales, mins, y, m, n, k, group size, threads; _x8: int8 activations
-    _sig(lib, ("qgemv_i8", "qgemv_i4", "qgemv_i8_x8", "qgemv_i4_x8", "qgemv_i8_x8_vnni", "qgemv_i4_x8_vnni"),
+    _sig(lib, ("qgemv_i8", "qgemv_i4", "qgemv_i8_x8", "qgemv_i4_x8", "qgemv_i8_x8_vnni", "qgemv_i4_x8_vnni",
+                  "qgemv_i8_x8_vnni512", "qgemv_i4_x8_vnni512"),
          [P] * 5 + [I64] * 4 + [INT])
     _sig(lib, ("round_x_i8",), [P] * 2 + [I64] * 2 + [INT])
     # q, scales, mins, out (fp32 or bf16), k, group size, n0, n1, threads

@@ -94,8 +94,8 @@ def int8_activations_fit(bits: int, k: int, group_size: int) -> bool:
 def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
           group_size: int, int8_activations: int = 0) -> torch.Tensor:
     """x [M, K] fp32 (M <= MAX_M) @ W.T for a quantized W [N, K] (codes q, scales / mins [N, groups]) -> fp32.
-    int8_activations: 0 the fp32 path; 1 the integer path where the shape allows it, 2 the same with AVX-VNNI
-    (KernelConfig.int8_kernel; the caller knows the CPU has it)."""
+    int8_activations: 0 the fp32 path; 1 the integer path where the shape allows it, 2 the same with AVX-VNNI, 3
+    with AVX512-VNNI (KernelConfig.int8_kernel; the caller knows the CPU has it)."""
     if x.dtype != torch.float32 or x.dim() != 2 or not 0 < x.shape[0] <= MAX_M:
         raise ValueError(f"qgemv takes fp32 [M <= {MAX_M}, K] activations, not {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
@@ -105,7 +105,8 @@ def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     lib = library()
     if int8_activations and int8_activations_fit(bits, k, group_size):
         fn = {(8, 1): lib.qgemv_i8_x8, (4, 1): lib.qgemv_i4_x8, (8, 2): lib.qgemv_i8_x8_vnni,
-              (4, 2): lib.qgemv_i4_x8_vnni}[bits, int(int8_activations)]
+              (4, 2): lib.qgemv_i4_x8_vnni, (8, 3): lib.qgemv_i8_x8_vnni512,
+              (4, 3): lib.qgemv_i4_x8_vnni512}[bits, int(int8_activations)]
     else:
         fn = lib.qgemv_i8 if bits == 8 else lib.qgemv_i4
     fn(x.data_ptr(), q.data_ptr(), scales.data_ptr(), ptr(mins), y.data_ptr(), m, q.shape[0], k, group_size,

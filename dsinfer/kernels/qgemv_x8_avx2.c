@@ -59,7 +59,9 @@ struct icall {
 /* 8 int32 lanes of sums of 4 products each: unsigned bytes u times signed bytes s (no int16 saturation here:
  * |u| <= 128 and |s| <= 127, so a pair sums to at most 32512). With AVX-VNNI one instruction does both steps. */
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#ifdef X8_VNNI
+#if defined(X8_VNNI512)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(X8_VNNI)
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -226,8 +228,11 @@ static void qgemv_x8(const float *x, const void *q, const float *scales, const f
 
 /* As qgemv_i8 / qgemv_i4 with x quantized to int8 (see above); only for shapes where every group's length (int8) or
  * half-length (int4) is a multiple of 32 (the last group's too; the caller checks). X8_NAME: the _vnni copy's
- * names where qgemv_x8_vnni.c compiles this file again for AVX-VNNI (the same sums, exactly). */
-#ifdef X8_VNNI
+ * names where qgemv_x8_vnni.c compiles this file again for AVX-VNNI, _vnni512 where qgemv_x8_vnni512.c does for
+ * AVX512-VNNI (the same instruction, EVEX-encoded: CPUs such as Ice Lake have only this one); the same sums. */
+#if defined(X8_VNNI512)
+#define X8_NAME(name) name##_vnni512
+#elif defined(X8_VNNI)
 #define X8_NAME(name) name##_vnni
 #else
 #define X8_NAME(name) name

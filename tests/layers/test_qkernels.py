@@ -155,12 +155,32 @@ def test_vnni_kernels_give_the_avx2_kernels_sums_exactly(k, g, bits):
         assert torch.equal(kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=2), avx2)
 
 
+needs_vnni512 = pytest.mark.skipif(not {"avx512_vnni", "avx512vl"} <= kernels.cpu_flags(), reason="this CPU has no "
+                                   "AVX512-VNNI: the qgemv_*_x8_vnni512 kernels cannot run here")
+
+
+@needs_vnni512
+@pytest.mark.parametrize("k,g", INT8X_SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_vnni512_kernels_give_the_avx2_kernels_sums_exactly(k, g, bits):
+    """AVX512-VNNI's vpdpbusd (EVEX) computes the same int32 block sums as maddubs + madd."""
+    q, scales, mins = random_quantized(19, k, g, bits, True, seed=k + g + bits)
+    x = torch.randn(kernels.MAX_M, k, generator=torch.Generator().manual_seed(k * 5 + g)) * 3 + 1
+    for m in range(1, kernels.MAX_M + 1):
+        avx2 = kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=1)
+        assert torch.equal(kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=3), avx2)
+
+
 def test_vnni_is_chosen_only_where_the_cpu_has_it(monkeypatch):
     from dsinfer.kernels import config
     monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert config.KernelConfig().resolve("cpu").int8_kernel == (1 if kernels.library() else 0)
     monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
     assert config.KernelConfig().resolve("cpu").int8_kernel == (2 if kernels.library() else 0)
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512vl", "avx512_vnni"}))
+    assert config.KernelConfig().resolve("cpu").int8_kernel == (3 if kernels.library() else 0)
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
+    assert config.KernelConfig().resolve("cpu").int8_kernel == (1 if kernels.library() else 0)
     assert config.KernelConfig(vnni=False).int8_kernel == 1 and config.KernelConfig(int8_activations=False).int8_kernel == 0
 
 

@@ -74,6 +74,21 @@ def test_fused_layers_run_quantized_weights_as_the_python_layers_do(name, option
     assert_same(*results)
 
 
+@pytest.mark.skipif(not {"avx512_vnni", "avx512vl"} <= kernels.cpu_flags(), reason="needs AVX512-VNNI")
+def test_fused_layers_on_the_avx512_vnni_kernel_give_the_avx2_kernels_tokens(ckpts, fused_runs, monkeypatch):
+    """A CPU with AVX512-VNNI but not AVX-VNNI takes the vnni512 copy (KernelConfig.int8_kernel 3) in the fused
+    layer; its integer sums are the AVX2 kernel's, so the tokens and logprobs are the same."""
+    from dsinfer.kernels import config
+    prompts = random_prompts([5, 17, 40])
+    monkeypatch.setattr(config, "cpu_flags", lambda: kernels.cpu_flags() - {"avx_vnni"})
+    llm = LLM(ckpts["v3"], quantization="int8")
+    assert llm.model.kernel_config.int8_kernel == 3
+    vnni512 = generate(llm, prompts)
+    monkeypatch.setenv("DSINFER_VNNI", "0")
+    assert_same(vnni512, generate(LLM(ckpts["v3"], quantization="int8"), prompts))
+    assert fused_runs
+
+
 def logprob_error(run, exact, decode_only=False) -> float:
     """The largest difference of the top logprobs of two runs over the steps where their tokens still agree
     (decode_only: not the first token, which the prefill gives)."""
