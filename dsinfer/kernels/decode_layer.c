@@ -61,12 +61,6 @@ enum { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_FP8 = 2 };
 #define FP8_GROUP 128
 #define FP8_MAX 448.0f
 
-static uint16_t f32_to_bf16(float v) {  /* round to nearest even, as torch's .to(torch.bfloat16) */
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
 static float e4m3_value(int code) {  /* the finite float8_e4m3fn values, codes 0..126 (positive) */
     const int e = (code >> 3) & 15, m = code & 7;
     return e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);

@@ -12,11 +12,6 @@ static inline __m128i bf16x8(__m256 v) {
     return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
 }
 
-static inline uint16_t bf16_1(float f) {
-    union { float f; uint32_t u; } v = { f };
-    return (uint16_t)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
-}
-
 /* out[i..i+8) = v, or out[i] = f, in fp32 or (BF) bf16. */
 static inline AI void put8(void *out, int64_t i, __m256 v, const int BF) {
     if (BF) _mm_storeu_si128((__m128i *)((uint16_t *)out + i), bf16x8(v));
@@ -24,7 +19,7 @@ static inline AI void put8(void *out, int64_t i, __m256 v, const int BF) {
 }
 
 static inline AI void put1(void *out, int64_t i, float f, const int BF) {
-    if (BF) ((uint16_t *)out)[i] = bf16_1(f);
+    if (BF) ((uint16_t *)out)[i] = f32_to_bf16(f);
     else ((float *)out)[i] = f;
 }
 

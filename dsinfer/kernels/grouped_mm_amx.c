@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include "simd.h"
 
 #define TOK 16    /* tokens per tile */
 #define ROWS 16   /* weight rows per tile */
@@ -60,16 +61,10 @@ static void pack_tokens(const uint16_t *x, uint16_t *xp, int64_t m, int64_t k) {
         }
 }
 
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does (no NaN inputs here) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
 /* The sum tile st [16 rows][16 tokens] into y[t][j0 + r] for the rows and tokens that exist. */
 static void store_block(const float *st, uint16_t *y, int64_t n, int64_t j0, int64_t rows, int64_t t0, int64_t m) {
     for (int64_t t = 0; t < TOK && t0 + t < m; t++)
-        for (int64_t r = 0; r < rows; r++) y[(t0 + t) * n + j0 + r] = to_bf16(st[r * TOK + t]);
+        for (int64_t r = 0; r < rows; r++) y[(t0 + t) * n + j0 + r] = f32_to_bf16(st[r * TOK + t]);
 }
 
 /* Up to MB token tiles starting at token block tb0 against weight rows w (16 rows, or a zero-padded copy). */

@@ -17,6 +17,12 @@ static inline __m256 load_bf16(const uint16_t *w) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+/* fp32 -> bf16 rounded to nearest even, as torch's .to(torch.bfloat16) (finite values: no NaN handling). */
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    return (uint16_t)((v.u + 0x7fff + ((v.u >> 16) & 1)) >> 16);
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
     return v.f;

@@ -69,7 +69,7 @@ class Experts(nn.Module):
         super().__init__()
         self.n, self.inter = n, inter
         self.matmul, self.decode_kernel, self.prefill_kernel = Matmul(kc), kc.cpu_kernels, kc.moe_prefill
-        self.grouped_mm, self.amx = kc.grouped_mm, kc.grouped_mm and kc.amx_experts and kernels.amx_ready()
+        self.grouped_mm, self.amx = kc.grouped_mm, kc.amx_experts and kernels.amx_ready()
         self.bf16_tiles = kc.bf16_prefill_tiles
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
@@ -95,14 +95,18 @@ class Experts(nn.Module):
         """Whether the expert weights are plain tensors of x's dtype (quantized ones go to `grouped`)."""
         return isinstance(self.gate_up_proj, torch.Tensor) and self.gate_up_proj.dtype == x.dtype
 
+    def by_expert(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (token, choice) pairs of ids [T, K] sorted by expert, stably: (order of the flattened pairs,
+        tokens per expert [E], the token of each sorted pair). Ids >= E (none of ours) would sort last."""
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        return order, torch.bincount(flat, minlength=self.n)[:self.n], order // ids.shape[1]
+
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Each expert gathers its own tokens and adds its weighted output into the result, so activations never
         exceed one expert's."""
-        k = ids.shape[1]
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n)[:self.n]  # ids >= n (none of ours) sort last
-        token, scale = order // k, weights.flatten()[order, None].to(x.dtype)
+        order, counts, token = self.by_expert(ids)
+        scale = weights.flatten()[order, None].to(x.dtype)
         out = torch.zeros_like(x)
         start = 0
         for e, c in enumerate(counts.tolist()):
@@ -116,11 +120,8 @@ class Experts(nn.Module):
     def stacked(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """`grouped` with all experts' products in one torch._grouped_mm per matrix (oneDNN's bf16 kernels on
         CPU), the (token, expert) pairs sorted by expert as there and added into the result in the same order."""
-        k = ids.shape[1]
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        offs = torch.bincount(flat, minlength=self.n).cumsum(0).to(torch.int32)
-        token = order // k
+        order, counts, token = self.by_expert(ids)
+        offs = counts.cumsum(0).to(torch.int32)
         h = silu_and_mul(self.expert_products(x.index_select(0, token), self.gate_up_proj, offs))
         h.mul_(weights.flatten()[order, None].to(x.dtype))
         y = self.expert_products(h, self.down_proj, offs)
@@ -141,11 +142,7 @@ class Experts(nn.Module):
         ROW_BUCKET (quant_linear.padded_rows says why) by reading on into the next expert's rows, whose results
         are dropped. Per expert rather than torch._grouped_mm over several experts' buffers: that measured no
         faster, and would need several experts in bf16 at once."""
-        k = ids.shape[1]
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n)[:self.n]
-        token = order // k
+        order, counts, token = self.by_expert(ids)
         spare = token.new_zeros(ROW_BUCKET)  # rows past the last expert's, for its padding
         xs = x.to(torch.bfloat16).index_select(0, torch.cat([token, spare]))
         scale = torch.cat([weights.flatten()[order].float(), spare.float()])[:, None]

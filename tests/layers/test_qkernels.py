@@ -139,36 +139,24 @@ def test_int8_activations_equal_quantize_x_then_matmul(k, g, bits, with_mins):
         assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
 
 
-needs_vnni = pytest.mark.skipif("avx_vnni" not in kernels.cpu_flags(), reason="this CPU has no AVX-VNNI: the "
-                                "qgemv_*_x8_vnni kernels cannot run here")
+VNNI_KERNELS = [pytest.param(2, marks=pytest.mark.skipif("avx_vnni" not in kernels.cpu_flags(), reason="this CPU has "
+                                                           "no AVX-VNNI: the qgemv_*_x8_vnni kernels cannot run here")),
+                pytest.param(3, marks=pytest.mark.skipif(not {"avx512_vnni", "avx512vl"} <= kernels.cpu_flags(),
+                                                         reason="this CPU has no AVX512-VNNI: the qgemv_*_x8_vnni512 "
+                                                                "kernels cannot run here"))]
 
 
-@needs_vnni
+@pytest.mark.parametrize("kernel", VNNI_KERNELS)
 @pytest.mark.parametrize("k,g", INT8X_SHAPES)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_vnni_kernels_give_the_avx2_kernels_sums_exactly(k, g, bits):
-    """vpdpbusd computes the same int32 block sums as maddubs + madd, and everything after them is shared."""
+def test_vnni_kernels_give_the_avx2_kernels_sums_exactly(k, g, bits, kernel):
+    """vpdpbusd (AVX-VNNI's, or AVX512-VNNI's EVEX form) computes the same int32 block sums as maddubs + madd, and
+    everything after them is shared."""
     q, scales, mins = random_quantized(19, k, g, bits, True, seed=k + g + bits)
     x = torch.randn(kernels.MAX_M, k, generator=torch.Generator().manual_seed(k * 7 + g)) * 3 + 1
     for m in range(1, kernels.MAX_M + 1):
         avx2 = kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=1)
-        assert torch.equal(kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=2), avx2)
-
-
-needs_vnni512 = pytest.mark.skipif(not {"avx512_vnni", "avx512vl"} <= kernels.cpu_flags(), reason="this CPU has no "
-                                   "AVX512-VNNI: the qgemv_*_x8_vnni512 kernels cannot run here")
-
-
-@needs_vnni512
-@pytest.mark.parametrize("k,g", INT8X_SHAPES)
-@pytest.mark.parametrize("bits", [8, 4])
-def test_vnni512_kernels_give_the_avx2_kernels_sums_exactly(k, g, bits):
-    """AVX512-VNNI's vpdpbusd (EVEX) computes the same int32 block sums as maddubs + madd."""
-    q, scales, mins = random_quantized(19, k, g, bits, True, seed=k + g + bits)
-    x = torch.randn(kernels.MAX_M, k, generator=torch.Generator().manual_seed(k * 5 + g)) * 3 + 1
-    for m in range(1, kernels.MAX_M + 1):
-        avx2 = kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=1)
-        assert torch.equal(kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=3), avx2)
+        assert torch.equal(kernels.qgemv(x[:m], q, scales, mins, bits, g, int8_activations=kernel), avx2)
 
 
 def test_vnni_is_chosen_only_where_the_cpu_has_it(monkeypatch):
