@@ -1,14 +1,15 @@
-"""KernelConfig.fused_swiglu: a 16-bit prefill's SwiGLU activation (dense and shared MLPs, routed experts with their
-routing weights) in one C pass, against torch's silu_and_mul, the path it replaces."""
+"""The elementwise C kernels of a bf16 prefill against the torch paths they replace: the SwiGLU activation
+(KernelConfig.fused_swiglu: dense and shared MLPs, routed experts with their routing weights) and RMSNorm."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dsinfer import kernels
-from dsinfer.kernels import KernelConfig
+from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers import mlp
 from dsinfer.layers.mlp import MLP, silu_and_mul
 from dsinfer.layers.moe import Experts
+from dsinfer.layers.norm import RMSNorm
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the C kernels could not be built here")
 ON, OFF = KernelConfig(fused_swiglu=True), KernelConfig(fused_swiglu=False)
@@ -72,3 +73,25 @@ def test_experts_fused_against_plain(amx):
     fused, plain = (ex(x, weights, ids) for ex in layers)
     assert fused.abs().max() > 0.1  # the tokens reached their experts
     assert (fused.float() - plain.float()).norm() < 0.01 * plain.float().norm()  # bf16 roundings apart, no more
+
+
+@pytest.mark.parametrize("rows,n,strided", [(700, 2048, False), (3, 13, False), (50, 512, True)])
+def test_rms_norm_bf16_as_transformers_computes_it(rows, n, strided):
+    """Vector bodies and tails, strided rows (a slice of a wider tensor): the same two roundings as the torch path;
+    the sum of squares is added in another order, so a last-bit difference in a few values is allowed."""
+    g = torch.Generator().manual_seed(n)
+    norms = [RMSNorm(n, 1e-6, kc).to(torch.bfloat16) for kc in (KernelConfig(), PLAIN)]
+    for norm in norms:
+        norm.weight.data.copy_(torch.randn(n, generator=g.manual_seed(1)))
+    x = (5 * torch.randn(rows, 2 * n if strided else n, generator=g)).bfloat16()[:, :n]
+    fused, plain = (norm(x) for norm in norms)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, plain, rtol=2 ** -6, atol=0)  # a last bit, after two roundings
+    assert (fused != plain).float().mean() < 1e-3
+
+
+def test_rms_norm_bf16_rejects_what_it_cannot_take():
+    with pytest.raises(ValueError, match="bf16"):
+        kernels.rms_norm_bf16(torch.randn(4, 8).bfloat16(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="bf16"):
+        kernels.rms_norm_bf16(torch.randn(4, 8).bfloat16(), torch.ones(7).bfloat16(), 1e-6)
