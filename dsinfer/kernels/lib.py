@@ -122,6 +122,8 @@ def declare(lib: ctypes.CDLL):
     _sig(lib, ("silu_mul_bf16",), [P] * 3 + [I64] * 2 + [INT])
     # x, w, out, rows, n, x row stride, eps, threads
     _sig(lib, ("rms_norm_bf16",), [P] * 3 + [I64] * 3 + [F32, INT])
+    # x, its token and head strides, cos pairs, signed sin pairs, out, t, h, dim, threads
+    _sig(lib, ("rope_bf16",), [P, I64, I64] + [P] * 3 + [I64] * 3 + [INT])
     # logits, row stride, mask, rows, n, vocab, words
     _sig(lib, ("token_mask_f32",), [P, I64, P, P] + [I64] * 3)
     # scores, row stride, mask, rows, n, vocab, words, best [n]

@@ -86,3 +86,26 @@ def rms_norm_bf16(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     library().rms_norm_bf16(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps,
                             torch.get_num_threads())
     return out
+
+
+def rope_bf16_usable(x: torch.Tensor) -> bool:
+    """Whether `rope_bf16` takes x: bf16 [T, dim] or [T, H, dim] on CPU, dim contiguous and a multiple of 8."""
+    return (x.is_cpu and x.dtype == torch.bfloat16 and x.dim() in (2, 3) and x.stride(-1) == 1
+            and x.shape[-1] % 8 == 0 and library() is not None)
+
+
+def rope_bf16(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rope on bf16 interleaved pairs x [T, (H,) dim] by cis [T, dim/2] complex, rounded as the torch path
+    (layers/rope.apply_rope) rounds: the same bits, in one pass. Returns a contiguous tensor of x's shape."""
+    if not rope_bf16_usable(x) or cis.shape != (x.shape[0], x.shape[-1] // 2) or not cis.is_complex():
+        raise ValueError(f"rope_bf16 needs bf16 x [T, (H,) dim % 8 == 0] and complex cis [T, dim / 2], not x "
+                         f"{x.dtype} {tuple(x.shape)} and cis {cis.dtype} {tuple(cis.shape)}")
+    t, dim = x.shape[0], x.shape[-1]
+    h, xh = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, dim)
+    cos, sin = cis.real.to(torch.bfloat16).float(), cis.imag.to(torch.bfloat16).float()
+    cosd = torch.stack((cos, cos), -1).reshape(t, dim)
+    sins = torch.stack((-sin, sin), -1).reshape(t, dim)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    library().rope_bf16(x.data_ptr(), x.stride(0), xh, cosd.data_ptr(), sins.data_ptr(), out.data_ptr(), t, h, dim,
+                        torch.get_num_threads())
+    return out

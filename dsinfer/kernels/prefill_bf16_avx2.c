@@ -48,3 +48,31 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t 
         for (; i < n; i++) o[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * r)));
     }
 }
+
+/* v rounded to bf16 and widened back to fp32 (nearest even, as f32_to_bf16). */
+static inline __m256 round_bf16(__m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* Rope on bf16 interleaved pairs, rounded as torch's 16-bit ops round (apply_rope): for the pair (x0, x1) and
+ * the bf16-rounded cos c and sin s of its token, out = (bf16(bf16(x0 c) - bf16(x1 s)), bf16(bf16(x1 c) + bf16(x0 s))).
+ * cosd [T, dim] holds each c twice (c, c), sins [T, dim] (-s, s), both fp32 holding bf16 values; x [T, H, dim] with
+ * strides xt (token) and xh (head), dim contiguous and a multiple of 8; out [T, H, dim] contiguous. */
+void rope_bf16(const uint16_t *x, int64_t xt, int64_t xh, const float *cosd, const float *sins, uint16_t *out,
+               int64_t t, int64_t h, int64_t dim, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < t; r++)
+        for (int64_t hd = 0; hd < h; hd++) {
+            const uint16_t *xr = x + r * xt + hd * xh;
+            uint16_t *o = out + (r * h + hd) * dim;
+            for (int64_t i = 0; i < dim; i += 8) {
+                __m256 v = load_bf16(xr + i), swapped = _mm256_permute_ps(v, 0xB1);
+                __m256 a = round_bf16(_mm256_mul_ps(v, _mm256_loadu_ps(cosd + r * dim + i)));
+                __m256 b = round_bf16(_mm256_mul_ps(swapped, _mm256_loadu_ps(sins + r * dim + i)));
+                _mm_storeu_si128((__m128i *)(o + i), bf16x8(_mm256_add_ps(a, b)));
+            }
+        }
+}

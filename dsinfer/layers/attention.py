@@ -11,7 +11,7 @@ from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers import kv_format
 from dsinfer.layers.linear import Linear
 from dsinfer.layers.norm import RMSNorm
-from dsinfer.layers.rope import RotaryEmbedding, apply_rope, softmax_scale
+from dsinfer.layers.rope import RotaryEmbedding, apply_rope, fast_apply_rope, softmax_scale
 
 MLA_MODES = ("auto", "absorbed", "decompressed")
 
@@ -49,6 +49,7 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.h * self.dv, cfg.hidden_size, bias=b, kc=kc)
         self.rotary = rotary or RotaryEmbedding(self.dr, cfg.rope_theta, cfg.rope_scaling)  # shared by the layers
         self.scale = softmax_scale(qk, cfg.rope_scaling)
+        self.rope = fast_apply_rope if kc.cpu_kernels else apply_rope
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: torch.Tensor) -> torch.Tensor:
@@ -83,8 +84,8 @@ class MLA(nn.Module):
                 kv_format.write_rows(cache, slots, fresh[:, :self.r], fresh[:, self.r:])
             return q[..., :self.dn], q[..., self.dn:]
         latent, k_pe = kv.split([self.r, self.dr], dim=-1)
-        kv_format.write_rows(cache, slots, norm(latent), apply_rope(k_pe, cis))
-        return q[..., :self.dn], apply_rope(q[..., self.dn:], cis)
+        kv_format.write_rows(cache, slots, norm(latent), self.rope(k_pe, cis))
+        return q[..., :self.dn], self.rope(q[..., self.dn:], cis)
 
     def mixed(self, q_nope, q_pe, positions, meta, cache) -> torch.Tensor:
         """Prefill chunks decompress (cheaper for many queries), decodes run absorbed (reads only the latent)."""

@@ -4,6 +4,8 @@ import math
 import torch
 from torch import nn
 
+from dsinfer import kernels
+
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -78,6 +80,13 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     if pairs.stride(-2) != 2 or any(s % 2 for s in pairs.stride()[:-2]):
         pairs = pairs.contiguous()
     return torch.view_as_real(torch.view_as_complex(pairs) * cis).flatten(-2)
+
+
+def fast_apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """apply_rope, with bf16 CPU rows in one C pass (the same bits; KernelConfig.cpu_kernels binds it)."""
+    if kernels.rope_bf16_usable(x) and cis.shape == (x.shape[0], x.shape[-1] // 2):
+        return kernels.rope_bf16(x, cis)
+    return apply_rope(x, cis)
 
 
 def softmax_scale(head_dim: int, scaling: dict | None) -> float:

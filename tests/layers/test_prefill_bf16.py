@@ -1,5 +1,5 @@
 """The elementwise C kernels of a bf16 prefill against the torch paths they replace: the SwiGLU activation
-(KernelConfig.fused_swiglu: dense and shared MLPs, routed experts with their routing weights) and RMSNorm."""
+(KernelConfig.fused_swiglu: dense and shared MLPs, routed experts with their routing weights), RMSNorm and rope."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from dsinfer.layers import mlp
 from dsinfer.layers.mlp import MLP, silu_and_mul
 from dsinfer.layers.moe import Experts
 from dsinfer.layers.norm import RMSNorm
+from dsinfer.layers.rope import RotaryEmbedding, apply_rope, fast_apply_rope
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the C kernels could not be built here")
 ON, OFF = KernelConfig(fused_swiglu=True), KernelConfig(fused_swiglu=False)
@@ -95,3 +96,23 @@ def test_rms_norm_bf16_rejects_what_it_cannot_take():
         kernels.rms_norm_bf16(torch.randn(4, 8).bfloat16(), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="bf16"):
         kernels.rms_norm_bf16(torch.randn(4, 8).bfloat16(), torch.ones(7).bfloat16(), 1e-6)
+
+
+@pytest.mark.parametrize("shape,keep", [((300, 16, 192), 64), ((37, 576), 64), ((5, 3, 16), 16)])
+def test_rope_bf16_gives_the_torch_paths_bits(shape, keep):
+    """q's rope slice (strided heads), the shared key (a strided slice of the kv row), a small case: the same
+    products and roundings as apply_rope's 16-bit path, so the same bits."""
+    g = torch.Generator().manual_seed(shape[0])
+    x = (4 * torch.randn(*shape, generator=g)).bfloat16()[..., -keep:]
+    cis = RotaryEmbedding(keep, 10000.0, None).rotation(torch.arange(shape[0]) * 7)
+    got = fast_apply_rope(x, cis)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert torch.equal(got, apply_rope(x, cis))
+
+
+def test_rope_bf16_rejects_what_it_cannot_take():
+    cis = RotaryEmbedding(16, 10000.0, None).rotation(torch.arange(4))
+    with pytest.raises(ValueError, match="bf16"):
+        kernels.rope_bf16(torch.randn(4, 16), cis)
+    with pytest.raises(ValueError, match="cis"):
+        kernels.rope_bf16(torch.randn(4, 16).bfloat16(), cis[:3])
