@@ -48,18 +48,24 @@ static void configure(void) {
 }
 
 /* xp for one expert: blocks [token block][k / 32] of 16 pair rows x 16 tokens x 2, zero past the m tokens. A
- * pair of consecutive k (two bf16) moves as one 32-bit word. */
+ * pair of consecutive k (two bf16) moves as one 32-bit word; each pair row of a block is one gather of the 16
+ * tokens' words (their rows' same cache line, which the block's 16 gathers share). */
 static void pack_tokens(const uint16_t *x, uint16_t *xp, int64_t m, int64_t k) {
-    int64_t tb = (m + TOK - 1) / TOK, kb = k / KT;
-    memset(xp, 0, (size_t)(tb * kb * KT * TOK) * sizeof(uint16_t));
-    const uint32_t *x2 = (const uint32_t *)x;
-    uint32_t *xp2 = (uint32_t *)xp;
-    for (int64_t t = 0; t < m; t++)
+    int64_t kb = k / KT, words = k / 2;
+    const int32_t *x2 = (const int32_t *)x;
+    int32_t *xp2 = (int32_t *)xp;
+    const __m512i row = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)words));
+    for (int64_t t0 = 0; t0 < m; t0 += TOK) {
+        __mmask16 have = (__mmask16)(m - t0 >= TOK ? 0xffff : (1u << (m - t0)) - 1);
         for (int64_t c = 0; c < kb; c++) {
-            uint32_t *block = xp2 + ((t / TOK) * kb + c) * (KT / 2) * TOK + t % TOK;
-            const uint32_t *src = x2 + t * (k / 2) + c * (KT / 2);
-            for (int64_t p = 0; p < KT / 2; p++) block[p * TOK] = src[p];
+            int32_t *block = xp2 + ((t0 / TOK) * kb + c) * (KT / 2) * TOK;
+            const int32_t *src = x2 + t0 * words + c * (KT / 2);
+            for (int64_t p = 0; p < KT / 2; p++)
+                _mm512_store_si512(block + p * TOK, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), have, row,
+                                                                               src + p, 4));
         }
+    }
 }
 
 /* The sum tile st [16 rows][16 tokens] into y[t][j0 + r] for the rows and tokens that exist: each token's column
