@@ -11,7 +11,7 @@ void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_
     {                                                                                                \
         int t = omp_get_thread_num(), nt = omp_get_num_threads();                                    \
         int64_t per = (n + nt - 1) / nt, n0 = t * per, n1 = n0 + per < n ? n0 + per : n;             \
-        if (n0 < n1) ROWS(x, xp, w, y, m, n, k, n0, n1);                                             \
+        if (n0 < n1) ROWS(x, xp, w, y, m, n, k, n0, n1, NULL);                                       \
     }                                                                                                \
     free(xp);                                                                                        \
 }

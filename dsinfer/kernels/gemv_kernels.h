@@ -18,6 +18,15 @@
 #ifndef ROW_PREFETCH
 #define ROW_PREFETCH 1 /* bf16 row kernel: prefetch the next R rows as it reads these (-DROW_PREFETCH=0: off) */
 #endif
+#ifndef ROW_PREFETCH_F32
+#define ROW_PREFETCH_F32 1 /* the same for the fp32 row kernel, for 2 or more rows of x (1 row: slower with it) */
+#endif
+#ifndef ROW_STREAMS_2
+#define ROW_STREAMS_2 6 /* weight rows side by side for two rows of x (12 accumulators) */
+#endif
+#ifndef BLOCK_PREFETCH
+#define BLOCK_PREFETCH 1 /* blocked kernel: prefetch the next group's rows as it reads a group */
+#endif
 
 static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
 
@@ -26,10 +35,12 @@ static inline __m256 load_f32(const float *w) { return _mm256_loadu_ps(w); }
  * bandwidth well short of the machine's, bf16 most of all), one accumulator per (weight row, x row), k walked in
  * order, so that every output is summed in the same order as by the blocked kernel below (batch-invariant
  * bits). M (rows of x) and R are compile-time constants after inlining, so accumulators live in registers.
- * LINE > 0 (bf16: 32 values, a 64-byte line): each line read also prefetches the same line of the next R rows,
- * so their streams are running when the kernel gets to them (a 2-byte row of K = 2048 is one 4 KiB page, where
- * the hardware prefetcher stops): 25 -> 28 GB/s on a [102400, 2048] head, 2 threads, same sums. */
-#define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR, LINE)                                                    \
+ * LINE > 0 (values in a 64-byte line; LINE1 for one row of x): each line read also prefetches the same line of
+ * the next R rows, so their streams are running when the kernel gets to them (a 2-byte row of K = 2048 is one
+ * 4 KiB page, where the hardware prefetcher stops): bf16 25 -> 28 GB/s on a [102400, 2048] head, 2 threads, same
+ * sums. The next rows are those of the next block, or for the last block the caller's `after` (the next
+ * expert's rows in moe_decode), so that a stream of blocks does not stall where one matrix ends. */
+#define ROW_KERNEL(NAME, WTYPE, LOAD, SCALAR, LINE, LINE1)                                          \
 static inline __attribute__((always_inline)) void NAME##_step(                                      \
         const float *x, const WTYPE *row, __m256 acc[MAX_M][8], int64_t k, int64_t i, const int M,  \
         const int R) {                                                                              \
@@ -39,16 +50,16 @@ static inline __attribute__((always_inline)) void NAME##_step(                  
     }                                                                                               \
 }                                                                                                   \
 static inline __attribute__((always_inline)) void NAME##_m(                                         \
-        const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t j, const int M,     \
-        const int R) {                                                                              \
+        const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t j, const WTYPE *next, \
+        const int M, const int R) {                                                                 \
     const WTYPE *row = w + j * k;                                                                   \
     __m256 acc[MAX_M][8];                                                                           \
     for (int r = 0; r < M; r++)                                                                     \
         for (int g = 0; g < R; g++) acc[r][g] = _mm256_setzero_ps();                                \
     int64_t i = 0;                                                                                  \
-    if (LINE && ROW_PREFETCH && j + 2 * R <= n) /* one cache line of each of the next R rows per line */ \
+    if ((M > 1 ? LINE : LINE1) && next) /* one cache line of each of the R rows at next per line read */ \
         for (; i + LINE <= k; i += LINE) {                                                          \
-            for (int g = 0; g < R; g++) _mm_prefetch((const char *)(row + (R + g) * k + i), _MM_HINT_T1); \
+            for (int g = 0; g < R; g++) _mm_prefetch((const char *)(next + g * k + i), _MM_HINT_T1); \
             for (int64_t c = 0; c < LINE; c += 8) NAME##_step(x, row, acc, k, i + c, M, R);         \
         }                                                                                           \
     for (; i + 8 <= k; i += 8) NAME##_step(x, row, acc, k, i, M, R);                                \
@@ -59,25 +70,32 @@ static inline __attribute__((always_inline)) void NAME##_m(                     
             y[r * n + j + g] = s;                                                                   \
         }                                                                                           \
 }                                                                                                   \
+/* Rows [n0, n1) R at a time; each block prefetches the next block's rows or, for the last block, the R    \
+ * rows at `after` (the caller's next rows of the same k, e.g. the next expert's; NULL: none). */          \
 static inline __attribute__((always_inline)) void NAME##_rows(                                      \
         const float *x, const WTYPE *w, float *y, int64_t n, int64_t k, int64_t n0, int64_t n1,     \
-        const int M, const int R) {                                                                 \
+        const WTYPE *after, const int M, const int R) {                                             \
     int64_t j = n0;                                                                                 \
-    for (; j + R <= n1; j += R) NAME##_m(x, w, y, n, k, j, M, R);                                   \
-    for (; j < n1; j++) NAME##_m(x, w, y, n, k, j, M, 1);                                           \
+    for (; j + R <= n1; j += R)                                                                     \
+        NAME##_m(x, w, y, n, k, j, j + 2 * R <= n1 ? w + (j + R) * k : after, M, R);                \
+    for (; j < n1; j++) NAME##_m(x, w, y, n, k, j, NULL, M, 1);                                     \
 }                                                                                                   \
-static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k,        \
-                 int64_t n0, int64_t n1) {                                                          \
+static void NAME##_to(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k,   \
+                      int64_t n0, int64_t n1, const WTYPE *after) {                                 \
     switch (m) {                                                                                    \
-    case 1: NAME##_rows(x, w, y, n, k, n0, n1, 1, ROW_STREAMS); break;                              \
-    case 2: NAME##_rows(x, w, y, n, k, n0, n1, 2, ROW_STREAMS / 2); break;                          \
-    case 3: NAME##_rows(x, w, y, n, k, n0, n1, 3, 2); break;                                        \
-    case 4: NAME##_rows(x, w, y, n, k, n0, n1, 4, 2); break;                                        \
-    case 5: NAME##_rows(x, w, y, n, k, n0, n1, 5, 1); break;                                        \
-    case 6: NAME##_rows(x, w, y, n, k, n0, n1, 6, 1); break;                                        \
-    case 7: NAME##_rows(x, w, y, n, k, n0, n1, 7, 1); break;                                        \
-    default: NAME##_rows(x, w, y, n, k, n0, n1, 8, 1); break;                                       \
+    case 1: NAME##_rows(x, w, y, n, k, n0, n1, after, 1, ROW_STREAMS); break;                       \
+    case 2: NAME##_rows(x, w, y, n, k, n0, n1, after, 2, ROW_STREAMS_2); break;                     \
+    case 3: NAME##_rows(x, w, y, n, k, n0, n1, after, 3, 2); break;                                 \
+    case 4: NAME##_rows(x, w, y, n, k, n0, n1, after, 4, 2); break;                                 \
+    case 5: NAME##_rows(x, w, y, n, k, n0, n1, after, 5, 1); break;                                 \
+    case 6: NAME##_rows(x, w, y, n, k, n0, n1, after, 6, 1); break;                                 \
+    case 7: NAME##_rows(x, w, y, n, k, n0, n1, after, 7, 1); break;                                 \
+    default: NAME##_rows(x, w, y, n, k, n0, n1, after, 8, 1); break;                                \
     }                                                                                               \
+}                                                                                                   \
+static inline void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k, \
+                        int64_t n0, int64_t n1) {                                                   \
+    NAME##_to(x, w, y, m, n, k, n0, n1, NULL);                                                      \
 }
 
 /* For 3-8 rows of x, which is first packed once per call into xp[K/8][M][8] (the M rows' 8-float pieces
@@ -87,7 +105,9 @@ static void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n,
  *    4+4 x rows), the second re-reading the weight piece from L1.
  *  - L1: K is walked in chunks of KC columns, all tiles finishing a chunk before the next one, so the weight
  *    rows stream from memory at an even pace; partial sums wait in acc[][] between chunks.
- *  - memory: every weight element is read from memory once. */
+ *  - memory: every weight element is read from memory once; while a group's chunk is read, the same chunk of
+ *    the next group's rows (or of the caller's `after`) is prefetched (BLOCK_PREFETCH), so that 2G rows stream
+ *    at a time instead of G: a [102400, 2048] bf16 head for 3 rows of x 24 -> 26 GB/s, same sums. */
 #define GROUP_KERNEL(NAME, WTYPE, LOAD, SCALAR)                                                        \
 static inline __attribute__((always_inline)) void NAME##_tile(                                      \
         const float *xp, const WTYPE *w, __m256 *acc, int64_t m, int64_t k, int64_t len,            \
@@ -110,15 +130,20 @@ static inline __attribute__((always_inline)) void NAME##_tile(                  
 /* Rows n0.. in groups of G, x in tiles of T0 and T1 rows (T1 = 0: one tile); returns the first row left */\
 static inline __attribute__((always_inline)) int64_t NAME##_groups(                                 \
         const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k, \
-        int64_t n0, int64_t n1, const int G, const int T0, const int T1) {                          \
+        int64_t n0, int64_t n1, const WTYPE *after, const int G, const int T0, const int T1) {      \
     const int64_t k8 = k & ~(int64_t)7;                                                             \
     __m256 acc[3][MAX_M];                                                                           \
     int64_t j = n0;                                                                                 \
     for (; j + G <= n1; j += G) {                                                                   \
+        const WTYPE *next = BLOCK_PREFETCH ? (j + 2 * G <= n1 ? w + (j + G) * k : after) : NULL;    \
         for (int g = 0; g < G; g++)                                                                 \
             for (int r = 0; r < T0 + T1; r++) acc[g][r] = _mm256_setzero_ps();                      \
         for (int64_t kc = 0; kc < k8; kc += KC) {                                                   \
             const int64_t len = k8 - kc < KC ? k8 - kc : KC;                                        \
+            if (next) /* this chunk of the next group's rows */                                     \
+                for (int g = 0; g < G; g++)                                                         \
+                    for (int64_t c = 0; c < len; c += 64 / (int64_t)sizeof(WTYPE))                  \
+                        _mm_prefetch((const char *)(next + g * k + kc + c), _MM_HINT_T1);           \
             NAME##_tile(xp + kc * m, w + j * k + kc, &acc[0][0], m, k, len, G, T0);                 \
             if (T1)                                                                                 \
                 NAME##_tile(xp + kc * m + 8 * T0, w + j * k + kc, &acc[0][T0], m, k, len, G, T1);   \
@@ -133,24 +158,24 @@ static inline __attribute__((always_inline)) int64_t NAME##_groups(             
     return j;                                                                                       \
 }                                                                                                   \
 static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
-                 int64_t k, int64_t n0, int64_t n1) {                                               \
+                 int64_t k, int64_t n0, int64_t n1, const WTYPE *after) {                           \
     int64_t j;                                                                                      \
     switch (m) {                                                                                    \
-    case 3: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 3, 0); break;                        \
-    case 4: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 0); break;                        \
-    case 5: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 3, 2); break;                        \
-    case 6: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 2); break;                        \
-    case 7: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 3); break;                        \
-    default: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, 3, 4, 4); break;                       \
+    case 3: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 3, 0); break;                        \
+    case 4: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 0); break;                        \
+    case 5: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 3, 2); break;                        \
+    case 6: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 2); break;                        \
+    case 7: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 3); break;                        \
+    default: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4); break;                       \
     }                                                                                               \
-    if (j < n1) NAME##_single(x, w, y, m, n, k, j, n1);                                             \
+    if (j < n1) NAME##_single(x, w, y, m, n, k, j, n1, after);                                      \
 }
 
 #define AS_F32(v) (v)
-ROW_KERNEL(rows_f32, float, load_f32, AS_F32, 0)
-ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32, 32)
-#define rows_f32_blocked_single rows_f32
-#define rows_bf16_blocked_single rows_bf16
+ROW_KERNEL(rows_f32, float, load_f32, AS_F32, ROW_PREFETCH_F32 * 16, 0)
+ROW_KERNEL(rows_bf16, uint16_t, load_bf16, bf16_to_f32, ROW_PREFETCH * 32, ROW_PREFETCH * 32)
+#define rows_f32_blocked_single rows_f32_to
+#define rows_bf16_blocked_single rows_bf16_to
 GROUP_KERNEL(rows_f32_blocked, float, load_f32, AS_F32)
 GROUP_KERNEL(rows_bf16_blocked, uint16_t, load_bf16, bf16_to_f32)
 
@@ -158,12 +183,12 @@ GROUP_KERNEL(rows_bf16_blocked, uint16_t, load_bf16, bf16_to_f32)
 #define BLOCKED_FROM 2
 #endif
 /* Up to BLOCKED_FROM rows (or if packing found no memory): one weight row at a time on x as it is; more:
- * the blocked kernel on packed x. */
+ * the blocked kernel on packed x. `after`: the rows that the caller reads next (prefetched near the end). */
 #define ANY(NAME, ROWS, BLOCKED, WTYPE)                                                                \
 static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
-                 int64_t k, int64_t n0, int64_t n1) {                                               \
-    if (m > BLOCKED_FROM && xp) BLOCKED(x, xp, w, y, m, n, k, n0, n1);                              \
-    else ROWS(x, w, y, m, n, k, n0, n1);                                                            \
+                 int64_t k, int64_t n0, int64_t n1, const WTYPE *after) {                           \
+    if (m > BLOCKED_FROM && xp) BLOCKED(x, xp, w, y, m, n, k, n0, n1, after);                       \
+    else ROWS##_to(x, w, y, m, n, k, n0, n1, after);                                                \
 }
 ANY(rows_f32_any, rows_f32, rows_f32_blocked, float)
 ANY(rows_bf16_any, rows_bf16, rows_bf16_blocked, uint16_t)

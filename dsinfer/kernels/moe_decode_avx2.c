@@ -79,20 +79,23 @@ static void share(int64_t n, int t, int nt, int64_t *n0, int64_t *n1) {
     *n1 = b1 * 8 < n ? b1 * 8 : n;
 }
 
+/* Rows [n0, n1) of w; `after`: the rows read next (the next part of this thread's work), prefetched. */
 static inline __attribute__((always_inline)) void rows(const int bf16, const float *x, const float *xp,
                                                        const void *w, float *y, int64_t m, int64_t n, int64_t k,
-                                                       int64_t n0, int64_t n1) {
-    if (bf16) rows_bf16_any(x, xp, (const uint16_t *)w, y, m, n, k, n0, n1);
-    else rows_f32_any(x, xp, (const float *)w, y, m, n, k, n0, n1);
+                                                       int64_t n0, int64_t n1, const void *after) {
+    if (bf16) rows_bf16_any(x, xp, (const uint16_t *)w, y, m, n, k, n0, n1, (const uint16_t *)after);
+    else rows_f32_any(x, xp, (const float *)w, y, m, n, k, n0, n1, (const float *)after);
 }
 
-/* Phase 1 for one expert and this thread's rows [i0, i1) of gate and of up. */
+/* Phase 1 for one expert and this thread's rows [i0, i1) of gate and of up; `next`: what the thread reads after
+ * them (its rows of the next expert's gate, or of the first expert's down), prefetched. */
 static inline __attribute__((always_inline)) void gate_up_part(const int bf16, const Group *gr, const char *w,
-                                                               float *g, int64_t d, int64_t inter, int64_t i0,
-                                                               int64_t i1) {
+                                                               const char *next, float *g, int64_t d,
+                                                               int64_t inter, int64_t i0, int64_t i1) {
+    const size_t es = bf16 ? 2 : 4;
     int64_t m = gr->m, i8 = inter & ~(int64_t)7;
-    rows(bf16, gr->x, gr->xp, w, g, m, 2 * inter, d, i0, i1);
-    rows(bf16, gr->x, gr->xp, w, g, m, 2 * inter, d, inter + i0, inter + i1);
+    rows(bf16, gr->x, gr->xp, w, g, m, 2 * inter, d, i0, i1, w + (inter + i0) * d * es);
+    rows(bf16, gr->x, gr->xp, w, g, m, 2 * inter, d, inter + i0, inter + i1, next);
     for (int64_t r = 0; r < m; r++)
         for (int64_t i = i0; i < i1; i++) {
             float a = g[r * 2 * inter + i], v = a / (1.0f + expf(-a)) * g[r * 2 * inter + inter + i] * gr->w[r];
@@ -120,15 +123,20 @@ static inline __attribute__((always_inline)) int moe_decode(
         int64_t i0, i1, d0, d1;
         share(inter, th, nt, &i0, &i1);
         share(d, th, nt, &d0, &d1);
+        /* prefetching `after` a part reads the R rows' worth of bytes that follow it in this thread's order
+         * (rows of one matrix lie end to end, so that holds across matrices of other row lengths too) */
         for (int64_t i = 0; i < ng && i0 < i1; i++)
-            gate_up_part(bf16, &groups[i], (const char *)gate_up + groups[i].e * 2 * inter * d * es, g, d,
-                         inter, i0, i1);
+            gate_up_part(bf16, &groups[i], (const char *)gate_up + groups[i].e * 2 * inter * d * es,
+                         i + 1 < ng ? (const char *)gate_up + (groups[i + 1].e * 2 * inter + i0) * d * es
+                                    : (const char *)down + (groups[0].e * d + d0) * inter * es,
+                         g, d, inter, i0, i1);
         _Pragma("omp barrier")
         for (int64_t r = 0; r < t; r++)
             for (int64_t c = d0; c < d1; c++) out[r * d + c] = 0.0f;
         for (int64_t i = 0; i < ng && d0 < d1; i++) {
             const Group *gr = &groups[i];
-            rows(bf16, gr->h, gr->hp, (const char *)down + gr->e * d * inter * es, y, gr->m, d, inter, d0, d1);
+            const char *next = i + 1 < ng ? (const char *)down + (groups[i + 1].e * d + d0) * inter * es : NULL;
+            rows(bf16, gr->h, gr->hp, (const char *)down + gr->e * d * inter * es, y, gr->m, d, inter, d0, d1, next);
             for (int64_t r = 0; r < gr->m; r++)
                 for (int64_t c = d0; c < d1; c++) out[gr->tok[r] * d + c] += y[r * d + c];
         }

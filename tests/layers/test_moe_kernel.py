@@ -61,6 +61,20 @@ def test_all_tokens_on_the_same_experts_and_threads_do_not_change_the_result():
     assert torch.equal(kernels.moe_decode(x, ids, weights, gate_up, down), results[1])  # same threads: same bits
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_gives_the_same_bits_alone_and_batched(dtype):
+    """Each token's output is summed in one order whatever else is in the batch (its experts run for 1..MAX_M
+    tokens, by the row kernels with 8, 6, ... weight rows side by side or the blocked one, each block prefetching
+    the next rows or the next expert's): greedy speculative decoding relies on it."""
+    x, ids, weights, gate_up, down = make(24, 136, 72, 6, kernels.MAX_M, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)  # experts 0 and 1 shared by every token, beside ones used by fewer
+    ids = torch.stack([torch.cat([torch.arange(2), 2 + torch.randperm(22, generator=g)[:4]]) for _ in ids])
+    alone = torch.cat([kernels.moe_decode(x[i:i + 1], ids[i:i + 1], weights[i:i + 1], gate_up, down)
+                       for i in range(kernels.MAX_M)])
+    for t in range(2, kernels.MAX_M + 1):
+        assert torch.equal(kernels.moe_decode(x[:t], ids[:t], weights[:t], gate_up, down), alone[:t]), f"{t} tokens"
+
+
 @pytest.mark.parametrize("bad", [-1, 8])
 def test_bad_expert_id_is_an_error(bad):
     x, ids, weights, gate_up, down = make(8, 16, 8, 2, 2, torch.float32, seed=2)
