@@ -11,6 +11,7 @@ import datetime
 import os
 import pickle
 import queue as queues
+import threading
 import time
 
 import torch
@@ -30,6 +31,34 @@ class ParallelError(RuntimeError):
 def cpu_share(ranks_here: int) -> int:
     """Threads for one of `ranks_here` ranks on this machine: its share of the cores this process may use."""
     return max(1, len(os.sched_getaffinity(0)) // ranks_here)
+
+
+def core_shares(ranks_here: int) -> list[list[int]]:
+    """The cores this thread may use cut into `ranks_here` equal shares, the r-th for local rank r; empty shares
+    where there are fewer cores than ranks (then nothing is bound)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = len(cores) // ranks_here
+    return [cores[r * per:(r + 1) * per] for r in range(ranks_here)]
+
+
+def bind(cores: list[int]) -> tuple[int, set[int]] | None:
+    """Binds this thread, and the threads it starts from now on (the group's, torch's), to `cores`; returns
+    what unbind needs, or None where nothing was bound. A rank that shares its cores with another rank has its
+    kernels and its collectives' threads preempted by the other's, and each all-reduce waits for the slower."""
+    if not cores:
+        return None
+    saved = (threading.get_native_id(), os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores)
+    return saved
+
+
+def unbind(saved: tuple[int, set[int]] | None):
+    """Gives the thread bind() bound its cores back (rank 0 is the caller's own process)."""
+    if saved is not None:
+        try:
+            os.sched_setaffinity(saved[0], saved[1])
+        except OSError:  # the thread has ended
+            pass
 
 
 def under_torchrun() -> bool:
@@ -106,6 +135,7 @@ class Team:
     def __init__(self, shard: Shard, channel: Channel, processes=(), messages=None):
         self.shard, self.channel, self.processes, self.messages = shard, channel, list(processes), messages
         self.store = None
+        self.bound = None  # what parallel_group.unbind needs to give rank 0's thread its cores back
         self.broken: ParallelError | None = None
 
     def send(self, msg):
@@ -184,22 +214,28 @@ class Team:
         if self.shard is not None and self.channel is not None:
             shutdown(self.shard, self.channel)
             self.shard.group = self.channel = self.store = None  # destroyed now, not at the interpreter's exit
+        unbind(self.bound)
+        self.bound = None
         self.broken = self.broken or ParallelError("the tensor-parallel group was closed")
 
 
-def spawn(size: int, target, args: tuple, device: torch.device, expert_parallel: bool) -> Team:
-    """Starts ranks 1..size-1 as processes running target(rank, size, port, messages, threads, *args), each with
-    its share of the cores (rank 0 too), and joins them into one group."""
+def spawn(size: int, target, args: tuple, device: torch.device, expert_parallel: bool,
+          bind_cores: bool = True) -> Team:
+    """Starts ranks 1..size-1 as processes running target(rank, size, port, messages, threads, cores, *args),
+    each with its share of the cores (rank 0 too): `cores`, the share a rank binds itself to, is empty without
+    bind_cores. Joins them into one group."""
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=START_SECONDS))
     ctx, threads = mp.get_context("spawn"), cpu_share(size)
+    shares = core_shares(size) if bind_cores else [[]] * size
     messages = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, size, store.port, messages, threads, *args), daemon=True,
-                         name=f"dsinfer-rank{r}") for r in range(1, size)]
+    procs = [ctx.Process(target=target, args=(r, size, store.port, messages, threads, shares[r], *args),
+                         daemon=True, name=f"dsinfer-rank{r}") for r in range(1, size)]
     for p in procs:
         p.start()
     team = Team(None, None, procs, messages)
     team.wait_for("hello", time.monotonic() + START_SECONDS)
+    team.bound = bind(shares[0])  # before join: the group's threads start bound
     torch.set_num_threads(threads)
     try:
         team.shard, team.channel = join(store, 0, size, expert_parallel, device)

@@ -78,9 +78,11 @@ def follow(model, channel: parallel_group.Channel, device: torch.device):
             cache.write_block(args[0], [r.to(device) for r in args[1]])
 
 
-def run_spawned(rank: int, size: int, port: int, messages, threads: int, cfg: EngineConfig):
-    """A worker process started by rank 0 (parallel_group.spawn): joins, loads its slices, reports, follows."""
+def run_spawned(rank: int, size: int, port: int, messages, threads: int, cores: list[int], cfg: EngineConfig):
+    """A worker process started by rank 0 (parallel_group.spawn): binds itself to its cores, joins, loads its
+    slices, reports, follows."""
     try:
+        parallel_group.bind(cores)
         torch.set_num_threads(threads)
         messages.put(("hello", rank))
         device = cfg.torch_device()
@@ -104,9 +106,11 @@ def start(cfg: EngineConfig):
     the group torchrun started (on ranks other than 0 this runs the worker and ends the process)."""
     device = cfg.torch_device()
     if not parallel_group.under_torchrun():
-        return parallel_group.spawn(cfg.tensor_parallel_size, run_spawned, (cfg,), device, cfg.enable_expert_parallel)
+        return parallel_group.spawn(cfg.tensor_parallel_size, run_spawned, (cfg,), device, cfg.enable_expert_parallel,
+                                    cfg.bind_cores)
     rank, store = parallel_group.torchrun_store(cfg.tensor_parallel_size)
     local_rank, local_size = parallel_group.torchrun_local()
+    bound = parallel_group.bind(parallel_group.core_shares(local_size)[local_rank] if cfg.bind_cores else [])
     torch.set_num_threads(parallel_group.cpu_share(local_size))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -119,5 +123,5 @@ def start(cfg: EngineConfig):
         sys.stderr.flush()
         os._exit(0)  # the rank's work ends with rank 0's: nothing of the caller's script runs on
     team = parallel_group.Team(shard, channel)
-    team.store = store
+    team.store, team.bound = store, bound
     return team
