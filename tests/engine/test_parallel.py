@@ -84,6 +84,29 @@ def test_each_rank_holds_about_half_the_weights(tp, llms):
     assert size(tp.model.module) <= 0.6 * size(llms("v2-lite", **ENGINE).model)
 
 
+def counting_sends(team, monkeypatch) -> list[str]:
+    """The names of the Team's sends from now on: 'send' (a pickled object), 'send_words' (a packed step)."""
+    sent = []
+    for name in ("send", "send_words"):
+        monkeypatch.setattr(team, name, lambda m, f=getattr(team, name), n=name: sent.append(n) or f(m))
+    return sent
+
+
+def test_each_step_is_one_packed_message(tp, llms, monkeypatch):
+    sent = counting_sends(tp.engine.team, monkeypatch)
+    assert_same(results(tp), results(llms("v2-lite", **ENGINE)))
+    assert sent and set(sent) == {"send_words"}  # no logits messages, nothing pickled
+
+
+def test_pickled_step_messages_match_one_process(ckpts, llms, monkeypatch):
+    """pack_step_messages=False: the plain path, a pickled forward and a logits message per step."""
+    with LLM(ckpts["v2-lite"], tensor_parallel_size=2, pack_step_messages=False, **ENGINE) as llm:
+        sent = counting_sends(llm.engine.team, monkeypatch)
+        got = results(llm)
+    assert_same(got, results(llms("v2-lite", **ENGINE)))
+    assert set(sent) == {"send"}
+
+
 @pytest.mark.skipif(len(CORES) < 2, reason="binding needs a core for each rank")
 @pytest.mark.parametrize("bind_cores", [True, False])
 def test_ranks_on_their_own_cores_match_one_process_and_the_caller_gets_its_cores_back(ckpts, llms, bind_cores):
