@@ -56,7 +56,8 @@ def decode(llm, params, streams: int, steps: int) -> tuple[float, float]:
     engine = llm.engine
     llm.add_requests([{"prompt_token_ids": [3 + (7 * s + i) % 500 for i in range(128)]} for s in range(streams)],
                      params(steps + 1))
-    while engine.stats().waiting or engine.num_generated < streams:  # the prompts' prefill steps
+    sched = engine.scheduler
+    while sched.waiting or any(len(s) == s.num_prompt_tokens for s in sched.running):  # the prompts' prefills
         engine.step()
     start, comm = time.perf_counter(), comm_seconds(llm)
     for _ in range(steps):
