@@ -61,6 +61,8 @@ def worker(rank: int, port: int, args, out):
         os.sched_setaffinity(0, [sorted(os.sched_getaffinity(0))[rank]])
     torch.set_num_threads(1)
     results = {}
+    weights = torch.randn(args.stream_mib * 2 ** 18 // 2048, 2048) if args.stream_mib else None
+    vec = torch.randn(2048)
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=datetime.timedelta(seconds=60))
     for threads in args.gloo_threads:
         pg = group(rank, store, threads)
@@ -69,6 +71,8 @@ def worker(rank: int, port: int, args, out):
             for name, op in ops(pg, x).items():
                 times = []
                 for _ in range(args.iters):
+                    if weights is not None:
+                        torch.mv(weights, vec)  # a kernel's memory traffic (caches and TLB cold after it)
                     busy(args.work_ms + rank * args.skew_ms * random.random())
                     start = time.perf_counter()
                     op()
@@ -86,6 +90,7 @@ def main():
     ap.add_argument("--work-ms", type=float, default=2.0)
     ap.add_argument("--gloo-threads", default="2,1", help="ProcessGroupGloo worker threads to try")
     ap.add_argument("--bind", action="store_true", help="each rank bound to a core of its own")
+    ap.add_argument("--stream-mib", type=int, default=0, help="before each op, also read this many MiB (torch.mv)")
     ap.add_argument("--skew-ms", type=float, default=0.0, help="rank 1 arrives up to this much later (uniform)")
     a = ap.parse_args()
     a.tokens, a.gloo_threads = [int(t) for t in a.tokens.split(",")], [int(t) for t in a.gloo_threads.split(",")]
