@@ -135,8 +135,8 @@ def start(cfg: EngineConfig):
                                     cfg.bind_cores, cfg.pack_step_messages)
     rank, store = parallel_group.torchrun_store(cfg.tensor_parallel_size)
     local_rank, local_size = parallel_group.torchrun_local()
+    torch.set_num_threads(parallel_group.cpu_share(local_size))  # counted before binding narrows what it sees
     bound = parallel_group.bind(parallel_group.core_shares(local_size)[local_rank] if cfg.bind_cores else [])
-    torch.set_num_threads(parallel_group.cpu_share(local_size))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     shard, channel = parallel_group.join(store, rank, cfg.tensor_parallel_size, cfg.enable_expert_parallel, device,
