@@ -7,7 +7,9 @@ waits for a slower rank included).
     flock /work/bench.lock python benchmarks/parallel.py --model ../bench-run/models/v2lite-4L --dtype bfloat16 --eager
 
 Every setting decodes through the fused decode layer where it can (one C call per layer in one process, two per
-layer and rank under TP / EP); --eager adds TP=2 and EP=2 with the Python layers (enforce_eager).
+layer and rank under TP / EP); --eager adds TP=2 and EP=2 with the Python layers (enforce_eager). The ranks are
+bound to their cores and get each step as one packed message (bind_cores, pack_step_messages: --options turns
+them off to compare).
 
 Each setting runs in a fresh process of its own, one after the other, so that their memory figures are apart.
 """
@@ -56,7 +58,8 @@ def decode(llm, params, streams: int, steps: int) -> tuple[float, float]:
     engine = llm.engine
     llm.add_requests([{"prompt_token_ids": [3 + (7 * s + i) % 500 for i in range(128)]} for s in range(streams)],
                      params(steps + 1))
-    while engine.stats().waiting or engine.num_generated < streams:  # the prompts' prefill steps
+    sched = engine.scheduler
+    while sched.waiting or any(len(s) == s.num_prompt_tokens for s in sched.running):  # the prompts' prefills
         engine.step()
     start, comm = time.perf_counter(), comm_seconds(llm)
     for _ in range(steps):
@@ -116,14 +119,18 @@ def main():
     ap.add_argument("--eager", action="store_true", help="also TP=2 and EP=2 with the Python layers (enforce_eager)")
     ap.add_argument("--only", choices=list(SETTINGS | EAGER), default=None, help=argparse.SUPPRESS)  # one, as JSON
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--options", default="{}", help="more LLM keyword arguments for the TP / EP settings, as JSON "
+                    "(e.g. '{\"bind_cores\": false}' or '{\"pack_step_messages\": false}')")
     a = ap.parse_args()
     if a.only:
-        print(json.dumps(one(a.model, a.dtype, a.repeats, a.prefill, (SETTINGS | EAGER)[a.only])))
+        setting = (SETTINGS | EAGER)[a.only]
+        setting = setting | json.loads(a.options) if setting.get("tensor_parallel_size", 1) > 1 else setting
+        print(json.dumps(one(a.model, a.dtype, a.repeats, a.prefill, setting)))
         return
     results = {}
     for name in list(SETTINGS) + (list(EAGER) if a.eager else []):
         cmd = [sys.executable, __file__, "--model", a.model, "--dtype", a.dtype, "--repeats", str(a.repeats),
-               "--prefill", str(a.prefill), "--only", name]
+               "--prefill", str(a.prefill), "--options", a.options, "--only", name]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=ENV)
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)

@@ -60,6 +60,8 @@ class EngineConfig:
     sparse_attention: dict | None = None    # training-free sparse attention {sink, window, topk_blocks}; None: dense
     tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
     enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate
+    bind_cores: bool = True                 # each rank on this machine bound to its own share of the cores
+    pack_step_messages: bool = True         # a step to the other ranks as one int64 broadcast, its logits rows too
     grammar_check_first: bool = True        # structured outputs: a grammar's mask only when the sample breaks it
     reasoning_parser: str | None = None     # deepseek_r1: structured outputs start after </think>
 

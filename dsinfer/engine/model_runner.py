@@ -58,7 +58,6 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]], all_positions: list[bool]) -> list[torch.Tensor | None]:
         """Logits per batch entry: [n, vocab] for every new position where all_positions asks, [1, vocab] for
         the last one when the entry reaches the end of its sequence (it will sample), else None."""
-        hidden = self.run_hidden(batch)
         rows, end = [], 0
         for (seq, n), every in zip(batch, all_positions):
             end += n
@@ -66,9 +65,17 @@ class ModelRunner:
             rows.append(torch.arange(end - n, end) if every else torch.arange(end - 1, end) if last else None)
         wanted = [r for r in rows if r is not None]
         if not wanted:
+            self.run_hidden(batch)
             return [None] * len(batch)
-        logits = iter(self.model.compute_logits(hidden[torch.cat(wanted).to(self.device)]).split([len(r) for r in wanted]))
+        logits = iter(self.logits(batch, torch.cat(wanted).to(self.device)).split([len(r) for r in wanted]))
         return [None if r is None else next(logits) for r in rows]
+
+    def logits(self, batch: list[tuple[Sequence, int]], rows: torch.Tensor) -> torch.Tensor:
+        """The logits at `rows` of the batch's final hidden states. A tensor-parallel leader whose ranks take a
+        step and its rows in one message (engine/worker.Leader) gets both at once."""
+        if self.fused is None and getattr(self.model, "steps_with_logits", False):
+            return self.model.forward_logits(*self.prepare(batch), self.cache.model_caches(), rows)
+        return self.model.compute_logits(self.run_hidden(batch)[rows])
 
     @torch.inference_mode()
     def run_hidden(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import datetime
 import os
 import pickle
 import queue as queues
+import threading
 import time
 
 import torch
@@ -32,41 +33,97 @@ def cpu_share(ranks_here: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // ranks_here)
 
 
+def core_shares(ranks_here: int) -> list[list[int]]:
+    """The cores this thread may use cut into `ranks_here` equal shares, the r-th for local rank r; empty shares
+    where there are fewer cores than ranks (then nothing is bound)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = len(cores) // ranks_here
+    return [cores[r * per:(r + 1) * per] for r in range(ranks_here)]
+
+
+def bind(cores: list[int]) -> tuple[int, set[int]] | None:
+    """Binds this thread, and the threads it starts from now on (the group's, torch's), to `cores`; returns
+    what unbind needs, or None where nothing was bound. A rank that shares its cores with another rank has its
+    kernels and its collectives' threads preempted by the other's, and each all-reduce waits for the slower."""
+    if not cores:
+        return None
+    saved = (threading.get_native_id(), os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores)
+    return saved
+
+
+def unbind(saved: tuple[int, set[int]] | None):
+    """Gives the thread bind() bound its cores back (rank 0 is the caller's own process)."""
+    if saved is not None:
+        try:
+            os.sched_setaffinity(saved[0], saved[1])
+        except OSError:  # the thread has ended
+            pass
+
+
 def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"))
 
 
 class Channel:
-    """Objects from rank 0 to every rank: a length, then the pickled bytes, each one broadcast."""
+    """Messages from rank 0 to every rank, each broadcast on the group: objects (pickled) and flat int64 tensors
+    (words; a step's inputs, engine/step_message.py). Packed (the default), every message starts with one
+    broadcast of a fixed buffer of WORDS int64 that holds its kind and length and, for words that fit, the words
+    themselves: a decode step costs one collective and no pickling. Plain: a length, then the pickled bytes."""
 
-    def __init__(self, group):
-        self.group, self.opts = group, dist.BroadcastOptions()
+    WORDS = 8192  # 64 KiB: a decode step of 8 sequences of up to ~1,000 tokens of context fits whole
+    PICKLED, INLINE, AFTER = 0, 1, 2  # what the fixed buffer says: bytes follow, words inside, words follow
+
+    def __init__(self, group, packed: bool = True):
+        self.group, self.opts, self.packed = group, dist.BroadcastOptions(), packed
         self.opts.rootRank = 0
+        self.head = torch.zeros(self.WORDS if packed else 1, dtype=torch.long)
 
     def broadcast(self, t: torch.Tensor):
         self.group.broadcast([t], self.opts).wait()
 
     def send(self, obj):
         data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-        self.broadcast(torch.tensor([data.numel()]))
+        self.send_head(self.PICKLED, data.numel())
         self.broadcast(data)
+
+    def send_words(self, words: torch.Tensor):
+        """A flat int64 tensor (needs packed: the plain channel sends objects only)."""
+        n = words.numel()
+        if n <= self.WORDS - 2:
+            self.head[2:2 + n] = words
+        self.send_head(self.INLINE if n <= self.WORDS - 2 else self.AFTER, n)
+        if n > self.WORDS - 2:
+            self.broadcast(words.contiguous())
+
+    def send_head(self, kind: int, n: int):
+        if self.packed:
+            self.head[0], self.head[1] = kind, n
+        else:
+            self.head[0] = n
+        self.broadcast(self.head)
 
     def recv(self):
-        size = torch.zeros(1, dtype=torch.long)
-        self.broadcast(size)
-        data = torch.empty(int(size), dtype=torch.uint8)
+        """The next message: the object sent, or a words tensor (a copy of its own)."""
+        self.broadcast(self.head)
+        kind, n = self.head[:2].tolist() if self.packed else (self.PICKLED, int(self.head[0]))
+        if kind == self.INLINE:
+            return self.head[2:2 + n].clone()
+        data = torch.empty(n, dtype=torch.long if kind == self.AFTER else torch.uint8)
         self.broadcast(data)
-        return pickle.loads(data.numpy().tobytes())
+        return data if kind == self.AFTER else pickle.loads(data.numpy().tobytes())
 
 
-def join(store, rank: int, size: int, expert_parallel: bool, device: torch.device) -> tuple[Shard, Channel]:
-    """This rank's Shard (collectives: gloo, or NCCL on CUDA) and the Channel (always gloo, on CPU tensors)."""
+def join(store, rank: int, size: int, expert_parallel: bool, device: torch.device,
+         packed: bool = True) -> tuple[Shard, Channel]:
+    """This rank's Shard (collectives: gloo, or NCCL on CUDA) and the Channel (always gloo, on CPU tensors;
+    packed: Channel's one-broadcast messages, which every rank must agree on)."""
     store = dist.PrefixStore("dsinfer", store)  # a store per group: a fresh one per spawn, torchrun's per job
     control = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, FOREVER)
     comm = control
     if device.type == "cuda":
         comm = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, size)
-    return Shard(rank, size, expert_parallel, comm), Channel(control)
+    return Shard(rank, size, expert_parallel, comm), Channel(control, packed)
 
 
 def shutdown(shard: Shard, channel: Channel):
@@ -106,11 +163,17 @@ class Team:
     def __init__(self, shard: Shard, channel: Channel, processes=(), messages=None):
         self.shard, self.channel, self.processes, self.messages = shard, channel, list(processes), messages
         self.store = None
+        self.bound = None  # what parallel_group.unbind needs to give rank 0's thread its cores back
         self.broken: ParallelError | None = None
 
     def send(self, msg):
         start = time.perf_counter()
         self.call(self.channel.send, msg)
+        self.shard.comm_seconds += time.perf_counter() - start
+
+    def send_words(self, words: torch.Tensor):
+        start = time.perf_counter()
+        self.call(self.channel.send_words, words)
         self.shard.comm_seconds += time.perf_counter() - start
 
     def call(self, fn, *args):
@@ -184,25 +247,31 @@ class Team:
         if self.shard is not None and self.channel is not None:
             shutdown(self.shard, self.channel)
             self.shard.group = self.channel = self.store = None  # destroyed now, not at the interpreter's exit
+        unbind(self.bound)
+        self.bound = None
         self.broken = self.broken or ParallelError("the tensor-parallel group was closed")
 
 
-def spawn(size: int, target, args: tuple, device: torch.device, expert_parallel: bool) -> Team:
-    """Starts ranks 1..size-1 as processes running target(rank, size, port, messages, threads, *args), each with
-    its share of the cores (rank 0 too), and joins them into one group."""
+def spawn(size: int, target, args: tuple, device: torch.device, expert_parallel: bool,
+          bind_cores: bool = True, packed: bool = True) -> Team:
+    """Starts ranks 1..size-1 as processes running target(rank, size, port, messages, threads, cores, *args),
+    each with its share of the cores (rank 0 too): `cores`, the share a rank binds itself to, is empty without
+    bind_cores. Joins them into one group."""
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=START_SECONDS))
     ctx, threads = mp.get_context("spawn"), cpu_share(size)
+    shares = core_shares(size) if bind_cores else [[]] * size
     messages = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, size, store.port, messages, threads, *args), daemon=True,
-                         name=f"dsinfer-rank{r}") for r in range(1, size)]
+    procs = [ctx.Process(target=target, args=(r, size, store.port, messages, threads, shares[r], *args),
+                         daemon=True, name=f"dsinfer-rank{r}") for r in range(1, size)]
     for p in procs:
         p.start()
     team = Team(None, None, procs, messages)
     team.wait_for("hello", time.monotonic() + START_SECONDS)
+    team.bound = bind(shares[0])  # before join: the group's threads start bound
     torch.set_num_threads(threads)
     try:
-        team.shard, team.channel = join(store, 0, size, expert_parallel, device)
+        team.shard, team.channel = join(store, 0, size, expert_parallel, device, packed)
     except RuntimeError as e:
         raise team.fail(f"the group could not form: {e}") from e
     team.store = store  # rank 0 hosts it: it must live as long as the group

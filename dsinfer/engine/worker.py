@@ -10,7 +10,7 @@ import traceback
 
 import torch
 
-from dsinfer.engine import parallel_group
+from dsinfer.engine import parallel_group, step_message
 from dsinfer.engine.config import EngineConfig
 from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.loading import load_engine_model
@@ -21,7 +21,8 @@ class Leader:
     """Rank 0's model as the engine sees it: calls go to every rank; everything else is the model's own."""
 
     def __init__(self, model, team: parallel_group.Team):
-        self.__dict__.update(module=model, team=team, engine_caches=None)
+        # steps_with_logits: forward_logits sends a step and its logits rows as one message (a packed channel)
+        self.__dict__.update(module=model, team=team, engine_caches=None, steps_with_logits=team.channel.packed)
 
     def __getattr__(self, name):
         return getattr(self.module, name)
@@ -34,6 +35,15 @@ class Leader:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self.team.send(("logits", cpu(hidden)))
         return self.team.call(self.module.compute_logits, hidden)
+
+    def forward_logits(self, input_ids, positions, meta: AttentionMetadata, caches, rows: torch.Tensor):
+        """The logits at `rows` of a step's final hidden states: the step and its rows go to the other ranks as
+        one packed message, so they compute their logit slices without waiting for another."""
+        if caches is not self.engine_caches:
+            return self.compute_logits(self(input_ids, positions, meta, caches)[rows])
+        self.team.send_words(step_message.pack(input_ids, positions, meta, rows))
+        hidden = self.team.call(self.module, input_ids, positions, meta, caches)
+        return self.team.call(self.module.compute_logits, hidden[rows])
 
     def share_cache(self, cache: KVCache):
         """The other ranks allocate the same cache; blocks rank 0 writes outside a forward are sent to them."""
@@ -64,8 +74,14 @@ def on(x, device: torch.device):
 def follow(model, channel: parallel_group.Channel, device: torch.device):
     """Makes rank 0's calls on this rank's slices until it says stop."""
     cache = None
-    while (msg := channel.recv())[0] != "stop":
+    while True:
+        msg = channel.recv()
+        if isinstance(msg, torch.Tensor):
+            run_step(model, msg, cache, device)
+            continue
         kind, *args = msg
+        if kind == "stop":
+            return
         if kind == "forward":
             ids, positions, meta, scratch = (on(a, device) for a in args)
             caches = cache.layers if scratch is None else [torch.zeros(s, dtype=d, device=device) for s, d in scratch]
@@ -78,14 +94,25 @@ def follow(model, channel: parallel_group.Channel, device: torch.device):
             cache.write_block(args[0], [r.to(device) for r in args[1]])
 
 
-def run_spawned(rank: int, size: int, port: int, messages, threads: int, cfg: EngineConfig):
-    """A worker process started by rank 0 (parallel_group.spawn): joins, loads its slices, reports, follows."""
+def run_step(model, words: torch.Tensor, cache: KVCache, device: torch.device):
+    """A packed step (Leader.forward_logits): the forward into the engine's cache, then its rows' logits."""
+    ids, positions, meta, rows = step_message.unpack(words, device)
+    hidden = model(ids, positions, meta, cache.layers)
+    if rows is not None:
+        model.compute_logits(hidden[rows])
+
+
+def run_spawned(rank: int, size: int, port: int, messages, threads: int, cores: list[int], cfg: EngineConfig):
+    """A worker process started by rank 0 (parallel_group.spawn): binds itself to its cores, joins, loads its
+    slices, reports, follows."""
     try:
+        parallel_group.bind(cores)
         torch.set_num_threads(threads)
         messages.put(("hello", rank))
         device = cfg.torch_device()
         store = parallel_group.client_store(port, size)
-        shard, channel = parallel_group.join(store, rank, size, cfg.enable_expert_parallel, device)
+        shard, channel = parallel_group.join(store, rank, size, cfg.enable_expert_parallel, device,
+                                             cfg.pack_step_messages)
         loaded = load_engine_model(cfg, shard)
         messages.put(("ready", rank))
     except BaseException:
@@ -104,13 +131,16 @@ def start(cfg: EngineConfig):
     the group torchrun started (on ranks other than 0 this runs the worker and ends the process)."""
     device = cfg.torch_device()
     if not parallel_group.under_torchrun():
-        return parallel_group.spawn(cfg.tensor_parallel_size, run_spawned, (cfg,), device, cfg.enable_expert_parallel)
+        return parallel_group.spawn(cfg.tensor_parallel_size, run_spawned, (cfg,), device, cfg.enable_expert_parallel,
+                                    cfg.bind_cores, cfg.pack_step_messages)
     rank, store = parallel_group.torchrun_store(cfg.tensor_parallel_size)
     local_rank, local_size = parallel_group.torchrun_local()
-    torch.set_num_threads(parallel_group.cpu_share(local_size))
+    torch.set_num_threads(parallel_group.cpu_share(local_size))  # counted before binding narrows what it sees
+    bound = parallel_group.bind(parallel_group.core_shares(local_size)[local_rank] if cfg.bind_cores else [])
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-    shard, channel = parallel_group.join(store, rank, cfg.tensor_parallel_size, cfg.enable_expert_parallel, device)
+    shard, channel = parallel_group.join(store, rank, cfg.tensor_parallel_size, cfg.enable_expert_parallel, device,
+                                         cfg.pack_step_messages)
     if rank:
         loaded = load_engine_model(cfg, shard)
         follow(loaded.model, channel, loaded.device)
@@ -119,5 +149,5 @@ def start(cfg: EngineConfig):
         sys.stderr.flush()
         os._exit(0)  # the rank's work ends with rank 0's: nothing of the caller's script runs on
     team = parallel_group.Team(shard, channel)
-    team.store = store
+    team.store, team.bound = store, bound
     return team

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.conftest import random_prompts
 
 PREFIX = random_prompts([40], seed=7)[0]
 PROMPTS = [PREFIX + p for p in random_prompts([5, 23, 9], seed=1)] + random_prompts([17, 3], seed=2)
+CORES = os.sched_getaffinity(0)  # at collection, before any engine here binds the main thread
 PARAMS = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=0)
 ENGINE = dict(max_num_batched_tokens=32)  # prompts of 40+ tokens prefill in chunks; the prefix is cached
 
@@ -82,12 +84,60 @@ def test_each_rank_holds_about_half_the_weights(tp, llms):
     assert size(tp.model.module) <= 0.6 * size(llms("v2-lite", **ENGINE).model)
 
 
+def counting_sends(team, monkeypatch) -> list[str]:
+    """The names of the Team's sends from now on: 'send' (a pickled object), 'send_words' (a packed step)."""
+    sent = []
+    for name in ("send", "send_words"):
+        monkeypatch.setattr(team, name, lambda m, f=getattr(team, name), n=name: sent.append(n) or f(m))
+    return sent
+
+
+def test_each_step_is_one_packed_message(tp, llms, monkeypatch):
+    sent = counting_sends(tp.engine.team, monkeypatch)
+    assert_same(results(tp), results(llms("v2-lite", **ENGINE)))
+    assert sent and set(sent) == {"send_words"}  # no logits messages, nothing pickled
+
+
+def test_pickled_step_messages_match_one_process(ckpts, llms, monkeypatch):
+    """pack_step_messages=False: the plain path, a pickled forward and a logits message per step."""
+    with LLM(ckpts["v2-lite"], tensor_parallel_size=2, pack_step_messages=False, **ENGINE) as llm:
+        sent = counting_sends(llm.engine.team, monkeypatch)
+        got = results(llm)
+    assert_same(got, results(llms("v2-lite", **ENGINE)))
+    assert set(sent) == {"send"}
+
+
+@pytest.mark.skipif(len(CORES) < 2, reason="binding needs a core for each rank")
+@pytest.mark.parametrize("bind_cores", [True, False])
+def test_ranks_on_their_own_cores_match_one_process_and_the_caller_gets_its_cores_back(ckpts, llms, bind_cores):
+    """Rank 0 is the caller's thread: bound while the engine lives (so are the threads it starts), given its
+    cores back on close. Run in a thread of its own, with every core, whatever the module's engine bound."""
+    seen = {}
+
+    def run():
+        os.sched_setaffinity(0, CORES)
+        with LLM(ckpts["v2-lite"], tensor_parallel_size=2, bind_cores=bind_cores, **ENGINE) as llm:
+            seen["cores"] = [os.sched_getaffinity(0), os.sched_getaffinity(llm.engine.team.processes[0].pid)]
+            seen["results"] = results(llm)
+        seen["after"] = os.sched_getaffinity(0)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    mine, theirs = seen["cores"]
+    if bind_cores:
+        assert not mine & theirs and len(mine) == len(theirs) == len(CORES) // 2 and mine | theirs <= CORES
+    else:
+        assert mine == theirs == CORES
+    assert seen["after"] == CORES
+    assert_same(seen["results"], results(llms("v2-lite", **ENGINE)))
+
+
 def test_sizes_that_do_not_split_are_refused_before_any_process_starts(ckpts):
     with pytest.raises(ValueError, match=r"is not divisible by tensor_parallel_size \(3\)"):
         LLM(ckpts["v2-lite"], tensor_parallel_size=3)
 
 
-def exits_at_start(rank, size, port, messages, threads):
+def exits_at_start(rank, size, port, messages, threads, cores):
     os._exit(3)
 
 
