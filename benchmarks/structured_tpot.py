@@ -9,6 +9,7 @@ The schema is an object with a long array of short strings (minItems 500), so th
 and every run decodes the same number of steps.
 
     flock /work/bench.lock python benchmarks/structured_tpot.py [--steps 64] [--rounds 3] [--mask-first]
+        [--no-share-lexer]
 """
 import argparse
 import statistics
@@ -70,13 +71,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mask-first", action="store_true", help="grammar_check_first off: every grammar row masked "
                     "before sampling")
+    ap.add_argument("--no-share-lexer", action="store_true", help="grammar_share_lexer off: each sequence's "
+                    "matcher built from the grammar, with lexer states of its own")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM(grammar_check_first=not args.mask_first)
+    llm = LLM(grammar_check_first=not args.mask_first, grammar_share_lexer=not args.no_share_lexer)
     for streams in (1, 8):  # warm-up: kernels, the grammar compile, the llguidance tokenizer
         run(llm, streams, 4, False), run(llm, streams, 4, True)
     print(f"built-in model, {args.steps} decode steps, best (median) of {args.rounds} interleaved rounds, "
-          f"threads={torch.get_num_threads()}, grammar_check_first={not args.mask_first}")
+          f"threads={torch.get_num_threads()}, grammar_check_first={not args.mask_first}, "
+          f"grammar_share_lexer={not args.no_share_lexer}")
     print(f"{'streams':>7} {'free TPOT ms':>16} {'schema TPOT ms':>16} {'slower':>7} {'grammar ms/step':>15}")
     for streams in (1, 8):
         free, schema, grammar = [], [], []

@@ -61,6 +61,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
     enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate
     grammar_check_first: bool = True        # structured outputs: a grammar's mask only when the sample breaks it
+    grammar_share_lexer: bool = True        # structured outputs: a grammar's matchers share the lexer states built
     reasoning_parser: str | None = None     # deepseek_r1: structured outputs start after </think>
 
     @classmethod

@@ -52,7 +52,8 @@ class LLMEngine:
         mcfg = model.config
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids, model.kernel_config.cpu_kernels)
+        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids, model.kernel_config.cpu_kernels,
+                                 cfg.grammar_share_lexer)
         self.reasoning_end = ReasoningEnd(tokenizer) if cfg.reasoning_parser and tokenizer else None
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
