@@ -16,7 +16,8 @@ CPU_DTYPE_ENV = "DSINFER_CPU_DTYPE"
 ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECODE",
        "small_gemm": "DSINFER_SMALL_GEMM", "moe_prefill": "DSINFER_MOE_PREFILL",
        "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI", "grouped_mm": "DSINFER_GROUPED_MM",
-       "amx_experts": "DSINFER_AMX_EXPERTS", "bf16_prefill_tiles": "DSINFER_BF16_PREFILL_TILES"}
+       "amx_experts": "DSINFER_AMX_EXPERTS", "bf16_prefill_tiles": "DSINFER_BF16_PREFILL_TILES",
+       "fused_swiglu": "DSINFER_FUSED_SWIGLU"}
 SWITCHES = tuple(name for name in ENV if name != "cpu_kernels")
 
 
@@ -31,6 +32,7 @@ class KernelConfig:
     grouped_mm: bool = True        # 16-bit prefill experts: two torch._grouped_mm calls instead of two per expert
     amx_experts: bool = True       # ... and those two calls on dsinfer's AMX tiles (weights as stored, no repacking)
     bf16_prefill_tiles: bool = True  # quantized prefill matmuls dequantize tiles to bf16, multiply in bf16 (AMX)
+    fused_swiglu: bool = True      # 16-bit prefill MLPs: silu(gate) * up (* routing weight) in one C pass, one rounding
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):

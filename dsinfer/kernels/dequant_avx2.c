@@ -4,14 +4,6 @@
  * weights are finite, so NaN needs no care). Threads split the rows. */
 #include "qkernels.h"
 
-/* 8 floats -> 8 bf16, rounded to nearest even: add 0x7fff plus the lowest kept bit, keep the high halves. */
-static inline __m128i bf16x8(__m256 v) {
-    __m256i b = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-    return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-}
-
 /* out[i..i+8) = v, or out[i] = f, in fp32 or (BF) bf16. */
 static inline AI void put8(void *out, int64_t i, __m256 v, const int BF) {
     if (BF) _mm_storeu_si128((__m128i *)((uint16_t *)out + i), bf16x8(v));

@@ -20,6 +20,7 @@
 #include <unistd.h>
 #include "simd.h"
 
+
 #define TOK 16    /* tokens per tile */
 #define ROWS 16   /* weight rows per tile */
 #define KT 32     /* k per tile (bf16) */
@@ -61,10 +62,18 @@ static void pack_tokens(const uint16_t *x, uint16_t *xp, int64_t m, int64_t k) {
         }
 }
 
-/* The sum tile st [16 rows][16 tokens] into y[t][j0 + r] for the rows and tokens that exist. */
+/* The sum tile st [16 rows][16 tokens] into y[t][j0 + r] for the rows and tokens that exist: each token's column
+ * is gathered, rounded to bf16 as f32_to_bf16 does (nearest even) and stored as one row segment. */
 static void store_block(const float *st, uint16_t *y, int64_t n, int64_t j0, int64_t rows, int64_t t0, int64_t m) {
-    for (int64_t t = 0; t < TOK && t0 + t < m; t++)
-        for (int64_t r = 0; r < rows; r++) y[(t0 + t) * n + j0 + r] = f32_to_bf16(st[r * TOK + t]);
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(TOK));
+    const __mmask16 keep = (__mmask16)((1u << rows) - 1);
+    for (int64_t t = 0; t < TOK && t0 + t < m; t++) {
+        __m512i u = _mm512_castps_si512(_mm512_i32gather_ps(column, st + t, 4));
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        _mm256_mask_storeu_epi16(y + (t0 + t) * n + j0, keep, _mm512_cvtepi32_epi16(u));
+    }
 }
 
 /* Up to MB token tiles starting at token block tb0 against weight rows w (16 rows, or a zero-padded copy). */

@@ -18,7 +18,8 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx2.c", "mla_decode_avx2.c",
                                     "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
                                     "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c", "qgemv_x8_vnni.c",
-                                    "token_mask.c", "grouped_mm_amx.c", "dequant_avx2.c", "qgemv_x8_vnni512.c")]
+                                    "token_mask.c", "grouped_mm_amx.c", "dequant_avx2.c", "qgemv_x8_vnni512.c",
+                                    "prefill_bf16_avx2.c")]
 HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h", "decode_layer.h")]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_tile")
@@ -117,6 +118,10 @@ def declare(lib: ctypes.CDLL):
     # x, offs, w, y, t, e, n, k, threads -> 0 or an error code; amx_init -> 0 if the OS grants the tile state
     _sig(lib, ("grouped_mm_amx_bf16",), [P] * 4 + [I64] * 4 + [INT], INT)
     _sig(lib, ("amx_init",), [], INT)
+    # x, scale or NULL, out, t, inter, threads
+    _sig(lib, ("silu_mul_bf16",), [P] * 3 + [I64] * 2 + [INT])
+    # x, w, out, rows, n, x row stride, eps, threads
+    _sig(lib, ("rms_norm_bf16",), [P] * 3 + [I64] * 3 + [F32, INT])
     # logits, row stride, mask, rows, n, vocab, words
     _sig(lib, ("token_mask_f32",), [P, I64, P, P] + [I64] * 3)
     # scores, row stride, mask, rows, n, vocab, words, best [n]

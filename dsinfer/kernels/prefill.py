@@ -48,3 +48,41 @@ def moe_prefill(x: torch.Tensor, ids: torch.Tensor | None, weights: torch.Tensor
     if code:
         raise ValueError(f"moe_prefill failed: {_ERRORS.get(code, f'error {code}')}")
     return out
+
+
+def silu_mul_usable(x: torch.Tensor) -> bool:
+    """Whether `silu_mul` takes x: bf16 [T, 2I] on CPU, library built."""
+    return x.is_cpu and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 2 == 0 and library() is not None
+
+
+def silu_mul(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 x [T, 2I] (gate | up), scale fp32 [T] or None -> silu(gate) * up * scale [T, I] bf16, computed in fp32
+    and rounded once (torch's bf16 silu_and_mul, the reference, rounds after each op)."""
+    if not silu_mul_usable(x):
+        raise ValueError(f"silu_mul needs bf16 [T, 2I] on CPU, not {x.dtype} {tuple(x.shape)} on {x.device}")
+    t, inter = x.shape[0], x.shape[1] // 2
+    if scale is not None and (scale.dtype != torch.float32 or scale.numel() != t):
+        raise ValueError(f"scale must be fp32 with {t} values, not {scale.dtype} {tuple(scale.shape)}")
+    x = x.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    out = torch.empty(t, inter, dtype=torch.bfloat16)
+    library().silu_mul_bf16(x.data_ptr(), ptr(scale), out.data_ptr(), t, inter, torch.get_num_threads())
+    return out
+
+
+def rms_norm_bf16_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `rms_norm_bf16` takes these: bf16 x [rows, n] with contiguous columns, bf16 weight [n], on CPU."""
+    return (x.is_cpu and x.dtype == torch.bfloat16 == w.dtype and x.dim() == 2 and x.stride(1) == 1
+            and w.dim() == 1 and x.shape[1] == w.shape[0] and library() is not None)
+
+
+def rms_norm_bf16(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of bf16 x [rows, n] as transformers computes it in 16 bits (normalised in fp32, rounded to bf16,
+    times the bf16 weight), in one pass: bf16 [rows, n]."""
+    if not rms_norm_bf16_usable(x, w):
+        raise ValueError(f"rms_norm_bf16 needs bf16 x [rows, n] with contiguous columns and a bf16 weight [n] on "
+                         f"CPU, not x {x.dtype} {tuple(x.shape)} and weight {w.dtype} {tuple(w.shape)}")
+    w, out = w.contiguous(), torch.empty(x.shape, dtype=torch.bfloat16)
+    library().rms_norm_bf16(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps,
+                            torch.get_num_threads())
+    return out

@@ -7,9 +7,23 @@ from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers.linear import Matmul, widened
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for x [T, 2I] = (gate | up), times scale [T] (the routing weights) if given."""
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    h = F.silu(gate) * up
+    return h if scale is None else h.mul_(scale.reshape(-1, 1).to(h.dtype))
+
+
+def fused_silu_and_mul(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul in one C pass where x is bf16 on CPU (computed in fp32, rounded once), else silu_and_mul."""
+    if kernels.silu_mul_usable(x):
+        return kernels.silu_mul(x, None if scale is None else scale.reshape(-1).float())
+    return silu_and_mul(x, scale)
+
+
+def swiglu(kc: KernelConfig):
+    """The SwiGLU activation a model built with kc runs (KernelConfig.fused_swiglu)."""
+    return fused_silu_and_mul if kc.fused_swiglu else silu_and_mul
 
 
 class MLP(nn.Module):
@@ -21,6 +35,7 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(hidden, inter))
         self.matmul, self.decode_kernel, self.prefill_kernel = Matmul(kc), kc.cpu_kernels, kc.moe_prefill
+        self.activation = swiglu(kc)
         self.chunk_tokens = kc.ffn_chunk_tokens  # bounds the [T, 2I] intermediate, as llama.cpp's n_ubatch does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +54,7 @@ class MLP(nn.Module):
         return torch.cat([self.run(part) for part in x.split(step)])
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(silu_and_mul(self.matmul(x, self.gate_up_proj)), self.down_proj)
+        return self.matmul(self.activation(self.matmul(x, self.gate_up_proj)), self.down_proj)
 
     def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
         i = self.inter

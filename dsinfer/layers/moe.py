@@ -7,7 +7,7 @@ from dsinfer import kernels
 from dsinfer.config import ModelConfig
 from dsinfer.kernels import PLAIN, KernelConfig
 from dsinfer.layers.linear import Matmul, widened
-from dsinfer.layers.mlp import MLP, silu_and_mul
+from dsinfer.layers.mlp import MLP, silu_and_mul, swiglu
 from dsinfer.layers.quant_linear import ROW_BUCKET, dequantize_into, padded, stack_fits_bf16
 
 
@@ -70,7 +70,7 @@ class Experts(nn.Module):
         self.n, self.inter = n, inter
         self.matmul, self.decode_kernel, self.prefill_kernel = Matmul(kc), kc.cpu_kernels, kc.moe_prefill
         self.grouped_mm, self.amx = kc.grouped_mm, kc.amx_experts and kernels.amx_ready()
-        self.bf16_tiles = kc.bf16_prefill_tiles
+        self.bf16_tiles, self.activation = kc.bf16_prefill_tiles, swiglu(kc)
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
@@ -122,8 +122,8 @@ class Experts(nn.Module):
         CPU), the (token, expert) pairs sorted by expert as there and added into the result in the same order."""
         order, counts, token = self.by_expert(ids)
         offs = counts.cumsum(0).to(torch.int32)
-        h = silu_and_mul(self.expert_products(x.index_select(0, token), self.gate_up_proj, offs))
-        h.mul_(weights.flatten()[order, None].to(x.dtype))
+        h = self.expert_products(x.index_select(0, token), self.gate_up_proj, offs)
+        h = self.activation(h, weights.flatten()[order])
         y = self.expert_products(h, self.down_proj, offs)
         return torch.zeros_like(x).index_add_(0, token, y)
 
@@ -153,7 +153,8 @@ class Experts(nn.Module):
             if c:
                 rows = slice(start, start + padded(c))
                 h = self.bf16_product(xs[rows], dequantize_into(self.gate_up_proj[e], gate_up))
-                h = silu_and_mul(h.float()).mul_(scale[rows]).to(torch.bfloat16)
+                plain = self.activation is silu_and_mul  # which computes in fp32 here
+                h = self.activation(h.float() if plain else h, scale[rows]).to(torch.bfloat16)
                 y = self.bf16_product(h, dequantize_into(self.down_proj[e], down))[:c]
                 out.index_add_(0, token[start:start + c], y.to(x.dtype))
                 start += c

