@@ -6,11 +6,16 @@ Each figure is the best of the rounds (which filters out other load on a shared 
 beside it.
 
 The schema is an object with a long array of short strings (minItems 500), so that no stream finishes early
-and every run decodes the same number of steps.
+and every run decodes the same number of steps. Each run starts after a random pause of up to --jitter seconds:
+a periodic disturbance (such as /work/prof/quiet.sh's sweep of the machine every 0.3 s, which preempts a step for
+milliseconds) would otherwise fall on the same kind of run round after round, when a free and a constrained run
+together last about its period (8 streams), and move the ratio by 10-15%.
 
     flock /work/bench.lock python benchmarks/structured_tpot.py [--steps 64] [--rounds 3] [--mask-first]
+        [--no-share-lexer]
 """
 import argparse
+import random
 import statistics
 import time
 
@@ -68,20 +73,27 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jitter", type=float, default=0.3, help="longest random pause before each run, seconds")
     ap.add_argument("--mask-first", action="store_true", help="grammar_check_first off: every grammar row masked "
                     "before sampling")
+    ap.add_argument("--no-share-lexer", action="store_true", help="grammar_share_lexer off: each sequence's "
+                    "matcher built from the grammar, with lexer states of its own")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM(grammar_check_first=not args.mask_first)
+    llm = LLM(grammar_check_first=not args.mask_first, grammar_share_lexer=not args.no_share_lexer)
     for streams in (1, 8):  # warm-up: kernels, the grammar compile, the llguidance tokenizer
         run(llm, streams, 4, False), run(llm, streams, 4, True)
     print(f"built-in model, {args.steps} decode steps, best (median) of {args.rounds} interleaved rounds, "
-          f"threads={torch.get_num_threads()}, grammar_check_first={not args.mask_first}")
+          f"threads={torch.get_num_threads()}, grammar_check_first={not args.mask_first}, "
+          f"grammar_share_lexer={not args.no_share_lexer}")
     print(f"{'streams':>7} {'free TPOT ms':>16} {'schema TPOT ms':>16} {'slower':>7} {'grammar ms/step':>15}")
+    pause = random.Random(0)
     for streams in (1, 8):
         free, schema, grammar = [], [], []
         for _ in range(args.rounds):
+            time.sleep(pause.uniform(0, args.jitter))
             free.append(run(llm, streams, args.steps, False)[0])
+            time.sleep(pause.uniform(0, args.jitter))
             tpot, mask = run(llm, streams, args.steps, True)
             schema.append(tpot)
             grammar.append(mask)

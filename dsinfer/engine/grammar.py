@@ -3,10 +3,13 @@ matcher per sequence that follows its output tokens, and the allowed-token bitma
 [R, V / 32] per step. With grammar_check_first (sample_in_grammar) a row is sampled unmasked first and its mask
 computed only when the grammar refuses the token, which is the same token as masking first would draw. The
 masks are computed in the engine's thread, row by row: llguidance's thread pool (LLExecutor) measured no faster
-for 8 rows on 2 cores, and its spinning workers slow the forward pass's own."""
+for 8 rows on 2 cores, and its spinning workers slow the forward pass's own. With share_lexer, a sequence's
+matcher is a copy of one template per grammar, so it starts with the lexer states earlier sequences built."""
 import functools
 import json
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import llguidance
 from llguidance.gbnf_to_lark import any_to_lark
@@ -19,6 +22,19 @@ from dsinfer.sampling_params import StructuredOutputsParams
 
 class GrammarError(ValueError):
     """A schema, regex, choice list or grammar llguidance cannot compile; the message names the field."""
+
+
+FORKS_PER_TEMPLATE = 256  # sequences a template serves before a fresh one starts (bounds its shared lexer states)
+MAX_TEMPLATES = 64  # grammars that keep a template; the least recently used goes first
+
+
+@dataclass(slots=True)
+class Template:
+    """A matcher at a grammar's start that sequences' matchers are copied from. llguidance's deep_copy shares
+    the lexer's states (built lazily as masks and tokens need them) between a matcher and its copies, so a copy
+    starts with every state its predecessors built instead of building them again."""
+    matcher: object
+    forks: int = 0
 
 
 SPARING_WHITESPACE = "[ ]?"  # at most one space between JSON tokens
@@ -75,10 +91,13 @@ class Grammars:
     """The engine's grammar engine: llguidance's view of the tokenizer (built on first use) and compiled grammars
     by constraint."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], kernel: bool = False):
-        """kernel: masks applied to the logits in C (kernels.token_mask) rather than by torch's ops."""
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], kernel: bool = False,
+                 share_lexer: bool = True):
+        """kernel: masks applied to the logits in C (kernels.token_mask) rather than by torch's ops. share_lexer:
+        matchers copied from a template per grammar (Template) rather than each built from the grammar."""
         self.tokenizer, self.vocab_size, self.eos_ids, self.kernel = tokenizer, vocab_size, eos_ids, kernel
-        self.lock = threading.Lock()
+        self.share_lexer, self.templates = share_lexer, OrderedDict()
+        self.lock = threading.RLock()
         self._tok = None
         self.compiled = functools.lru_cache(maxsize=256)(self._compile)
         self.buffer = torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)  # fill_masks' rows
@@ -112,7 +131,21 @@ class Grammars:
         return grammar
 
     def matcher(self, grammar: str):
-        """A fresh matcher at the grammar's start."""
+        """A fresh matcher at the grammar's start (with share_lexer, a copy of the grammar's template)."""
+        if not self.share_lexer:
+            return self.new_matcher(grammar)
+        with self.lock:
+            t = self.templates.pop(grammar, None)
+            if t is None or t.forks >= FORKS_PER_TEMPLATE:
+                t = Template(self.new_matcher(grammar))
+            t.forks += 1
+            self.templates[grammar] = t
+            if len(self.templates) > MAX_TEMPLATES:
+                self.templates.popitem(last=False)
+            return t.matcher.deep_copy()
+
+    def new_matcher(self, grammar: str):
+        """A matcher built from the grammar."""
         m = llguidance.LLMatcher(self.ll_tokenizer, grammar)
         if m.is_error():
             raise GrammarError(f"SamplingParams.structured_outputs is invalid: {m.get_error()}")

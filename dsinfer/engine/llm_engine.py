@@ -52,7 +52,8 @@ class LLMEngine:
         mcfg = model.config
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids, model.kernel_config.cpu_kernels)
+        self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids, model.kernel_config.cpu_kernels,
+                                 cfg.grammar_share_lexer)
         self.reasoning_end = ReasoningEnd(tokenizer) if cfg.reasoning_parser and tokenizer else None
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()
@@ -278,7 +279,7 @@ class LLMEngine:
         its sequence."""
         if not advanced and not s.matcher.consume_token(token):
             log.error("structured outputs: token %d was refused by the grammar (%s)", token, s.matcher.get_error())
-        if not s.is_finished and (s.matcher.is_stopped() or s.matcher.is_error()):
+        if not s.is_finished and s.matcher.is_stopped():  # complete, or in error (which also stops it)
             s.finish("stop")
 
     def check_stop(self, s: Sequence, token: int):

@@ -1,6 +1,8 @@
 """Structured outputs' allowed-token bitmasks (bit t % 32 of word t // 32 set where token t is allowed) in C:
 `token_mask` applies them to fp32 logits in place (the torch reference is dsinfer.engine.sampler.mask_rows),
 `token_argmax` picks each row's best allowed token without writing (dsinfer.engine.grammar.best_allowed)."""
+import ctypes
+
 import torch
 
 from dsinfer.kernels.lib import library
@@ -28,8 +30,8 @@ def check(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor, name: st
 def token_mask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
     """logits [B, V] fp32 on the CPU: row rows[j] keeps only what bitmask[j] allows (the rest -inf)."""
     check(logits, rows, bitmask, "token_mask")
-    bitmask, index = bitmask.contiguous(), torch.tensor(rows, dtype=torch.int64)
-    library().token_mask_f32(logits.data_ptr(), logits.stride(0), bitmask.data_ptr(), index.data_ptr(), len(rows),
+    bitmask = bitmask.contiguous()
+    library().token_mask_f32(logits.data_ptr(), logits.stride(0), bitmask.data_ptr(), int64s(rows), len(rows),
                              logits.shape[1], bitmask.shape[1])
     return logits
 
@@ -38,8 +40,12 @@ def token_argmax(scores: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -
     """scores [B, V] fp32 on the CPU -> for each rows[j], the token of largest score among those bitmask[j]
     allows (the first of equal ones; 0 where it allows none, as torch's argmax of a row all -inf)."""
     check(scores, rows, bitmask, "token_argmax")
-    bitmask, index = bitmask.contiguous(), torch.tensor(rows, dtype=torch.int64)
-    best = torch.empty(len(rows), dtype=torch.int64)
-    library().token_argmax_f32(scores.data_ptr(), scores.stride(0), bitmask.data_ptr(), index.data_ptr(), len(rows),
-                               scores.shape[1], bitmask.shape[1], best.data_ptr())
-    return best.tolist()
+    bitmask, best = bitmask.contiguous(), int64s([0] * len(rows))
+    library().token_argmax_f32(scores.data_ptr(), scores.stride(0), bitmask.data_ptr(), int64s(rows), len(rows),
+                               scores.shape[1], bitmask.shape[1], best)
+    return list(best)
+
+
+def int64s(values: list[int]) -> ctypes.Array:
+    """A C array of int64 (a step's few row numbers: cheaper to build than a tensor)."""
+    return (ctypes.c_int64 * len(values))(*values)

@@ -150,6 +150,31 @@ def test_check_first_draws_what_masking_first_draws(llms):
         jsonschema.validate(json.loads(c.text), PERSON)
 
 
+def test_shared_lexer_gives_what_fresh_matchers_give(llms, monkeypatch):
+    """grammar_share_lexer (each sequence's matcher a copy of its grammar's template, sharing the lexer states
+    built so far) gives the tokens of matchers each built from the grammar: greedy, seeded and n > 1 beside a
+    free request, twice (the second time from a warm template), and across a template's renewal. Copies are
+    independent: sequences of one grammar write different valid texts."""
+    import dsinfer.engine.grammar as grammar
+    so = StructuredOutputsParams(json=PERSON)
+    params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs=so),
+              SamplingParams(n=3, temperature=0.9, seed=5, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=0.8, seed=6, max_tokens=20)]
+    prompts = ["Bob is", "x = 1", "c"]
+    monkeypatch.setattr(grammar, "FORKS_PER_TEMPLATE", 5)  # the second round starts a fresh template
+    outs = {}
+    for share in (False, True):
+        llm = llms("v3", max_model_len=256, grammar_share_lexer=share)
+        outs[share] = [[c.token_ids for o in llm.generate(prompts, params, use_tqdm=False) for c in o.outputs]
+                       for _ in range(2)]
+        assert bool(llm.engine.grammars.templates) == share
+    assert outs[True] == outs[False]
+    texts = [LLM.get_tokenizer(llms("v3", max_model_len=256)).decode(ids) for ids in outs[True][0][:4]]
+    assert len(set(texts)) > 1
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+
+
 def test_built_in_model_writes_valid_json():
     """The weak built-in model with a schema of free strings and numbers, greedy (sampled, a free string can
     outrun any budget: test_json_schema_output_always_validates bounds its strings)."""
