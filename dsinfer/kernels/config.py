@@ -32,7 +32,7 @@ class KernelConfig:
     grouped_mm: bool = True        # 16-bit prefill experts: two torch._grouped_mm calls instead of two per expert
     amx_experts: bool = True       # ... and those two calls on dsinfer's AMX tiles (weights as stored, no repacking)
     bf16_prefill_tiles: bool = True  # quantized prefill matmuls dequantize tiles to bf16, multiply in bf16 (AMX)
-    fused_swiglu: bool = False     # (off: a decode-closeness test fails with it, not yet explained) 16-bit prefill MLPs: silu(gate) * up (* routing weight) in one C pass, one rounding
+    fused_swiglu: bool = True      # 16-bit prefill MLPs: silu(gate) * up (* routing weight) in one C pass, one rounding
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):

@@ -2,6 +2,7 @@
 C struct layout check, and the switches that keep the Python layers."""
 import ctypes
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -89,18 +90,18 @@ def test_fused_layers_on_the_avx512_vnni_kernel_give_the_avx2_kernels_tokens(ckp
     assert fused_runs
 
 
-def logprob_error(run, exact, decode_only=False) -> float:
-    """The largest difference of the top logprobs of two runs over the steps where their tokens still agree
-    (decode_only: not the first token, which the prefill gives)."""
-    err = 0.0
+def logprob_errors(run, exact) -> list[float]:
+    """The largest difference of the top logprobs of two runs at each decode step (not the first token, which the
+    prefill gives) while their tokens still agree."""
+    errs = []
     for a, b in zip(run, exact):
         for i, (ta, tb, la, lb) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids,
                                                  a.outputs[0].logprobs, b.outputs[0].logprobs)):
             if ta != tb:
                 break
-            if i or not decode_only:
-                err = max([err] + [abs(la[t].logprob - lb[t].logprob) for t in la.keys() & lb.keys()])
-    return err
+            if i:
+                errs.append(max(abs(la[t].logprob - lb[t].logprob) for t in la.keys() & lb.keys()))
+    return errs
 
 
 @pytest.fixture(scope="module")
@@ -119,18 +120,23 @@ def bf16_exact_v3(ckpts, tmp_path_factory):
 
 def test_fused_layers_run_bf16_weights_closer_to_exact_than_the_python_layers(ckpts, bf16_exact_v3, fused_runs):
     """bf16 weights: the C layer keeps activations in fp32 where the Python layers round them to bf16 after each
-    op, so against the same weights computed in fp32 it is as close as the Python layers, or closer."""
-    prompts, sp = random_prompts([5, 17, 40]), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=8)
+    op, so against the same weights computed in fp32 it is as close as the Python layers, or closer. Compared over
+    all decode steps of six prompts: a single step's error is not a measure, since a near-tie of the random router
+    flips an expert now and then (either path's largest error reaches 0.6-1.0 on some prompts)."""
+    prompts = random_prompts([5, 17, 40, 9, 28, 33])
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=8)
     runs = [LLM(path, enforce_eager=eager, dtype=dtype, kv_cache_dtype="float32").generate(
         [{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         for path, eager, dtype in ((ckpts["v3"], False, "bfloat16"), (ckpts["v3"], True, "bfloat16"),
                                    (bf16_exact_v3, True, "float32"))]
     assert fused_runs and max(fused_runs) == len(prompts)
-    err = {"fused": logprob_error(runs[0], runs[2], decode_only=True),
-           "plain": logprob_error(runs[1], runs[2], decode_only=True)}
-    err["between"] = logprob_error(runs[0], runs[1], decode_only=True)
+    err = {"fused": logprob_errors(runs[0], runs[2]), "plain": logprob_errors(runs[1], runs[2]),
+           "between": logprob_errors(runs[0], runs[1])}
+    assert min(map(len, err.values())) >= 20, "too few agreeing steps to compare"
+    mean, median = ({k: f(v) for k, v in err.items()} for f in (statistics.mean, statistics.median))
     # bf16 logits of this random model (magnitudes near 30) are rounded in steps of 1/8: that bounds the agreement
-    assert 0 < err["between"] < 0.2 and err["fused"] < 0.4 and err["fused"] <= err["plain"] * 1.05, err
+    assert 0 < median["between"] < 0.15 and median["fused"] < 0.15, (mean, median)
+    assert mean["fused"] <= mean["plain"] * 1.05, (mean, median)
 
 
 @pytest.mark.parametrize("options", [{"enforce_eager": True}, {"cpu_kernels": False, "enforce_eager": False},
