@@ -12,7 +12,7 @@ milliseconds) would otherwise fall on the same kind of run round after round, wh
 together last about its period (8 streams), and move the ratio by 10-15%.
 
     flock /work/bench.lock python benchmarks/structured_tpot.py [--steps 64] [--rounds 3] [--mask-first]
-        [--no-share-lexer]
+        [--no-share-lexer] [--no-lean-refusal]
 """
 import argparse
 import random
@@ -78,14 +78,17 @@ def main():
                     "before sampling")
     ap.add_argument("--no-share-lexer", action="store_true", help="grammar_share_lexer off: each sequence's "
                     "matcher built from the grammar, with lexer states of its own")
+    ap.add_argument("--no-lean-refusal", action="store_true", help="grammar_lean_refusal off: a refused row's "
+                    "mask through fill_masks and its best token through token_argmax")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM(grammar_check_first=not args.mask_first, grammar_share_lexer=not args.no_share_lexer)
+    llm = LLM(grammar_check_first=not args.mask_first, grammar_share_lexer=not args.no_share_lexer,
+              grammar_lean_refusal=not args.no_lean_refusal)
     for streams in (1, 8):  # warm-up: kernels, the grammar compile, the llguidance tokenizer
         run(llm, streams, 4, False), run(llm, streams, 4, True)
     print(f"built-in model, {args.steps} decode steps, best (median) of {args.rounds} interleaved rounds, "
           f"threads={torch.get_num_threads()}, grammar_check_first={not args.mask_first}, "
-          f"grammar_share_lexer={not args.no_share_lexer}")
+          f"grammar_share_lexer={not args.no_share_lexer}, grammar_lean_refusal={not args.no_lean_refusal}")
     print(f"{'streams':>7} {'free TPOT ms':>16} {'schema TPOT ms':>16} {'slower':>7} {'grammar ms/step':>15}")
     pause = random.Random(0)
     for streams in (1, 8):

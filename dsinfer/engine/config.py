@@ -64,6 +64,7 @@ class EngineConfig:
     pack_step_messages: bool = True         # a step to the other ranks as one int64 broadcast, its logits rows too
     grammar_check_first: bool = True        # structured outputs: a grammar's mask only when the sample breaks it
     grammar_share_lexer: bool = True        # structured outputs: a grammar's matchers share the lexer states built
+    grammar_lean_refusal: bool = True       # structured outputs: a refused token's mask and best token, one lean C call
     reasoning_parser: str | None = None     # deepseek_r1: structured outputs start after </think>
 
     @classmethod

@@ -92,11 +92,15 @@ class Grammars:
     by constraint."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], kernel: bool = False,
-                 share_lexer: bool = True):
+                 share_lexer: bool = True, lean_refusal: bool = True):
         """kernel: masks applied to the logits in C (kernels.token_mask) rather than by torch's ops. share_lexer:
-        matchers copied from a template per grammar (Template) rather than each built from the grammar."""
+        matchers copied from a template per grammar (Template) rather than each built from the grammar.
+        lean_refusal (with kernel): a refused row's mask and best token through buffers made once
+        (kernels.RowArgmax) rather than fill_masks and token_argmax."""
         self.tokenizer, self.vocab_size, self.eos_ids, self.kernel = tokenizer, vocab_size, eos_ids, kernel
         self.share_lexer, self.templates = share_lexer, OrderedDict()
+        lean = lean_refusal and kernel and kernels.library() is not None
+        self.row_argmax = kernels.RowArgmax(vocab_size) if lean else None
         self.lock = threading.RLock()
         self._tok = None
         self.compiled = functools.lru_cache(maxsize=256)(self._compile)
@@ -173,10 +177,22 @@ class Grammars:
 
     def best_allowed(self, scores: torch.Tensor, seqs: list, rows: list[int]) -> list[int]:
         """Each row's token of largest score among those its grammar allows next (scores left as they are)."""
+        if self.row_argmax is not None and self.row_argmax.fits(scores):
+            return self.best_allowed_lean(scores, seqs, rows)
         bitmask = self.fill_masks([seqs[i].matcher for i in rows])
         if self.kernel and kernels.token_mask_usable(scores):
             return kernels.token_argmax(scores, rows, bitmask)
         return best_allowed(scores, rows, bitmask)
+
+
+    def best_allowed_lean(self, scores: torch.Tensor, seqs: list, rows: list[int]) -> list[int]:
+        """best_allowed row by row: each mask written into RowArgmax's buffer and read there by one C call."""
+        best, base, row_bytes = self.row_argmax, scores.data_ptr(), 4 * scores.stride(0)
+        mask_ptr, mask_bytes, out = best.mask_ptr, best.mask_bytes, []
+        for i in rows:
+            seqs[i].matcher.unsafe_compute_mask_ptr(mask_ptr, mask_bytes)
+            out.append(best(base + i * row_bytes))
+        return out
 
 
 def best_allowed(scores: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> list[int]:

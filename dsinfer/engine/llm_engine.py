@@ -53,7 +53,7 @@ class LLMEngine:
         self.eos_ids = sorted(set(mcfg.eos_token_id) | ({tokenizer.eos_token_id} - {None} if tokenizer else set()))
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.grammars = Grammars(tokenizer, mcfg.vocab_size, self.eos_ids, model.kernel_config.cpu_kernels,
-                                 cfg.grammar_share_lexer)
+                                 cfg.grammar_share_lexer, cfg.grammar_lean_refusal)
         self.reasoning_end = ReasoningEnd(tokenizer) if cfg.reasoning_parser and tokenizer else None
         self.requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self.seq_counter = itertools.count()

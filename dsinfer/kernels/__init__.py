@@ -13,12 +13,12 @@ from dsinfer.kernels.matmul import (DEQUANT_DTYPES, MAX_M, SMALL_MAX_M, dequant,
                                     int8_activations_fit, q_usable, qgemv, round_to_int8, small_usable, usable)
 from dsinfer.kernels.prefill import (moe_prefill, moe_prefill_usable, rms_norm_bf16, rms_norm_bf16_usable, rope_bf16,
                                      rope_bf16_usable, silu_mul, silu_mul_usable)
-from dsinfer.kernels.token_mask import token_argmax, token_mask, token_mask_usable
+from dsinfer.kernels.token_mask import RowArgmax, token_argmax, token_mask, token_mask_usable
 
 __all__ = ["KernelConfig", "PLAIN", "auto_cpu_dtype", "MAX_M", "SMALL_MAX_M", "ROUTE_METHODS", "library", "cpu_flags", "cpu_has_avx2",
            "gemv", "gemm_small", "qgemv", "dequant", "DEQUANT_DTYPES", "round_to_int8", "int8_activations_fit", "usable",
            "small_usable", "q_usable", "dequant_usable", "mla_decode", "mla_absorb", "mla_expand", "mla_usable",
            "absorb_usable", "moe_decode", "mlp_decode", "moe_usable", "moe_prefill", "moe_prefill_usable",
-           "rms_norm", "mla_rope_cache", "fused_usable", "route", "route_usable", "token_mask", "token_argmax",
+           "rms_norm", "mla_rope_cache", "fused_usable", "route", "route_usable", "token_mask", "token_argmax", "RowArgmax",
            "token_mask_usable", "amx_grouped_mm", "amx_grouped_usable", "amx_ready", "silu_mul", "silu_mul_usable",
            "rms_norm_bf16", "rms_norm_bf16_usable", "rope_bf16", "rope_bf16_usable"]

@@ -187,3 +187,34 @@ def test_built_in_model_writes_valid_json():
     for c in outs:
         assert c.finish_reason == "stop", c.text
         jsonschema.validate(json.loads(c.text), schema)
+
+
+def test_lean_refusal_gives_the_plain_paths_tokens(llms):
+    """grammar_lean_refusal (a refused row's mask and best token through RowArgmax's buffers) gives the tokens of
+    fill_masks and token_argmax: greedy, seeded, n > 1 and a shared generator beside a free request; the lean
+    path is taken when on, never when off."""
+    so = StructuredOutputsParams(json=PERSON)
+    params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs=so),
+              SamplingParams(n=2, temperature=0.9, seed=5, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=1.0, max_tokens=80, structured_outputs=so),
+              SamplingParams(temperature=0.8, seed=6, max_tokens=20)]
+    prompts = ["Bob is", "x = 1", "a", "c"]
+    outs, lean_rows = {}, {}
+    for lean in (False, True):
+        llm = llms("v3", max_model_len=256, **({} if lean else {"grammar_lean_refusal": False}))
+        llm.engine.generator.manual_seed(11)
+        lean_rows[lean] = 0
+        plain = llm.engine.grammars.best_allowed_lean
+
+        def counted(scores, seqs, rows):
+            lean_rows[lean] += len(rows)
+            return plain(scores, seqs, rows)
+        llm.engine.grammars.best_allowed_lean = counted
+        try:
+            outs[lean] = [c.token_ids for o in llm.generate(prompts, params, use_tqdm=False) for c in o.outputs]
+        finally:
+            del llm.engine.grammars.best_allowed_lean
+    assert lean_rows[False] == 0 and lean_rows[True] > 0, lean_rows
+    assert outs[True] == outs[False]
+    for ids in outs[True][:4]:
+        jsonschema.validate(json.loads(LLM.get_tokenizer(llm).decode(ids)), PERSON)

@@ -65,3 +65,25 @@ def test_token_mask_on_rows_of_a_wider_tensor():
 def test_token_mask_names_what_does_not_fit(logits, rows, bitmask, message, kernel):
     with pytest.raises(ValueError, match=message):
         getattr(kernels, kernel)(logits, rows, bitmask)
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 33, 70, 4096, 4101])
+def test_row_argmax_equals_torch(vocab):
+    """RowArgmax (a row's mask in its buffer, one C call on the row's address) gives token_argmax's torch
+    reference on each row of a batch, ties and an empty mask included."""
+    g = torch.Generator().manual_seed(vocab)
+    scores = (torch.rand(3, vocab, generator=g) * 4).round()
+    bitmask = random_bitmask(3, (vocab + 31) // 32, g)
+    bitmask[2] = 0
+    row_argmax = kernels.RowArgmax(vocab)
+    assert row_argmax.fits(scores)
+    for i in range(3):
+        row_argmax.mask.copy_(bitmask[i])
+        got = row_argmax(scores.data_ptr() + 4 * i * scores.stride(0))
+        assert got == best_allowed(scores, [i], bitmask[i:i + 1])[0]
+
+
+@pytest.mark.parametrize("scores", [torch.zeros(2, 64, dtype=torch.float64), torch.zeros(64, 2).T,
+                                    torch.zeros(2, 65), torch.zeros(64)])
+def test_row_argmax_refuses_scores_it_cannot_read(scores):
+    assert not kernels.RowArgmax(64).fits(scores)
