@@ -279,7 +279,7 @@ class LLMEngine:
         its sequence."""
         if not advanced and not s.matcher.consume_token(token):
             log.error("structured outputs: token %d was refused by the grammar (%s)", token, s.matcher.get_error())
-        if not s.is_finished and s.matcher.is_stopped():  # complete, or in error (which also stops it)
+        if s.matcher.is_stopped() and not s.is_finished:  # complete, or in error (which also stops it)
             s.finish("stop")
 
     def check_stop(self, s: Sequence, token: int):
