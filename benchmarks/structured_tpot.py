@@ -101,6 +101,7 @@ def main():
             free.append(run(llm, streams, args.steps, False)[0])
             time.sleep(pause.uniform(0, args.jitter))
             schema.append(run(llm, streams, args.steps, True)[0])
+            time.sleep(pause.uniform(0, args.jitter))
             tpot, mask = run(llm, streams, args.steps, True, timers=True)
             timed.append(tpot)
             grammar.append(mask)
