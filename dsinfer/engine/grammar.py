@@ -184,7 +184,6 @@ class Grammars:
             return kernels.token_argmax(scores, rows, bitmask)
         return best_allowed(scores, rows, bitmask)
 
-
     def best_allowed_lean(self, scores: torch.Tensor, seqs: list, rows: list[int]) -> list[int]:
         """best_allowed row by row: each mask written into RowArgmax's buffer and read there by one C call."""
         best, base, row_bytes = self.row_argmax, scores.data_ptr(), 4 * scores.stride(0)
