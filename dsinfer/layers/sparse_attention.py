@@ -32,16 +32,28 @@ def gathered_attention(qc: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor
 def gathered_attention_bf16(qc: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, cache: torch.Tensor, r: int,
                             scale: float) -> torch.Tensor:
     """gathered_attention for bf16 queries, one query at a time: its kept rows [K, r + dr] (2.4 MB at DeepSeek's
-    shapes, so they stay in the core's cache) meet its heads in two bf16 matmuls (AMX, fp32 accumulation), the
-    softmax in fp32; the mask only where some pick does not count. About 2x the batched form's speed here, whose
-    [t, K, r + dr] gathers and strided batched matmuls run from memory."""
-    out = qc.new_empty(qc.shape[0], qc.shape[1], r)
+    shapes, so they stay in the core's cache), read in cache order, meet its heads in two bf16 matmuls (AMX, fp32
+    accumulation), the softmax in fp32; the mask only where some pick does not count. Every query reuses the same
+    buffers (no page faults for fresh megabytes). About 1.5-2x the batched form's speed here, whose [t, K, r + dr]
+    gathers and strided batched matmuls run from memory."""
+    order = rows.argsort(1)
+    rows, valid = rows.gather(1, order), valid.gather(1, order)
+    h, k = qc.shape[1], rows.shape[1]
+    out = qc.new_empty(qc.shape[0], h, r)
+    s16, s32, probs = qc.new_empty(h, k), torch.empty(h, k, device=qc.device), qc.new_empty(h, k)
+    same = cache.dtype == qc.dtype  # else each query's rows are converted (fp8, or an fp32 cache)
+    ctx = cache.new_empty(k, cache.shape[1]) if same else None
     for i, full in enumerate(valid.all(1).tolist()):
-        ctx = kv_format.read_rows(cache, rows[i], r, qc.dtype)                              # [K, r + dr]
-        scores = torch.mm(qc[i], ctx.T).float().mul_(scale)                                # [H, K]
+        if same:
+            torch.index_select(cache, 0, rows[i], out=ctx)                                 # [K, r + dr]
+        else:
+            ctx = kv_format.read_rows(cache, rows[i], r, qc.dtype)
+        torch.mm(qc[i], ctx.T, out=s16)                                                    # [H, K]
+        s32.copy_(s16).mul_(scale)
         if not full:
-            scores.masked_fill_(~valid[i], float("-inf"))
-        torch.mm(scores.softmax(-1).to(qc.dtype), ctx[:, :r], out=out[i])
+            s32.masked_fill_(~valid[i], float("-inf"))
+        probs.copy_(torch.softmax(s32, -1, out=s32))
+        torch.mm(probs, ctx[:, :r], out=out[i])
     return out
 
 

@@ -20,10 +20,11 @@ def picks(t: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, valid
 
 
-def test_gathered_attention_bf16_is_the_batched_path_within_bf16_rounding():
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+def test_gathered_attention_bf16_is_the_batched_path_within_bf16_rounding(cache_dtype):
     g = torch.Generator().manual_seed(0)
     t = 7
-    cache = torch.randn(ROWS, R + DR, generator=g).bfloat16()
+    cache = torch.randn(ROWS, R + DR, generator=g).bfloat16().to(cache_dtype)
     qc = torch.randn(t, H, R + DR, generator=g).bfloat16()
     rows, valid = picks(t, g)
     ours = gathered_attention_bf16(qc, rows, valid, cache, R, 0.2)
