@@ -1,12 +1,14 @@
 """Long contexts: DeepSeek sparse attention (DSA) against dense attention over the same weights.
 
     python benchmarks/long_context.py [--contexts 2048 8192 16384 32768] [--prefill 2048 8192] [--steps 8]
+        [--dtype bfloat16] [--attention dense | sparse]
     python benchmarks/long_context.py --model DIR --quantization int8 \
         --sparse '{"sink": 64, "window": 1024, "topk_blocks": 64}'
 
 Default: a model with DeepSeek-V3.2's real attention and indexer shapes (hidden 7168, 128 heads, q_lora_rank
 1536, kv_lora_rank 512, rope 64, indexer 64 heads x 128, index_topk 2048), 2 layers of a small MoE (8 experts of
-256, 2 per token, 1 shared), vocabulary 1024, random fp32 weights, built in memory by this script. With --model
+256, 2 per token, 1 shared), vocabulary 1024, random weights in --dtype (fp32 by default; the cache takes the
+same dtype), built in memory by this script. --attention runs only dense or only the sparse side. With --model
 and --sparse: that checkpoint (e.g. v2lite-4L) dense against the training-free sparse mode.
 
 - decode: tok/s at one stream, the median of --steps steps, on a cache filled with random latent rows and
