@@ -73,7 +73,8 @@ class Indexer(nn.Module):
             out.append(score.topk(k, dim=-1).indices)
         return torch.cat(out)
 
-    def select_bf16(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def select_bf16(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
         """select for bf16 queries: q . k for a few queries at a time as one bf16 matmul (AMX here, about 3x
         torch's fp32 einsum at DeepSeek's shapes), relu and the w-weighted head sum in fp32; picks unsorted."""
         k = min(self.topk, keys.shape[0])

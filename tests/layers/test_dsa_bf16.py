@@ -72,7 +72,8 @@ def test_indexer_bf16_keeps_nearly_the_same_keys_on_random_scores():
 
 def test_indexer_bf16_switch_leaves_fp32_queries_on_the_plain_path():
     g = torch.Generator().manual_seed(3)
-    q, keys, w, pos = torch.randn(20, 8, 32, generator=g), torch.randn(20, 32, generator=g), torch.randn(20, 8), torch.arange(20)
+    q, keys = torch.randn(20, 8, 32, generator=g), torch.randn(20, 32, generator=g)
+    w, pos = torch.randn(20, 8, generator=g), torch.arange(20)
     assert torch.equal(indexer(True).select(q, w, keys, pos), indexer(False).select(q, w, keys, pos))
 
 
