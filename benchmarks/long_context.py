@@ -1,12 +1,14 @@
 """Long contexts: DeepSeek sparse attention (DSA) against dense attention over the same weights.
 
     python benchmarks/long_context.py [--contexts 2048 8192 16384 32768] [--prefill 2048 8192] [--steps 8]
+        [--dtype bfloat16] [--attention dense | sparse]
     python benchmarks/long_context.py --model DIR --quantization int8 \
         --sparse '{"sink": 64, "window": 1024, "topk_blocks": 64}'
 
 Default: a model with DeepSeek-V3.2's real attention and indexer shapes (hidden 7168, 128 heads, q_lora_rank
 1536, kv_lora_rank 512, rope 64, indexer 64 heads x 128, index_topk 2048), 2 layers of a small MoE (8 experts of
-256, 2 per token, 1 shared), vocabulary 1024, random fp32 weights, built in memory by this script. With --model
+256, 2 per token, 1 shared), vocabulary 1024, random weights in --dtype (fp32 by default; the cache takes the
+same dtype), built in memory by this script. --attention runs only dense or only the sparse side. With --model
 and --sparse: that checkpoint (e.g. v2lite-4L) dense against the training-free sparse mode.
 
 - decode: tok/s at one stream, the median of --steps steps, on a cache filled with random latent rows and
@@ -41,9 +43,9 @@ V32 = dict(model_type="deepseek_v32", vocab_size=1024, hidden_size=7168, num_hid
 CHUNK = 2048
 
 
-def random_v32(kc):
+def random_v32(kc, dtype: torch.dtype):
     cfg = ModelConfig.from_dict(V32)
-    model = build_model(cfg, torch.float32, torch.device("cpu"), "auto", kc)
+    model = build_model(cfg, dtype, torch.device("cpu"), "auto", kc)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -87,8 +89,7 @@ def fill(cache: KVCache, tokens: int):
 
 @torch.inference_mode()
 def decode_rate(runner, caches, context: int, steps: int) -> float:
-    ids = [5] * (context + 1)
-    inputs = runner.inputs([(ids, context, list(range(-(-(context + 1) // runner.cache.block_size))), 1)])
+    inputs = runner.inputs([([5], context, list(range(-(-(context + 1) // runner.cache.block_size))))])
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -103,7 +104,7 @@ def prefill_seconds(runner, caches, context: int) -> float:
     table = list(range(-(-context // runner.cache.block_size)))
     t0 = time.perf_counter()
     for start in range(0, context, CHUNK):
-        runner.model(*runner.inputs([(ids, start, table, min(CHUNK, context - start))]), caches)
+        runner.model(*runner.inputs([(ids[start:start + CHUNK], start, table)]), caches)
     return time.perf_counter() - t0
 
 
@@ -120,7 +121,7 @@ def kv_formula(cfg: ModelConfig, kv_dtype: str) -> int:
 
 def build(args, kc):
     if args.model is None:
-        cfg, model = random_v32(kc)
+        cfg, model = random_v32(kc, getattr(torch, args.dtype))
         return cfg, model, None, "DSA"
     cfg = read_config(args.model)
     dtype = getattr(torch, args.dtype)
@@ -135,7 +136,9 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--model", default=None, help="a checkpoint without an indexer, run with --sparse")
     p.add_argument("--sparse", default='{"sink": 64, "window": 1024, "topk_blocks": 64}')
-    p.add_argument("--dtype", default="float32", help="the --model's compute dtype (the cache's too)")
+    p.add_argument("--dtype", default="float32", help="the model's compute dtype (the cache's too)")
+    p.add_argument("--attention", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"],
+                   help="which of the two to run (both by default)")
     p.add_argument("--quantization", default=None, help="int8 / int4: the --model's weights quantized on load")
     args = p.parse_args()
     kc = EngineConfig.from_kwargs().kernel_config(torch.device("cpu"))
@@ -153,7 +156,8 @@ def main():
           f"fp8 {kv_formula(cfg, 'fp8')}", flush=True)
     print(f"\n| attention | context | decode tok/s | prefill s |\n|---|---:|---:|---:|")
     rates = {}
-    for attn in ("dense", name):
+    runs = [a if a == "dense" else name for a in args.attention]
+    for attn in runs:
         caches = modes.set(attn != "dense")
         for c in args.contexts:
             fill(cache, c + 1)
@@ -161,7 +165,7 @@ def main():
             pre = f"{prefill_seconds(runner, caches, c):.1f}" if c in args.prefill else "skipped"
             print(f"| {attn} | {c} | {rates[attn, c]:.2f} | {pre} |", flush=True)
     lo, hi = min(args.contexts), max(args.contexts)
-    for attn in ("dense", name):
+    for attn in runs:
         print(f"{attn}: decode at {hi} is {100 * rates[attn, hi] / rates[attn, lo]:.0f}% of decode at {lo}")
 
 

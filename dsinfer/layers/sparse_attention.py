@@ -29,6 +29,34 @@ def gathered_attention(qc: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def gathered_attention_bf16(qc: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, cache: torch.Tensor, r: int,
+                            scale: float) -> torch.Tensor:
+    """gathered_attention for bf16 queries, one query at a time: its kept rows [K, r + dr] (2.4 MB at DeepSeek's
+    shapes, so they stay in the core's cache), read in cache order, meet its heads in two bf16 matmuls (AMX, fp32
+    accumulation), the softmax in fp32; the mask only where some pick does not count. Every query reuses the same
+    buffers (no page faults for fresh megabytes). About 1.5-2x the batched form's speed here, whose [t, K, r + dr]
+    gathers and strided batched matmuls run from memory."""
+    order = rows.argsort(1)
+    rows, valid = rows.gather(1, order), valid.gather(1, order)
+    h, k = qc.shape[1], rows.shape[1]
+    out = qc.new_empty(qc.shape[0], h, r)
+    s16, s32, probs = qc.new_empty(h, k), torch.empty(h, k, device=qc.device), qc.new_empty(h, k)
+    same = cache.dtype == qc.dtype  # else each query's rows are converted (fp8, or an fp32 cache)
+    ctx = cache.new_empty(k, cache.shape[1]) if same else None
+    for i, full in enumerate(valid.all(1).tolist()):
+        if same:
+            torch.index_select(cache, 0, rows[i], out=ctx)                                 # [K, r + dr]
+        else:
+            ctx = kv_format.read_rows(cache, rows[i], r, qc.dtype)
+        torch.mm(qc[i], ctx.T, out=s16)                                                    # [H, K]
+        s32.copy_(s16).mul_(scale)
+        if not full:
+            s32.masked_fill_(~valid[i], float("-inf"))
+        probs.copy_(torch.softmax(s32, -1, out=s32))
+        torch.mm(probs, ctx[:, :r], out=out[i])
+    return out
+
+
 def with_kernels(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor) -> bool:
     """Decode-sized fp32 steps absorb and expand through the C kernels MLA's absorbed decode uses (torch's
     batched matmuls of one row per head run far below the weight-reading speed)."""
@@ -44,9 +72,11 @@ def absorb(mla: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.bmm(q_nope.transpose(0, 1), w[:, :mla.dn]).transpose(0, 1), q_pe], -1)
 
 
-def absorbed_sparse(mla: MLA, qc, rows, valid, cache) -> torch.Tensor:
-    """MLA's absorbed attention over the kept rows only, from absorbed queries qc: [T, H, dv]."""
-    o_lat = gathered_attention(qc, rows, valid, cache, mla.r, mla.scale)                   # [T, H, r]
+def absorbed_sparse(mla: MLA, qc, rows, valid, cache, dsa_bf16: bool = False) -> torch.Tensor:
+    """MLA's absorbed attention over the kept rows only, from absorbed queries qc: [T, H, dv]. dsa_bf16: bf16
+    queries on a CPU take gathered_attention_bf16."""
+    bf16 = dsa_bf16 and qc.dtype == torch.bfloat16 and qc.device.type == "cpu"
+    o_lat = (gathered_attention_bf16 if bf16 else gathered_attention)(qc, rows, valid, cache, mla.r, mla.scale)
     if with_kernels(mla, qc, qc):
         return kernels.mla_expand(o_lat.contiguous(), mla.kv_b_proj.weight, mla.dn, mla.dv)
     w = mla.kv_b_proj.weight.view(mla.h, mla.dn + mla.dv, mla.r)
@@ -74,7 +104,7 @@ class IndexedMLA(MLA):
     def __init__(self, cfg: ModelConfig, mode: str = "auto", rotary: RotaryEmbedding | None = None,
                  kc: KernelConfig = PLAIN, own_indexer: bool = True):
         super().__init__(cfg, mode, rotary, kc)
-        self.topk = cfg.index_topk
+        self.topk, self.dsa_bf16 = cfg.index_topk, kc.dsa_bf16
         self.indexer = Indexer(cfg, kc, cfg.interleaved_index_rope) if own_indexer else None
         self.use_indexer, self.source, self.picked = True, (), None
 
@@ -94,7 +124,8 @@ class IndexedMLA(MLA):
         if self.indexer is not None:
             self.picked = to_rows(self.pick(x, qr, cis, positions, meta, index), positions, meta)
         rows, valid = self.picked if self.indexer is not None else self.source[0].picked
-        return self.o_proj(absorbed_sparse(self, absorb(self, q_nope, q_pe), rows, valid, latent).flatten(1))
+        o = absorbed_sparse(self, absorb(self, q_nope, q_pe), rows, valid, latent, self.dsa_bf16)
+        return self.o_proj(o.flatten(1))
 
     def pick(self, x, qr, cis, positions, meta, index) -> list[torch.Tensor]:
         """The indexer's top-k positions for each sequence's new tokens."""
