@@ -60,8 +60,11 @@ class Catchup:
 
 
 class SpecDecoder:
-    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True):
+    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True, last_rows: bool = True):
+        """last_rows: the MTP layer's catch-up computes its output (MoE / MLP, norm) only at each sequence's last
+        position, the one it drafts from; the others only write their cache rows."""
         self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
+        self.last_rows = last_rows
         self.cache = engine.cache.layers[-1]
         self.fused = FusedDraft.build(engine.model, mtp, self.cache)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
@@ -202,14 +205,17 @@ class SpecDecoder:
         inputs for the jobs' positions, in their order, where the caller has them (catchup_inputs)."""
         if not jobs:
             return
-        if inputs is not None:
-            out = self.mtp(*inputs, self.cache, self.fused)
-        else:
+        if inputs is None:
             jobs.sort(key=lambda j: not j.prefill)
+        keep = self.kept_rows(jobs)
+        if inputs is not None:
+            out = self.mtp(*inputs, self.cache, self.fused, keep)
+        else:
             entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
                        for j in jobs]
-            out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs))
-        last = [j for j, o in zip(jobs, out.split([len(j.hidden) for j in jobs])) if self.plan(j, o[-1:])]
+            out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs), keep)
+        counts = [1] * len(jobs) if keep is not None else [len(j.hidden) for j in jobs]
+        last = [j for j, o in zip(jobs, out.split(counts)) if self.plan(j, o[-1:])]
         for step in range(self.k):
             last = [j for j in last if j.drafts > step]
             if not last:
@@ -221,9 +227,15 @@ class SpecDecoder:
                     j.out = o
             self.propose(last)
 
-    def run(self, entries, hidden: torch.Tensor, num_prefills: int) -> torch.Tensor:
+    def kept_rows(self, jobs: list[Catchup]) -> torch.Tensor | None:
+        """With last_rows, the row of each job's last position (None where that is every row)."""
+        if not self.last_rows or all(len(j.hidden) == 1 for j in jobs):
+            return None
+        return torch.tensor(list(itertools.accumulate(len(j.hidden) for j in jobs))) - 1
+
+    def run(self, entries, hidden: torch.Tensor, num_prefills: int, keep: torch.Tensor | None = None) -> torch.Tensor:
         ids, positions, meta = self.engine.runner.inputs(entries, num_prefills)
-        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused)
+        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused, keep)
 
     def plan(self, job: Catchup, out: torch.Tensor) -> bool:
         """How many tokens job's sequence drafts (job.drafts): up to k, leaving room for the target's own token

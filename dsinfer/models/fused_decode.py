@@ -10,7 +10,8 @@ latent cache may be fp32, bf16 or fp8 (layers/kv_format.py): the C layer writes 
 import torch
 
 from dsinfer import kernels
-from dsinfer.kernels.decode_layer import CACHE_FORMATS, WEIGHT_FORMATS, LayerC, MatC, StepC, run_layer
+from dsinfer.kernels.decode_layer import CACHE_FORMATS, WEIGHT_FORMATS, LayerC, MatC, StepC, run_attention, run_ffn, \
+    run_layer
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.moe import MoE
 from dsinfer.quant.qtensor import QTensor
@@ -162,3 +163,22 @@ class FusedDecoder:
             if code:
                 raise RuntimeError(f"fused decode layer {i} failed with code {code} (see kernels/decode_layer.c)")
         return x.to(dtype)
+
+    def run_rows(self, x: torch.Tensor, positions, meta: AttentionMetadata, keep: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] through this decoder's one layer (build_layer), for rows `keep` only: the attention half
+        of every row (which writes its cache row), the MoE / MLP half of those rows alone. They come out with
+        the numbers run_layers gives them (the same fp32 adds)."""
+        (layer,), (cache,) = self.layers, self.caches
+        dtype, x = x.dtype, x.float().contiguous()
+        step, _kept = decode_step(self.model.rotary, positions, meta, cache, x.shape[0])
+        part, threads = torch.empty_like(x), torch.get_num_threads()
+        code = run_attention(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), part.data_ptr(), threads)
+        x = (x + part).index_select(0, keep)
+        rows = StepC.from_buffer_copy(step)
+        rows.t = x.shape[0]  # the MoE / MLP half reads only the token count
+        part = torch.empty_like(x)
+        code = code or run_ffn(self.lib, layer, rows, x.data_ptr(), part.data_ptr(), threads)
+        if code:
+            raise RuntimeError(f"fused decode layer (rows {keep.tolist()}) failed with code {code} "
+                               "(see kernels/decode_layer.c)")
+        return (x + part).to(dtype)

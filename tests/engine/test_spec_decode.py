@@ -43,6 +43,9 @@ def reference(ckpts):
     (3, dict(max_num_seqs=2, enforce_eager=True)),  # the MTP layer through the Python layers
     (2, dict(kv_cache_memory=13 * 16 * 5 * ROW)),  # 13 blocks of 16 tokens: preempts
     (2, dict(spec_greedy_fast_path=False)),  # every step through the sampler's verification
+    (2, dict(spec_draft_last_rows=False)),  # the MTP layer's MoE at every catch-up position
+    (2, dict(spec_draft_quantization="int8")),
+    (3, dict(spec_draft_quantization="int4", max_num_batched_tokens=13, enforce_eager=True)),
 ], ids=str)
 def test_greedy_is_the_same_with_speculation(ckpts, reference, k, options):
     llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(k), **options)

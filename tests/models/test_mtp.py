@@ -80,3 +80,54 @@ def test_missing_mtp_tensor_is_named(mtp_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model\.layers\.4\.hnorm\.weight"):
         LLM(dst, speculative_config=SPEC)
     assert LLM(dst).mtp_tensors  # without speculation the layer is only set aside, as before
+
+
+def mtp_setup(path, kc: KernelConfig, quantization: str | None = None):
+    cfg = read_config(path)
+    model, _, names = load_model(path, cfg, torch.float32, torch.device("cpu"), "auto", kc)
+    mtp = load_mtp(model, path, names, torch.float32, "cpu", "auto", kc, quantization)
+    cache = KVCache(cfg, "float32", "cpu", 4, 16, extra_layers=1)
+    return mtp, cache, ModelRunner(model, cache), FusedDraft.build(model, mtp, cache.layers[-1])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["python", "fused"])
+def test_kept_rows_are_the_rows_of_the_whole_output(mtp_ckpt, fused):
+    """keep (spec_draft_last_rows): the MoE / MLP runs for the kept rows only; they and every cache row come out
+    exactly as without it."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True, fused_decode=fused).resolve(torch.device("cpu"))
+    mtp, cache, runner, draft = mtp_setup(path, kc)
+    if fused and draft is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    ids = random_prompts((7,))[0]
+    hidden = torch.randn(6, read_config(path).hidden_size)
+    x, positions, meta = runner.inputs([(ids[1:4], 0, [0, 1]), (ids[4:7], 0, [2, 3])], num_prefills=0)
+    whole = mtp(x, hidden, positions, meta, cache.layers[-1], draft)
+    rows = cache.layers[-1].clone()
+    keep = torch.tensor([2, 5])
+    kept = mtp(x, hidden, positions, meta, cache.layers[-1].zero_(), draft, keep)
+    assert torch.equal(kept, whole[keep]) and torch.equal(cache.layers[-1], rows)
+
+
+@pytest.mark.parametrize("quantization, bits", [("int8", 8), ("int4", 4)])
+def test_quantized_draft_is_close_to_the_full_precision_one(mtp_ckpt, quantization, bits):
+    """spec_draft_quantization: the layer's matrices and a copy of the head become QTensors (the main model's head
+    stays as it is), the fused draft takes them, and the draft's logits stay close to the full-precision ones (a broken scale or layout is off by more than their norm)."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    (full, cache, runner, fused), (quant, qcache, _, qfused) = mtp_setup(path, kc), mtp_setup(path, kc, quantization)
+    assert quant.draft_head.bits == bits and quant.eh_proj.weight.bits == bits
+    assert quant.mlp.experts.gate_up_proj.bits == bits and isinstance(quant.main[0].lm_head.weight, torch.Tensor)
+    assert (qfused is None) == (fused is None)
+    ids = random_prompts((9,))[0]
+    hidden = torch.randn(8, read_config(path).hidden_size)
+    x, positions, meta = runner.inputs([(ids[1:], 0, [0])], num_prefills=0)
+    want = full.compute_logits(full(x, hidden, positions, meta, cache.layers[-1], fused))
+    got = quant.compute_logits(quant(x, hidden, positions, meta, qcache.layers[-1], qfused))
+    error = ((got - want).norm(dim=1) / want.norm(dim=1)).median()  # a row whose router flips is far off
+    assert 0 < error < (0.06 if bits == 8 else 0.8)  # random weights: int4 loses far more (unrelated rows: ~1.4)
+
+
+def test_bad_draft_quantization_is_a_clear_error():
+    with pytest.raises(ValueError, match="spec_draft_quantization must be one of .*int8.*got 'int3'"):
+        LLM(speculative_config=SPEC, spec_draft_quantization="int3")
