@@ -60,13 +60,16 @@ class Catchup:
 
 
 class SpecDecoder:
-    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True, last_rows: bool = True):
+    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True, last_rows: bool = True,
+                 share_steps: bool = True):
         """last_rows: the MTP layer's catch-up computes its output (MoE / MLP, norm) only at each sequence's last
-        position, the one it drafts from; the others only write their cache rows."""
+        position, the one it drafts from; the others only write their cache rows. share_steps: a catch-up over
+        every position of a greedy step reuses the step's inputs to the fused layer (its StepC)."""
         self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
         self.last_rows = last_rows
         self.cache = engine.cache.layers[-1]
-        self.fused = FusedDraft.build(engine.model, mtp, self.cache)  # None: the Python layer
+        main = engine.runner.fused if share_steps else None
+        self.fused = FusedDraft.build(engine.model, mtp, self.cache, main)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
 
     @torch.inference_mode()
@@ -126,11 +129,14 @@ class SpecDecoder:
         or None where the fused draft layer would not take them."""
         if not rows or self.fused is None or len(rows) > MAX_M:
             return None
+        ids = torch.tensor(next_ids, device=hidden.device)
+        if len(rows) == hidden.shape[0]:  # every row: the step's own metadata (the fused layer's inputs are kept)
+            return ids, hidden, positions, meta
         index = None if rows[-1] == len(rows) - 1 else torch.tensor(rows, device=hidden.device)  # None: a prefix
         take = functools.partial(pick_rows, count=len(rows), index=index)
         lens = [len(rows)]  # not read by the fused layer, which takes decodes per token
         sub = AttentionMetadata(0, 0, lens, lens, take(meta.slot_mapping), meta.gather_index, take(meta.token_seq))
-        return torch.tensor(next_ids, device=hidden.device), take(hidden), take(positions), sub
+        return ids, take(hidden), take(positions), sub
 
     def settle(self, s: Sequence, start: int, new: int, tokens: list[int], raw: torch.Tensor | None) -> bool:
         """Emits s's chosen tokens (until one finishes it, or ends its reasoning: the grammar then chooses the

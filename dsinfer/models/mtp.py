@@ -109,9 +109,10 @@ class FusedDraft:
         self.eh_proj, self.matmul = mtp.eh_proj.weight, mtp.main[0].matmul
 
     @classmethod
-    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor) -> "FusedDraft | None":
-        """None where the main model's KernelConfig, the layer or the cache cannot take the fused path."""
-        decoder = FusedDecoder.build_layer(main, mtp, cache)
+    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor, main_decoder: FusedDecoder | None = None) -> "FusedDraft | None":
+        """None where the main model's KernelConfig, the layer or the cache cannot take the fused path.
+        main_decoder: the main model's, whose step inputs a draft over the same positions reuses."""
+        decoder = FusedDecoder.build_layer(main, mtp, cache, main_decoder)
         w = mtp.eh_proj.weight
         fits = kernels.usable(torch.empty(1, w.shape[1]), w) if isinstance(w, torch.Tensor) else \
             isinstance(w, QTensor) and w.perm is None and w.device.type == "cpu"
