@@ -237,7 +237,7 @@ class SpecDecoder:
         """With last_rows, the row of each job's last position (None where that is every row)."""
         if not self.last_rows or all(len(j.hidden) == 1 for j in jobs):
             return None
-        return torch.tensor(list(itertools.accumulate(len(j.hidden) for j in jobs))) - 1
+        return torch.tensor([end - 1 for end in itertools.accumulate(len(j.hidden) for j in jobs)])
 
     def run(self, entries, hidden: torch.Tensor, num_prefills: int, keep: torch.Tensor | None = None) -> torch.Tensor:
         ids, positions, meta = self.engine.runner.inputs(entries, num_prefills)
@@ -259,7 +259,8 @@ class SpecDecoder:
     def propose(self, jobs: list[Catchup]):
         """One draft token per job from the MTP layer's output, greedy or drawn from its distribution."""
         e, seqs = self.engine, [j.seq for j in jobs]
-        logits = self.mtp.compute_logits(torch.cat([j.out for j in jobs]))
+        out = jobs[0].out if len(jobs) == 1 else torch.cat([j.out for j in jobs])
+        logits = self.mtp.compute_logits(out) if self.fused is None else self.fused.logits(out)
         if not all(rejection.unchanged(s) for s in seqs):  # each row at its own position only
             rows = [rejection.views(s, s.draft_ids, len(s.draft_ids) + 1)[-1] for s in seqs]
             logits = block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, e.eos_ids)

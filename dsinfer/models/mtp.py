@@ -10,6 +10,7 @@ and predicts t_{i+2}. Drafting more than one token reuses the layer with its own
 A draft only has to be likely, never exact (the main model verifies it), so the layer's matrices and a copy of
 the head may be quantized for drafting (quantize_draft): a draft step then reads a quarter of the bytes (int8
 codes of fp32 weights), which on CPU is most of its cost."""
+import functools
 from pathlib import Path
 
 import torch
@@ -106,29 +107,52 @@ class FusedDraft:
         self.mtp, self.decoder, self.eps = mtp, decoder, mtp.enorm.eps
         norms = (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)
         self.enorm, self.hnorm, self.out_norm = (n.weight.detach().float().contiguous() for n in norms)
-        self.eh_proj, self.matmul = mtp.eh_proj.weight, mtp.main[0].matmul
+        main = mtp.main[0]
+        self.table, int8 = main.model.embed_tokens, main.kernel_config.int8_kernel
+        self.eh_proj = bound_matmul(mtp.eh_proj.weight, int8)
+        head = mtp.draft_head if mtp.draft_head is not None else \
+            main.model.embed_tokens if main.lm_head is None else main.lm_head.weight
+        self.head = bound_matmul(head, int8)
 
     @classmethod
-    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor, main_decoder: FusedDecoder | None = None) -> "FusedDraft | None":
+    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor,
+              main_decoder: FusedDecoder | None = None) -> "FusedDraft | None":
         """None where the main model's KernelConfig, the layer or the cache cannot take the fused path.
         main_decoder: the main model's, whose step inputs a draft over the same positions reuses."""
         decoder = FusedDecoder.build_layer(main, mtp, cache, main_decoder)
-        w = mtp.eh_proj.weight
-        fits = kernels.usable(torch.empty(1, w.shape[1]), w) if isinstance(w, torch.Tensor) else \
-            isinstance(w, QTensor) and w.perm is None and w.device.type == "cpu"
-        if decoder is None or mtp.eh_proj.bias is not None or not fits:
+        if decoder is None or mtp.eh_proj.bias is not None:
             return None
-        return cls(mtp, decoder)
+        draft = cls(mtp, decoder)
+        return None if draft.eh_proj is None else draft
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MTPLayer.compute_logits, with the head's kernel bound once for this layer's fp32 outputs."""
+        if self.head is None or hidden.dtype != torch.float32 or not 0 < hidden.shape[0] <= kernels.MAX_M:
+            return self.mtp.compute_logits(hidden)
+        return self.head(hidden.contiguous())
 
     def __call__(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata, keep: torch.Tensor | None = None) -> torch.Tensor:
         """As MTPLayer.forward: normed output [T, d] (rows `keep` where given), fp32."""
-        e = kernels.rms_norm(embed(next_ids, self.mtp.main[0].model.embed_tokens).float(), self.enorm, self.eps)
+        e = kernels.rms_norm(embed(next_ids, self.table).float(), self.enorm, self.eps)
         h = kernels.rms_norm(hidden.float(), self.hnorm, self.eps)
-        x = self.matmul(torch.cat([e, h], -1), self.eh_proj)
+        x = self.eh_proj(torch.cat([e, h], -1))
         y = self.decoder.run_layers(x, positions, meta) if keep is None else \
             self.decoder.run_rows(x, positions, meta, keep)
         return kernels.rms_norm(y, self.out_norm, self.eps)
+
+
+def bound_matmul(w, int8_kernel: int):
+    """x fp32 contiguous [M <= MAX_M, K] -> x @ w.T in fp32, as the model's Matmul computes it, with the kernel
+    chosen and w checked once: gemv for fp32 / bf16 values, qgemv_for for int8 / int4 codes (int8 activations
+    where the KernelConfig and the shape allow); None where neither takes w."""
+    if isinstance(w, QTensor):
+        if w.perm is not None or w.device.type != "cpu":
+            return None
+        int8 = int8_kernel if kernels.int8_activations_fit(w.bits, w.k, w.group_size) else 0
+        return kernels.qgemv_for(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, int8)
+    fits = isinstance(w, torch.Tensor) and w.dim() == 2 and kernels.usable(torch.empty(1, w.shape[1]), w)
+    return functools.partial(kernels.gemv, w=w) if fits else None
 
 
 def mtp_prefix(cfg: ModelConfig) -> str:

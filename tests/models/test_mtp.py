@@ -131,3 +131,16 @@ def test_quantized_draft_is_close_to_the_full_precision_one(mtp_ckpt, quantizati
 def test_bad_draft_quantization_is_a_clear_error():
     with pytest.raises(ValueError, match="spec_draft_quantization must be one of .*int8.*got 'int3'"):
         LLM(speculative_config=SPEC, spec_draft_quantization="int3")
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_bound_draft_logits_are_the_layers_logits(mtp_ckpt, quantization):
+    """FusedDraft.logits (the head's kernel bound once) gives exactly MTPLayer.compute_logits' numbers."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    mtp, _, _, fused = mtp_setup(path, kc, quantization)
+    if fused is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    for rows in (1, 3, 9):  # 9: more than the kernels' rows, the layer's own path
+        hidden = torch.randn(rows, read_config(path).hidden_size)
+        assert torch.equal(fused.logits(hidden), mtp.compute_logits(hidden))
