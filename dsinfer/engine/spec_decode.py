@@ -61,15 +61,16 @@ class Catchup:
 
 class SpecDecoder:
     def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True, last_rows: bool = True,
-                 share_steps: bool = True):
+                 share_steps: bool = True, chunk_drafts: bool = True):
         """last_rows: the MTP layer's catch-up computes its output (MoE / MLP, norm) only at each sequence's last
         position, the one it drafts from; the others only write their cache rows. share_steps: a catch-up over
-        every position of a greedy step reuses the step's inputs to the fused layer (its StepC)."""
+        every position of a greedy step reuses the step's inputs to the fused layer (its StepC). chunk_drafts:
+        catch-ups of more than kernels.MAX_M decode tokens take the fused layer in chunks (FusedDraft.in_chunks)."""
         self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
         self.last_rows = last_rows
         self.cache = engine.cache.layers[-1]
         main = engine.runner.fused if share_steps else None
-        self.fused = FusedDraft.build(engine.model, mtp, self.cache, main)  # None: the Python layer
+        self.fused = FusedDraft.build(engine.model, mtp, self.cache, main, chunk_drafts)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
 
     @torch.inference_mode()

@@ -11,6 +11,7 @@ A draft only has to be likely, never exact (the main model verifies it), so the 
 the head may be quantized for drafting (quantize_draft): a draft step then reads a quarter of the bytes (int8
 codes of fp32 weights), which on CPU is most of its cost."""
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,6 +57,9 @@ class MTPLayer(DecoderLayer):
         taken for the steps it fits; it skips the MoE / MLP of the rows not kept."""
         if fused is not None and fused.decoder.takes(next_ids.shape[0], meta):
             return fused(next_ids, hidden, positions, meta, keep)
+        if fused is not None and fused.chunk_decodes and meta.num_prefills == 0:
+            out = fused.in_chunks(next_ids, hidden, positions, meta)
+            return out if keep is None else out.index_select(0, keep)
         e = self.enorm(self.main[0].model.embed(next_ids))
         x = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], -1))
         out = self.shared_head.norm(super().forward(x, positions, meta, cache))
@@ -103,8 +107,10 @@ class FusedDraft:
     numbers are those of the Python layers with the kernels, with bf16 weights they skip the bf16 roundings of
     the activations (drafts only: what the main model verifies is unchanged)."""
 
-    def __init__(self, mtp: MTPLayer, decoder: FusedDecoder):
-        self.mtp, self.decoder, self.eps = mtp, decoder, mtp.enorm.eps
+    def __init__(self, mtp: MTPLayer, decoder: FusedDecoder, chunk_decodes: bool = True):
+        """chunk_decodes: decode steps of more than kernels.MAX_M tokens (catch-ups of 8 streams) run here too, in
+        chunks of that many, instead of through the Python layer."""
+        self.mtp, self.decoder, self.eps, self.chunk_decodes = mtp, decoder, mtp.enorm.eps, chunk_decodes
         norms = (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)
         self.enorm, self.hnorm, self.out_norm = (n.weight.detach().float().contiguous() for n in norms)
         main = mtp.main[0]
@@ -115,15 +121,26 @@ class FusedDraft:
         self.head = bound_matmul(head, int8)
 
     @classmethod
-    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor,
-              main_decoder: FusedDecoder | None = None) -> "FusedDraft | None":
+    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor, main_decoder: FusedDecoder | None = None,
+              chunk_decodes: bool = True) -> "FusedDraft | None":
         """None where the main model's KernelConfig, the layer or the cache cannot take the fused path.
         main_decoder: the main model's, whose step inputs a draft over the same positions reuses."""
         decoder = FusedDecoder.build_layer(main, mtp, cache, main_decoder)
         if decoder is None or mtp.eh_proj.bias is not None:
             return None
-        draft = cls(mtp, decoder)
+        draft = cls(mtp, decoder, chunk_decodes)
         return None if draft.eh_proj is None else draft
+
+    def in_chunks(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                  meta: AttentionMetadata) -> torch.Tensor:
+        """A decode step of any size, kernels.MAX_M tokens at a time, in order (a token still sees the cache rows
+        its sequence's earlier tokens wrote), each chunk with every sequence's rows."""
+        parts = []
+        for a in range(0, next_ids.shape[0], kernels.MAX_M):
+            b = a + kernels.MAX_M
+            sub = replace(meta, slot_mapping=meta.slot_mapping[a:b], token_seq=meta.token_seq[a:b])
+            parts.append(self(next_ids[a:b], hidden[a:b], positions[a:b], sub))
+        return torch.cat(parts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """MTPLayer.compute_logits, with the head's kernel bound once for this layer's fp32 outputs."""

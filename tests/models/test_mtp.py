@@ -144,3 +144,22 @@ def test_bound_draft_logits_are_the_layers_logits(mtp_ckpt, quantization):
     for rows in (1, 3, 9):  # 9: more than the kernels' rows, the layer's own path
         hidden = torch.randn(rows, read_config(path).hidden_size)
         assert torch.equal(fused.logits(hidden), mtp.compute_logits(hidden))
+
+
+def test_draft_in_chunks_is_the_draft_token_by_token(mtp_ckpt):
+    """spec_chunk_drafts: a decode catch-up of more than MAX_M tokens runs the fused layer MAX_M at a time and
+    gives what the fused layer gives one decode at a time (each token attends through the cache as it would)."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    mtp, cache, runner, fused = mtp_setup(path, kc)
+    if fused is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    ids = random_prompts((kernels.MAX_M + 4,))[0]
+    hidden = torch.randn(len(ids) - 1, read_config(path).hidden_size)
+    x, positions, meta = runner.inputs([(ids[1:], 0, [0])], num_prefills=0)
+    chunked = mtp(x, hidden, positions, meta, cache.layers[-1], fused, torch.tensor([2, len(ids) - 2]))
+    alone = []
+    for i in range(len(ids) - 1):
+        x, positions, meta = runner.inputs([(ids[i + 1:i + 2], i, [0])], num_prefills=0)
+        alone.append(mtp(x, hidden[i:i + 1], positions, meta, cache.layers[-1], fused))
+    torch.testing.assert_close(chunked, torch.cat([alone[2], alone[-1]]), rtol=1e-5, atol=1e-5)
