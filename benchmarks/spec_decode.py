@@ -96,7 +96,8 @@ def main():
         torch.set_num_threads(args.threads)
     results = run(args)
     base = results.get(0)
-    print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}, draft quantization: {args.draft_quantization}")
+    print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}, "
+          f"draft quantization: {args.draft_quantization}")
     print(f"| k | 1 stream tok/s | x | ms per step | x | tokens per step | {args.streams} streams tok/s | x | "
           "acceptance per position | mean accepted length |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for k, r in results.items():

@@ -102,8 +102,9 @@ def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     m, k = x.shape
     q, scales, mins = _quantized(q, scales, mins, bits, k, group_size)
     y = torch.empty(m, q.shape[0], dtype=torch.float32)
-    _qgemv_fn(bits, k, group_size, int8_activations)(x.data_ptr(), q.data_ptr(), scales.data_ptr(), ptr(mins),
-                                                     y.data_ptr(), m, q.shape[0], k, group_size, torch.get_num_threads())
+    fn = _qgemv_fn(bits, k, group_size, int8_activations)
+    fn(x.data_ptr(), q.data_ptr(), scales.data_ptr(), ptr(mins), y.data_ptr(), m, q.shape[0], k, group_size,
+       torch.get_num_threads())
     return y
 
 

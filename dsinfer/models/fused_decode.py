@@ -158,11 +158,12 @@ class FusedDecoder:
         return meta.num_prefills == 0 and 0 < num_tokens <= kernels.MAX_M
 
     @classmethod
-    def build_layer(cls, model, layer, cache: torch.Tensor, main: "FusedDecoder | None" = None) -> "FusedDecoder | None":
+    def build_layer(cls, model, layer, cache: torch.Tensor,
+                    main: "FusedDecoder | None" = None) -> "FusedDecoder | None":
         """One more decoder layer of `model` (the MTP draft layer) alone, writing into its own `cache`, for
         run_layers; None where the model's KernelConfig or the layer or cache cannot take the fused path.
         main: the model's own decoder over caches of the same rows and format, whose steps this one reuses
-        (share_steps) where they are over the same positions and metadata."""
+        (their StepCache) where they are over the same positions and metadata."""
         if not model.kernel_config.fused_decode or kernels.library() is None or not cpu_caches([cache]):
             return None
         builder = LayerBuilder(model.kernel_config.int8_kernel)

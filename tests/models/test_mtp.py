@@ -112,7 +112,8 @@ def test_kept_rows_are_the_rows_of_the_whole_output(mtp_ckpt, fused):
 @pytest.mark.parametrize("quantization, bits", [("int8", 8), ("int4", 4)])
 def test_quantized_draft_is_close_to_the_full_precision_one(mtp_ckpt, quantization, bits):
     """spec_draft_quantization: the layer's matrices and a copy of the head become QTensors (the main model's head
-    stays as it is), the fused draft takes them, and the draft's logits stay close to the full-precision ones (a broken scale or layout is off by more than their norm)."""
+    stays as it is), the fused draft takes them, and the draft's logits stay close to the full-precision ones (a
+    broken scale or layout is off by more than their norm)."""
     path, _, _ = mtp_ckpt
     kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
     (full, cache, runner, fused), (quant, qcache, _, qfused) = mtp_setup(path, kc), mtp_setup(path, kc, quantization)
