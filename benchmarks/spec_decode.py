@@ -49,7 +49,8 @@ def many_streams(llm, prompts, params) -> float:
 
 def load(args, k: int):
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
-    llm = LLM(args.model, max_model_len=1024, speculative_config=spec, dtype=args.dtype)
+    extra = {"spec_draft_quantization": args.draft_quantization} if k and args.draft_quantization else {}
+    llm = LLM(args.model, max_model_len=1024, speculative_config=spec, dtype=args.dtype, **extra)
     many_streams(llm, code_prompts(llm.get_tokenizer(), 2, 32), SamplingParams(temperature=0, max_tokens=8))
     return llm
 
@@ -88,13 +89,15 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is its best round")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with AMX or AVX512-BF16), float32, ...")
+    ap.add_argument("--draft-quantization", default=None, help="int8 / int4: spec_draft_quantization (k > 0)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args)
     base = results.get(0)
-    print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}")
+    print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}, "
+          f"draft quantization: {args.draft_quantization}")
     print(f"| k | 1 stream tok/s | x | ms per step | x | tokens per step | {args.streams} streams tok/s | x | "
           "acceptance per position | mean accepted length |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for k, r in results.items():

@@ -13,6 +13,7 @@ from dsinfer.kernels import KernelConfig
 from dsinfer.layers.attention import MLA_MODES
 from dsinfer.layers.block_sparse import SparseConfig
 from dsinfer.layers.kv_format import KV_CACHE_DTYPES
+from dsinfer.models.mtp import DRAFT_BITS
 from dsinfer.models.quant_plan import MODES as QUANTIZATIONS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -57,6 +58,10 @@ class EngineConfig:
     ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
     speculative_config: dict | str | None = None  # {"method": "mtp", "num_speculative_tokens": k} or its JSON
     spec_greedy_fast_path: bool = True      # speculative steps of plain greedy decodes only: one argmax verifies all
+    spec_draft_quantization: str | None = None  # int8 / int4: the MTP layer and a copy of the head, for drafting only
+    spec_draft_last_rows: bool = True       # the MTP layer's MoE / MLP only at the position each sequence drafts from
+    spec_share_steps: bool = True           # the MTP layer reuses the greedy step's fused-layer inputs
+    spec_chunk_drafts: bool = True          # MTP catch-ups of more than 8 decode tokens fused, 8 at a time
     sparse_attention: dict | None = None    # training-free sparse attention {sink, window, topk_blocks}; None: dense
     tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
     enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate
@@ -99,6 +104,9 @@ class EngineConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
             raise ValueError(f"reasoning_parser must be one of {PARSERS} or None, got {self.reasoning_parser!r}")
         self.speculative_config = check_speculative_config(self.speculative_config)
+        if self.spec_draft_quantization not in (None, *DRAFT_BITS):
+            raise ValueError(f"spec_draft_quantization must be one of {tuple(DRAFT_BITS)} or None, "
+                             f"got {self.spec_draft_quantization!r}")
         sparse = self.sparse_config()
         if sparse is not None and sparse.window < self.block_size:
             raise ValueError(f"sparse_attention.window ({sparse.window}) must be at least block_size "

@@ -60,10 +60,17 @@ class Catchup:
 
 
 class SpecDecoder:
-    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True):
+    def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True, last_rows: bool = True,
+                 share_steps: bool = True, chunk_drafts: bool = True):
+        """last_rows: the MTP layer's catch-up computes its output (MoE / MLP, norm) only at each sequence's last
+        position, the one it drafts from; the others only write their cache rows. share_steps: a catch-up over
+        every position of a greedy step reuses the step's inputs to the fused layer (its StepC). chunk_drafts:
+        catch-ups of more than kernels.MAX_M decode tokens take the fused layer in chunks (FusedDraft.in_chunks)."""
         self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
+        self.last_rows = last_rows
         self.cache = engine.cache.layers[-1]
-        self.fused = FusedDraft.build(engine.model, mtp, self.cache)  # None: the Python layer
+        main = engine.runner.fused if share_steps else None
+        self.fused = FusedDraft.build(engine.model, mtp, self.cache, main, chunk_drafts)  # None: the Python layer
         self.stats = SpecStats([0] * k, [0] * k)
 
     @torch.inference_mode()
@@ -123,11 +130,14 @@ class SpecDecoder:
         or None where the fused draft layer would not take them."""
         if not rows or self.fused is None or len(rows) > MAX_M:
             return None
+        ids = torch.tensor(next_ids, device=hidden.device)
+        if len(rows) == hidden.shape[0]:  # every row: the step's own metadata (the fused layer's inputs are kept)
+            return ids, hidden, positions, meta
         index = None if rows[-1] == len(rows) - 1 else torch.tensor(rows, device=hidden.device)  # None: a prefix
         take = functools.partial(pick_rows, count=len(rows), index=index)
         lens = [len(rows)]  # not read by the fused layer, which takes decodes per token
         sub = AttentionMetadata(0, 0, lens, lens, take(meta.slot_mapping), meta.gather_index, take(meta.token_seq))
-        return torch.tensor(next_ids, device=hidden.device), take(hidden), take(positions), sub
+        return ids, take(hidden), take(positions), sub
 
     def settle(self, s: Sequence, start: int, new: int, tokens: list[int], raw: torch.Tensor | None) -> bool:
         """Emits s's chosen tokens (until one finishes it, or ends its reasoning: the grammar then chooses the
@@ -202,14 +212,17 @@ class SpecDecoder:
         inputs for the jobs' positions, in their order, where the caller has them (catchup_inputs)."""
         if not jobs:
             return
-        if inputs is not None:
-            out = self.mtp(*inputs, self.cache, self.fused)
-        else:
+        if inputs is None:
             jobs.sort(key=lambda j: not j.prefill)
+        keep = self.kept_rows(jobs)
+        if inputs is not None:
+            out = self.mtp(*inputs, self.cache, self.fused, keep)
+        else:
             entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
                        for j in jobs]
-            out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs))
-        last = [j for j, o in zip(jobs, out.split([len(j.hidden) for j in jobs])) if self.plan(j, o[-1:])]
+            out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs), keep)
+        counts = [1] * len(jobs) if keep is not None else [len(j.hidden) for j in jobs]
+        last = [j for j, o in zip(jobs, out.split(counts)) if self.plan(j, o[-1:])]
         for step in range(self.k):
             last = [j for j in last if j.drafts > step]
             if not last:
@@ -221,9 +234,15 @@ class SpecDecoder:
                     j.out = o
             self.propose(last)
 
-    def run(self, entries, hidden: torch.Tensor, num_prefills: int) -> torch.Tensor:
+    def kept_rows(self, jobs: list[Catchup]) -> torch.Tensor | None:
+        """With last_rows, the row of each job's last position (None where that is every row)."""
+        if not self.last_rows or all(len(j.hidden) == 1 for j in jobs):
+            return None
+        return torch.tensor([end - 1 for end in itertools.accumulate(len(j.hidden) for j in jobs)])
+
+    def run(self, entries, hidden: torch.Tensor, num_prefills: int, keep: torch.Tensor | None = None) -> torch.Tensor:
         ids, positions, meta = self.engine.runner.inputs(entries, num_prefills)
-        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused)
+        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused, keep)
 
     def plan(self, job: Catchup, out: torch.Tensor) -> bool:
         """How many tokens job's sequence drafts (job.drafts): up to k, leaving room for the target's own token
@@ -241,7 +260,8 @@ class SpecDecoder:
     def propose(self, jobs: list[Catchup]):
         """One draft token per job from the MTP layer's output, greedy or drawn from its distribution."""
         e, seqs = self.engine, [j.seq for j in jobs]
-        logits = self.mtp.compute_logits(torch.cat([j.out for j in jobs]))
+        out = jobs[0].out if len(jobs) == 1 else torch.cat([j.out for j in jobs])
+        logits = self.mtp.compute_logits(out) if self.fused is None else self.fused.logits(out)
         if not all(rejection.unchanged(s) for s in seqs):  # each row at its own position only
             rows = [rejection.views(s, s.draft_ids, len(s.draft_ids) + 1)[-1] for s in seqs]
             logits = block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, e.eos_ids)

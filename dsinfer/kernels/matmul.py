@@ -102,16 +102,34 @@ def qgemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     m, k = x.shape
     q, scales, mins = _quantized(q, scales, mins, bits, k, group_size)
     y = torch.empty(m, q.shape[0], dtype=torch.float32)
-    lib = library()
-    if int8_activations and int8_activations_fit(bits, k, group_size):
-        fn = {(8, 1): lib.qgemv_i8_x8, (4, 1): lib.qgemv_i4_x8, (8, 2): lib.qgemv_i8_x8_vnni,
-              (4, 2): lib.qgemv_i4_x8_vnni, (8, 3): lib.qgemv_i8_x8_vnni512,
-              (4, 3): lib.qgemv_i4_x8_vnni512}[bits, int(int8_activations)]
-    else:
-        fn = lib.qgemv_i8 if bits == 8 else lib.qgemv_i4
+    fn = _qgemv_fn(bits, k, group_size, int8_activations)
     fn(x.data_ptr(), q.data_ptr(), scales.data_ptr(), ptr(mins), y.data_ptr(), m, q.shape[0], k, group_size,
        torch.get_num_threads())
     return y
+
+
+def _qgemv_fn(bits: int, k: int, group_size: int, int8_activations: int):
+    lib = library()
+    if int8_activations and int8_activations_fit(bits, k, group_size):
+        return {(8, 1): lib.qgemv_i8_x8, (4, 1): lib.qgemv_i4_x8, (8, 2): lib.qgemv_i8_x8_vnni,
+                (4, 2): lib.qgemv_i4_x8_vnni, (8, 3): lib.qgemv_i8_x8_vnni512,
+                (4, 3): lib.qgemv_i4_x8_vnni512}[bits, int(int8_activations)]
+    return lib.qgemv_i8 if bits == 8 else lib.qgemv_i4
+
+
+def qgemv_for(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group_size: int, k: int,
+              int8_activations: int = 0):
+    """qgemv for one quantized W [N, K] used at every step (the MTP draft's), its checks and kernel choice made
+    once: a function of fp32 contiguous x [M <= MAX_M, K] (the caller's guarantee) giving qgemv's numbers."""
+    q, scales, mins = _quantized(q, scales, mins, bits, k, group_size)
+    fn, n = _qgemv_fn(bits, k, group_size, int8_activations), q.shape[0]
+    addresses = (q.data_ptr(), scales.data_ptr(), ptr(mins))
+
+    def run(x: torch.Tensor, keep=(q, scales, mins)) -> torch.Tensor:
+        y = torch.empty(x.shape[0], n, dtype=torch.float32)
+        fn(x.data_ptr(), *addresses, y.data_ptr(), x.shape[0], n, k, group_size, torch.get_num_threads())
+        return y
+    return run
 
 
 DEQUANT_DTYPES = (torch.float32, torch.bfloat16)

@@ -10,7 +10,8 @@ latent cache may be fp32, bf16 or fp8 (layers/kv_format.py): the C layer writes 
 import torch
 
 from dsinfer import kernels
-from dsinfer.kernels.decode_layer import CACHE_FORMATS, WEIGHT_FORMATS, LayerC, MatC, StepC, run_layer
+from dsinfer.kernels.decode_layer import CACHE_FORMATS, WEIGHT_FORMATS, LayerC, MatC, StepC, run_attention, run_ffn, \
+    run_layer
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.moe import MoE
 from dsinfer.quant.qtensor import QTensor
@@ -40,6 +41,23 @@ def decode_step(rotary, positions, meta: AttentionMetadata, cache: torch.Tensor,
     step = StepC(tokens, index[1].shape[0], index[1].shape[1], cache.shape[0], fmt, cs.data_ptr(),
                  *(t.data_ptr() for t in index), lens.data_ptr())
     return step, [cs, lens, *index]
+
+
+class StepCache:
+    """The last decode step's StepC (decode_step), found again by the identity of its positions and metadata: a
+    second decoder run over the same tokens (the MTP draft layer after the main model, in speculative decoding)
+    reuses it, as the layers reuse the step's rotation. Shared by the decoders that write one KVCache."""
+    __slots__ = ("key", "value")
+
+    def __init__(self):
+        self.key = self.value = None
+
+    def get(self, rotary, positions, meta: AttentionMetadata, cache: torch.Tensor, tokens: int) -> tuple[StepC, list]:
+        if self.key is not None and self.key[0] is positions and self.key[1] is meta:
+            return self.value
+        self.key, self.value = None, decode_step(rotary, positions, meta, cache, tokens)
+        self.key = (positions, meta)
+        return self.value
 
 
 class LayerBuilder:
@@ -120,6 +138,7 @@ class FusedDecoder:
         self.model, self.layers, self.caches, self.lib = model.model, layers, caches, kernels.library()
         self.keep = keep  # the fp32 vectors the layers point to
         self.cache_format = CACHE_FORMATS[str(caches[0].dtype).removeprefix("torch.")]
+        self.steps = StepCache()
 
     @classmethod
     def build(cls, model, caches: list[torch.Tensor]) -> "FusedDecoder | None":
@@ -139,14 +158,22 @@ class FusedDecoder:
         return meta.num_prefills == 0 and 0 < num_tokens <= kernels.MAX_M
 
     @classmethod
-    def build_layer(cls, model, layer, cache: torch.Tensor) -> "FusedDecoder | None":
+    def build_layer(cls, model, layer, cache: torch.Tensor,
+                    main: "FusedDecoder | None" = None) -> "FusedDecoder | None":
         """One more decoder layer of `model` (the MTP draft layer) alone, writing into its own `cache`, for
-        run_layers; None where the model's KernelConfig or the layer or cache cannot take the fused path."""
+        run_layers; None where the model's KernelConfig or the layer or cache cannot take the fused path.
+        main: the model's own decoder over caches of the same rows and format, whose steps this one reuses
+        (their StepCache) where they are over the same positions and metadata."""
         if not model.kernel_config.fused_decode or kernels.library() is None or not cpu_caches([cache]):
             return None
         builder = LayerBuilder(model.kernel_config.int8_kernel)
         struct = builder.layer(layer, model.config.hidden_size)
-        return None if struct is None else cls(model, [struct], [cache], builder.keep)
+        if struct is None:
+            return None
+        decoder = cls(model, [struct], [cache], builder.keep)
+        if main is not None and main.caches[0].shape == cache.shape and main.caches[0].dtype == cache.dtype:
+            decoder.steps = main.steps
+        return decoder
 
     def __call__(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         return self.model.norm(self.run_layers(self.model.embed(input_ids), positions, meta))
@@ -155,10 +182,29 @@ class FusedDecoder:
         """x [T, hidden] through every layer; returns the result in x's dtype."""
         caches = self.caches
         dtype, x = x.dtype, x.float().contiguous()  # the C layer keeps the residual stream in fp32
-        step, _kept = decode_step(self.model.rotary, positions, meta, caches[0], x.shape[0])
+        step, _kept = self.steps.get(self.model.rotary, positions, meta, caches[0], x.shape[0])
         threads = torch.get_num_threads()
         for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             code = run_layer(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), threads)
             if code:
                 raise RuntimeError(f"fused decode layer {i} failed with code {code} (see kernels/decode_layer.c)")
         return x.to(dtype)
+
+    def run_rows(self, x: torch.Tensor, positions, meta: AttentionMetadata, keep: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] through this decoder's one layer (build_layer), for rows `keep` only: the attention half
+        of every row (which writes its cache row), the MoE / MLP half of those rows alone. They come out with
+        the numbers run_layers gives them (the same fp32 adds)."""
+        (layer,), (cache,) = self.layers, self.caches
+        dtype, x = x.dtype, x.float().contiguous()
+        step, _kept = self.steps.get(self.model.rotary, positions, meta, cache, x.shape[0])
+        part, threads = torch.empty_like(x), torch.get_num_threads()
+        code = run_attention(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), part.data_ptr(), threads)
+        x = (x + part).index_select(0, keep)
+        rows = StepC.from_buffer_copy(step)
+        rows.t = x.shape[0]  # the MoE / MLP half reads only the token count
+        part = torch.empty_like(x)
+        code = code or run_ffn(self.lib, layer, rows, x.data_ptr(), part.data_ptr(), threads)
+        if code:
+            raise RuntimeError(f"fused decode layer (rows {keep.tolist()}) failed with code {code} "
+                               "(see kernels/decode_layer.c)")
+        return (x + part).to(dtype)

@@ -5,7 +5,13 @@ At position i it takes the main model's final hidden state h_i and the next toke
     x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])      (embedding first)
     y = decoder layer(x)                                  (MLA over its own latent cache, then MoE or MLP)
     logits = head(shared_head.norm(y))                    (embedding and head are the main model's)
-and predicts t_{i+2}. Drafting more than one token reuses the layer with its own normed output in place of h."""
+and predicts t_{i+2}. Drafting more than one token reuses the layer with its own normed output in place of h.
+
+A draft only has to be likely, never exact (the main model verifies it), so the layer's matrices and a copy of
+the head may be quantized for drafting (quantize_draft): a draft step then reads a quarter of the bytes (int8
+codes of fp32 weights), which on CPU is most of its cost."""
+import functools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,8 +26,11 @@ from dsinfer.layers.embedding import embed
 from dsinfer.models.deepseek import DecoderLayer
 from dsinfer.models.fused_decode import FusedDecoder
 from dsinfer.models.loader import CheckpointError, checkpoint_views, fill
+from dsinfer.models.quant_plan import group_size_for, quantize_unit, units
+from dsinfer.quant.qtensor import QTensor
 
 SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, in V3 checkpoints
+DRAFT_BITS = {"int8": 8, "int4": 4}  # spec_draft_quantization
 
 
 class MTPLayer(DecoderLayer):
@@ -37,20 +46,58 @@ class MTPLayer(DecoderLayer):
         self.shared_head = torch.nn.Module()
         self.shared_head.norm = RMSNorm(d, eps, kc)
         self.main = [main]  # in a list: not a submodule (its weights are not the MTP layer's)
+        self.draft_head: QTensor | None = None  # quantize_draft: a quantized copy of the main model's head
 
     def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, cache: torch.Tensor, fused: "FusedDraft | None" = None) -> torch.Tensor:
+                meta: AttentionMetadata, cache: torch.Tensor, fused: "FusedDraft | None" = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """next_ids [T] (t_{i+1}), hidden [T, d] (h_i) at positions [T] -> normed output [T, d], which is both
-        what the head takes and the next draft step's h. fused: this layer's decode steps with the C kernels
-        (FusedDraft.build over `cache`), taken for the steps it fits."""
+        what the head takes and the next draft step's h; only rows `keep` of it where given (every row's cache
+        row is written). fused: this layer's decode steps with the C kernels (FusedDraft.build over `cache`),
+        taken for the steps it fits; it skips the MoE / MLP of the rows not kept."""
         if fused is not None and fused.decoder.takes(next_ids.shape[0], meta):
-            return fused(next_ids, hidden, positions, meta)
+            return fused(next_ids, hidden, positions, meta, keep)
+        if fused is not None and fused.chunk_decodes and meta.num_prefills == 0:
+            out = fused.in_chunks(next_ids, hidden, positions, meta)
+            return out if keep is None else out.index_select(0, keep)
         e = self.enorm(self.main[0].model.embed(next_ids))
         x = self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], -1))
-        return self.shared_head.norm(super().forward(x, positions, meta, cache))
+        out = self.shared_head.norm(super().forward(x, positions, meta, cache))
+        return out if keep is None else out.index_select(0, keep)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.main[0].compute_logits(hidden)
+        """The draft's logits: the main model's head, or its quantized copy (quantize_draft)."""
+        if self.draft_head is None:
+            return self.main[0].compute_logits(hidden)
+        return self.main[0].matmul(hidden.float(), self.draft_head)
+
+
+def quantize_draft(layer: MTPLayer, quantization: str):
+    """Quantizes, for drafting only, the loaded MTP layer's matrices (those quant_plan quantizes in a model: all
+    but kv_b_proj, the router and the norms) and a copy of the main model's head, to int8 (one scale per row) or
+    int4 (groups of 128), symmetric round to nearest."""
+    if quantization not in DRAFT_BITS:
+        raise ValueError(f"spec_draft_quantization must be one of {tuple(DRAFT_BITS)} or None, got {quantization!r}")
+    bits = DRAFT_BITS[quantization]
+    for unit in units(layer):
+        if not isinstance(unit.weight, QTensor):
+            quantize_unit_now(unit, bits)
+    main = layer.main[0]
+    head = main.model.embed_tokens if main.lm_head is None else main.lm_head.weight
+    if not isinstance(head, QTensor):
+        layer.draft_head = quantized_copy(head.detach(), bits)
+
+
+def quantize_unit_now(unit, bits: int):
+    dense = unit.weight.detach()
+    quantize_unit(unit, bits, None)
+    unit.weight.store(dense)
+
+
+def quantized_copy(w: torch.Tensor, bits: int) -> QTensor:
+    q = QTensor.empty(tuple(w.shape), bits, group_size_for(bits, None, w.shape[-1]), w.device)
+    q.store(w)
+    return q
 
 
 class FusedDraft:
@@ -60,29 +107,69 @@ class FusedDraft:
     numbers are those of the Python layers with the kernels, with bf16 weights they skip the bf16 roundings of
     the activations (drafts only: what the main model verifies is unchanged)."""
 
-    def __init__(self, mtp: MTPLayer, decoder: FusedDecoder):
-        self.mtp, self.decoder, self.eps = mtp, decoder, mtp.enorm.eps
+    def __init__(self, mtp: MTPLayer, decoder: FusedDecoder, chunk_decodes: bool = True):
+        """chunk_decodes: decode steps of more than kernels.MAX_M tokens (catch-ups of 8 streams) run here too, in
+        chunks of that many, instead of through the Python layer."""
+        self.mtp, self.decoder, self.eps, self.chunk_decodes = mtp, decoder, mtp.enorm.eps, chunk_decodes
         norms = (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)
         self.enorm, self.hnorm, self.out_norm = (n.weight.detach().float().contiguous() for n in norms)
-        self.eh_proj = mtp.eh_proj.weight
+        main = mtp.main[0]
+        self.table, int8 = main.model.embed_tokens, main.kernel_config.int8_kernel
+        self.eh_proj = bound_matmul(mtp.eh_proj.weight, int8)
+        head = mtp.draft_head if mtp.draft_head is not None else \
+            main.model.embed_tokens if main.lm_head is None else main.lm_head.weight
+        self.head = bound_matmul(head, int8)
 
     @classmethod
-    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor) -> "FusedDraft | None":
-        """None where the main model's KernelConfig, the layer or the cache cannot take the fused path."""
-        decoder = FusedDecoder.build_layer(main, mtp, cache)
-        w = mtp.eh_proj.weight
-        if decoder is None or mtp.eh_proj.bias is not None or not isinstance(w, torch.Tensor) \
-                or not kernels.usable(torch.empty(1, w.shape[1]), w):
+    def build(cls, main, mtp: MTPLayer, cache: torch.Tensor, main_decoder: FusedDecoder | None = None,
+              chunk_decodes: bool = True) -> "FusedDraft | None":
+        """None where the main model's KernelConfig, the layer or the cache cannot take the fused path.
+        main_decoder: the main model's, whose step inputs a draft over the same positions reuses."""
+        decoder = FusedDecoder.build_layer(main, mtp, cache, main_decoder)
+        if decoder is None or mtp.eh_proj.bias is not None:
             return None
-        return cls(mtp, decoder)
+        draft = cls(mtp, decoder, chunk_decodes)
+        return None if draft.eh_proj is None else draft
+
+    def in_chunks(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                  meta: AttentionMetadata) -> torch.Tensor:
+        """A decode step of any size, kernels.MAX_M tokens at a time, in order (a token still sees the cache rows
+        its sequence's earlier tokens wrote), each chunk with every sequence's rows."""
+        parts = []
+        for a in range(0, next_ids.shape[0], kernels.MAX_M):
+            b = a + kernels.MAX_M
+            sub = replace(meta, slot_mapping=meta.slot_mapping[a:b], token_seq=meta.token_seq[a:b])
+            parts.append(self(next_ids[a:b], hidden[a:b], positions[a:b], sub))
+        return torch.cat(parts)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MTPLayer.compute_logits, with the head's kernel bound once for this layer's fp32 outputs."""
+        if self.head is None or hidden.dtype != torch.float32 or not 0 < hidden.shape[0] <= kernels.MAX_M:
+            return self.mtp.compute_logits(hidden)
+        return self.head(hidden.contiguous())
 
     def __call__(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
-        """As MTPLayer.forward: normed output [T, d], fp32."""
-        e = kernels.rms_norm(embed(next_ids, self.mtp.main[0].model.embed_tokens).float(), self.enorm, self.eps)
+                 meta: AttentionMetadata, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """As MTPLayer.forward: normed output [T, d] (rows `keep` where given), fp32."""
+        e = kernels.rms_norm(embed(next_ids, self.table).float(), self.enorm, self.eps)
         h = kernels.rms_norm(hidden.float(), self.hnorm, self.eps)
-        x = kernels.gemv(torch.cat([e, h], -1), self.eh_proj)
-        return kernels.rms_norm(self.decoder.run_layers(x, positions, meta), self.out_norm, self.eps)
+        x = self.eh_proj(torch.cat([e, h], -1))
+        y = self.decoder.run_layers(x, positions, meta) if keep is None else \
+            self.decoder.run_rows(x, positions, meta, keep)
+        return kernels.rms_norm(y, self.out_norm, self.eps)
+
+
+def bound_matmul(w, int8_kernel: int):
+    """x fp32 contiguous [M <= MAX_M, K] -> x @ w.T in fp32, as the model's Matmul computes it, with the kernel
+    chosen and w checked once: gemv for fp32 / bf16 values, qgemv_for for int8 / int4 codes (int8 activations
+    where the KernelConfig and the shape allow); None where neither takes w."""
+    if isinstance(w, QTensor):
+        if w.perm is not None or w.device.type != "cpu":
+            return None
+        int8 = int8_kernel if kernels.int8_activations_fit(w.bits, w.k, w.group_size) else 0
+        return kernels.qgemv_for(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, int8)
+    fits = isinstance(w, torch.Tensor) and w.dim() == 2 and kernels.usable(torch.empty(1, w.shape[1]), w)
+    return functools.partial(kernels.gemv, w=w) if fits else None
 
 
 def mtp_prefix(cfg: ModelConfig) -> str:
@@ -90,10 +177,10 @@ def mtp_prefix(cfg: ModelConfig) -> str:
 
 
 def load_mtp(main, path, mtp_tensors: dict[str, str], dtype: torch.dtype, device, mla_mode: str,
-             kc: KernelConfig) -> MTPLayer:
+             kc: KernelConfig, quantization: str | None = None) -> MTPLayer:
     """The checkpoint's first MTP layer, built beside the loaded `main` model and filled from `path`; its
-    weights stay in `dtype` (not quantized on load). A checkpoint without one is a CheckpointError naming what
-    is missing."""
+    weights stay in `dtype` (the main model's quantization does not apply), or are quantized for drafting with
+    `quantization` (quantize_draft). A checkpoint without one is a CheckpointError naming what is missing."""
     cfg, prefix = main.config, mtp_prefix(main.config)
     ours = {n: f for n, f in mtp_tensors.items() if n.startswith(prefix) and n[len(prefix):] not in SHARED}
     if not cfg.num_nextn_predict_layers or not ours:
@@ -110,4 +197,6 @@ def load_mtp(main, path, mtp_tensors: dict[str, str], dtype: torch.dtype, device
     finally:
         torch.set_default_dtype(previous)
     fill(checkpoint_views(layer, prefix), Path(path), ours, cfg)
+    if quantization is not None:
+        quantize_draft(layer, quantization)
     return layer

@@ -43,6 +43,11 @@ def reference(ckpts):
     (3, dict(max_num_seqs=2, enforce_eager=True)),  # the MTP layer through the Python layers
     (2, dict(kv_cache_memory=13 * 16 * 5 * ROW)),  # 13 blocks of 16 tokens: preempts
     (2, dict(spec_greedy_fast_path=False)),  # every step through the sampler's verification
+    (2, dict(spec_draft_last_rows=False)),  # the MTP layer's MoE at every catch-up position
+    (1, dict(spec_share_steps=False)),
+    (2, dict(spec_chunk_drafts=False, spec_draft_quantization="int8")),
+    (2, dict(spec_draft_quantization="int8")),
+    (3, dict(spec_draft_quantization="int4", max_num_batched_tokens=13, enforce_eager=True)),
 ], ids=str)
 def test_greedy_is_the_same_with_speculation(ckpts, reference, k, options):
     llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(k), **options)
@@ -168,6 +173,25 @@ def test_builtin_model_greedy_is_the_same_and_accepts(ckpts):
         assert_drained(llm)
         stats = llm.engine.stats()
         assert stats.spec_acceptance_rate[0] > 0.2 and stats.spec_mean_accepted_length > 1.2
+
+
+def test_draft_reuses_the_step_inputs_and_drafts_the_same(ckpts, monkeypatch):
+    """spec_share_steps: a greedy step's catch-up over all its positions reuses the step's fused-layer inputs
+    (fewer decode_step calls) and drafts exactly what it drafts without (the same acceptance)."""
+    from dsinfer.models import fused_decode
+    calls, original = [], fused_decode.decode_step
+    monkeypatch.setattr(fused_decode, "decode_step", lambda *a: calls.append(1) or original(*a))
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    counts, stats = [], []
+    for share in (True, False):
+        calls.clear()
+        llm = LLM(max_model_len=256, speculative_config=spec(1), spec_share_steps=share)
+        if llm.engine.runner.fused is None:
+            pytest.skip("no fused decoder here (no C kernels)")
+        token_ids(llm, ["def fibonacci(n):"], sp)
+        counts.append(len(calls))
+        stats.append(llm.engine.stats().spec_accepted_tokens)
+    assert counts[0] < counts[1] and stats[0] == stats[1]
 
 
 @pytest.mark.parametrize("value, message", [

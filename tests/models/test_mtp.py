@@ -80,3 +80,87 @@ def test_missing_mtp_tensor_is_named(mtp_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model\.layers\.4\.hnorm\.weight"):
         LLM(dst, speculative_config=SPEC)
     assert LLM(dst).mtp_tensors  # without speculation the layer is only set aside, as before
+
+
+def mtp_setup(path, kc: KernelConfig, quantization: str | None = None):
+    cfg = read_config(path)
+    model, _, names = load_model(path, cfg, torch.float32, torch.device("cpu"), "auto", kc)
+    mtp = load_mtp(model, path, names, torch.float32, "cpu", "auto", kc, quantization)
+    cache = KVCache(cfg, "float32", "cpu", 4, 16, extra_layers=1)
+    return mtp, cache, ModelRunner(model, cache), FusedDraft.build(model, mtp, cache.layers[-1])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["python", "fused"])
+def test_kept_rows_are_the_rows_of_the_whole_output(mtp_ckpt, fused):
+    """keep (spec_draft_last_rows): the MoE / MLP runs for the kept rows only; they and every cache row come out
+    exactly as without it."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True, fused_decode=fused).resolve(torch.device("cpu"))
+    mtp, cache, runner, draft = mtp_setup(path, kc)
+    if fused and draft is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    ids = random_prompts((7,))[0]
+    hidden = torch.randn(6, read_config(path).hidden_size)
+    x, positions, meta = runner.inputs([(ids[1:4], 0, [0, 1]), (ids[4:7], 0, [2, 3])], num_prefills=0)
+    whole = mtp(x, hidden, positions, meta, cache.layers[-1], draft)
+    rows = cache.layers[-1].clone()
+    keep = torch.tensor([2, 5])
+    kept = mtp(x, hidden, positions, meta, cache.layers[-1].zero_(), draft, keep)
+    assert torch.equal(kept, whole[keep]) and torch.equal(cache.layers[-1], rows)
+
+
+@pytest.mark.parametrize("quantization, bits", [("int8", 8), ("int4", 4)])
+def test_quantized_draft_is_close_to_the_full_precision_one(mtp_ckpt, quantization, bits):
+    """spec_draft_quantization: the layer's matrices and a copy of the head become QTensors (the main model's head
+    stays as it is), the fused draft takes them, and the draft's logits stay close to the full-precision ones (a
+    broken scale or layout is off by more than their norm)."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    (full, cache, runner, fused), (quant, qcache, _, qfused) = mtp_setup(path, kc), mtp_setup(path, kc, quantization)
+    assert quant.draft_head.bits == bits and quant.eh_proj.weight.bits == bits
+    assert quant.mlp.experts.gate_up_proj.bits == bits and isinstance(quant.main[0].lm_head.weight, torch.Tensor)
+    assert (qfused is None) == (fused is None)
+    ids = random_prompts((9,))[0]
+    hidden = torch.randn(8, read_config(path).hidden_size)
+    x, positions, meta = runner.inputs([(ids[1:], 0, [0])], num_prefills=0)
+    want = full.compute_logits(full(x, hidden, positions, meta, cache.layers[-1], fused))
+    got = quant.compute_logits(quant(x, hidden, positions, meta, qcache.layers[-1], qfused))
+    error = ((got - want).norm(dim=1) / want.norm(dim=1)).median()  # a row whose router flips is far off
+    assert 0 < error < (0.06 if bits == 8 else 0.8)  # random weights: int4 loses far more (unrelated rows: ~1.4)
+
+
+def test_bad_draft_quantization_is_a_clear_error():
+    with pytest.raises(ValueError, match="spec_draft_quantization must be one of .*int8.*got 'int3'"):
+        LLM(speculative_config=SPEC, spec_draft_quantization="int3")
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_bound_draft_logits_are_the_layers_logits(mtp_ckpt, quantization):
+    """FusedDraft.logits (the head's kernel bound once) gives exactly MTPLayer.compute_logits' numbers."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    mtp, _, _, fused = mtp_setup(path, kc, quantization)
+    if fused is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    for rows in (1, 3, 9):  # 9: more than the kernels' rows, the layer's own path
+        hidden = torch.randn(rows, read_config(path).hidden_size)
+        assert torch.equal(fused.logits(hidden), mtp.compute_logits(hidden))
+
+
+def test_draft_in_chunks_is_the_draft_token_by_token(mtp_ckpt):
+    """spec_chunk_drafts: a decode catch-up of more than MAX_M tokens runs the fused layer MAX_M at a time and
+    gives what the fused layer gives one decode at a time (each token attends through the cache as it would)."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    mtp, cache, runner, fused = mtp_setup(path, kc)
+    if fused is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    ids = random_prompts((kernels.MAX_M + 4,))[0]
+    hidden = torch.randn(len(ids) - 1, read_config(path).hidden_size)
+    x, positions, meta = runner.inputs([(ids[1:], 0, [0])], num_prefills=0)
+    chunked = mtp(x, hidden, positions, meta, cache.layers[-1], fused, torch.tensor([2, len(ids) - 2]))
+    alone = []
+    for i in range(len(ids) - 1):
+        x, positions, meta = runner.inputs([(ids[i + 1:i + 2], i, [0])], num_prefills=0)
+        alone.append(mtp(x, hidden[i:i + 1], positions, meta, cache.layers[-1], fused))
+    torch.testing.assert_close(chunked, torch.cat([alone[2], alone[-1]]), rtol=1e-5, atol=1e-5)
