@@ -4,7 +4,7 @@ threads, on the peer protocol's shapes (a 512-token prefill; 127 decode steps af
 per decode step rank 0 spends in communication (its collectives and the step's message to the other ranks,
 waits for a slower rank included).
 
-    flock /work/bench.lock python benchmarks/parallel.py --model ../bench-run/models/v2lite-4L --dtype bfloat16 --eager
+    python benchmarks/parallel.py --model ../bench-run/models/v2lite-4L --dtype bfloat16 --eager
 
 Every setting decodes through the fused decode layer where it can (one C call per layer in one process, two per
 layer and rank under TP / EP); --eager adds TP=2 and EP=2 with the Python layers (enforce_eager). The ranks are

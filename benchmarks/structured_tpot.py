@@ -9,11 +9,11 @@ The schema is an object with a long array of short strings (minItems 500), so th
 and every run decodes the same number of steps. The grammar's time is measured in a third run of each round,
 so that its timers (a few microseconds a step) do not fall on the constrained TPOT alone; that run's TPOT is
 shown too ("timed"). Each run starts after a random pause of up to --jitter seconds: a periodic disturbance
-(such as /work/prof/quiet.sh's sweep of the machine every 0.3 s, which preempts a step for milliseconds) would
+(such as a monitor that sweeps the machine every 0.3 s and preempts a step for milliseconds) would
 otherwise fall on the same kind of run round after round, when a free and a constrained run together last about
 its period (8 streams), and move the ratio by 10-15%.
 
-    flock /work/bench.lock python benchmarks/structured_tpot.py [--steps 64] [--rounds 3] [--mask-first]
+    python benchmarks/structured_tpot.py [--steps 64] [--rounds 3] [--mask-first]
         [--no-share-lexer] [--no-lean-refusal]
 """
 import argparse
