@@ -62,6 +62,7 @@ class EngineConfig:
     spec_draft_last_rows: bool = True       # the MTP layer's MoE / MLP only at the position each sequence drafts from
     spec_share_steps: bool = True           # the MTP layer reuses the greedy step's fused-layer inputs
     spec_chunk_drafts: bool = True          # MTP catch-ups of more than 8 decode tokens fused, 8 at a time
+    spec_draft_one_call: bool = True        # a decode-sized MTP draft step (layer, head, argmax) in one C call
     sparse_attention: dict | None = None    # training-free sparse attention {sink, window, topk_blocks}; None: dense
     tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
     enable_expert_parallel: bool = False    # routed experts split by expert, not by intermediate

@@ -60,7 +60,8 @@ class LLMEngine:
         self.num_generated = self.num_prompt_computed = 0
         self.spec = None if mtp is None else SpecDecoder(self, mtp, cfg.num_speculative_tokens,
                                                               cfg.spec_greedy_fast_path, cfg.spec_draft_last_rows,
-                                                              cfg.spec_share_steps, cfg.spec_chunk_drafts)
+                                                              cfg.spec_share_steps, cfg.spec_chunk_drafts,
+                                                              cfg.spec_draft_one_call)
         self.team = None  # the tensor-parallel group, on rank 0 of one
 
     @classmethod

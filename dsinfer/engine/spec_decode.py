@@ -57,17 +57,21 @@ class Catchup:
     prefill: bool
     drafts: int = 0  # how many to draft after it
     out: torch.Tensor | None = field(default=None)
+    logits: torch.Tensor | None = field(default=None)  # the draft head's at out, where the C call gave them
+    best: int | None = None  # their argmax
 
 
 class SpecDecoder:
     def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True, last_rows: bool = True,
-                 share_steps: bool = True, chunk_drafts: bool = True):
+                 share_steps: bool = True, chunk_drafts: bool = True, one_call: bool = True):
         """last_rows: the MTP layer's catch-up computes its output (MoE / MLP, norm) only at each sequence's last
         position, the one it drafts from; the others only write their cache rows. share_steps: a catch-up over
         every position of a greedy step reuses the step's inputs to the fused layer (its StepC). chunk_drafts:
-        catch-ups of more than kernels.MAX_M decode tokens take the fused layer in chunks (FusedDraft.in_chunks)."""
+        catch-ups of more than kernels.MAX_M decode tokens take the fused layer in chunks (FusedDraft.in_chunks).
+        one_call: a decode-sized draft step (the layer, its head and their argmax) is one C call
+        (FusedDraft.one_call)."""
         self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
-        self.last_rows = last_rows
+        self.last_rows, self.one_call = last_rows, one_call
         self.cache = engine.cache.layers[-1]
         main = engine.runner.fused if share_steps else None
         self.fused = FusedDraft.build(engine.model, mtp, self.cache, main, chunk_drafts)  # None: the Python layer
@@ -216,22 +220,22 @@ class SpecDecoder:
             jobs.sort(key=lambda j: not j.prefill)
         keep = self.kept_rows(jobs)
         if inputs is not None:
-            out = self.mtp(*inputs, self.cache, self.fused, keep)
+            outputs = self.forward(*inputs, keep)
         else:
             entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
                        for j in jobs]
-            out = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs), keep)
+            outputs = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs), keep)
         counts = [1] * len(jobs) if keep is not None else [len(j.hidden) for j in jobs]
-        last = [j for j, o in zip(jobs, out.split(counts)) if self.plan(j, o[-1:])]
+        take_last(jobs, counts, *outputs)
+        last = [j for j in jobs if self.plan(j)]
         for step in range(self.k):
             last = [j for j in last if j.drafts > step]
             if not last:
                 return
             if step:
-                out = self.run([([j.seq.draft_ids[-1]], j.seq.num_cached + step - 1, j.seq.block_table)
-                                for j in last], torch.cat([j.out for j in last]), 0)
-                for j, o in zip(last, out.split(1)):
-                    j.out = o
+                outputs = self.run([([j.seq.draft_ids[-1]], j.seq.num_cached + step - 1, j.seq.block_table)
+                                    for j in last], torch.cat([j.out for j in last]), 0)
+                take_last(last, [1] * len(last), *outputs)
             self.propose(last)
 
     def kept_rows(self, jobs: list[Catchup]) -> torch.Tensor | None:
@@ -240,11 +244,18 @@ class SpecDecoder:
             return None
         return torch.tensor([end - 1 for end in itertools.accumulate(len(j.hidden) for j in jobs)])
 
-    def run(self, entries, hidden: torch.Tensor, num_prefills: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, entries, hidden: torch.Tensor, num_prefills: int, keep: torch.Tensor | None = None) -> tuple:
         ids, positions, meta = self.engine.runner.inputs(entries, num_prefills)
-        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused, keep)
+        return self.forward(ids, hidden, positions, meta, keep)
 
-    def plan(self, job: Catchup, out: torch.Tensor) -> bool:
+    def forward(self, ids, hidden, positions, meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple:
+        """The MTP layer's normed output at rows `keep` (every row where None), with the draft head's logits and
+        their argmax there where one C call gives them all (one_call), else None for those."""
+        if self.one_call and self.fused is not None and self.fused.takes_one_call(ids.shape[0], meta):
+            return self.fused.one_call(ids, hidden, positions, meta, keep)
+        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused, keep), None, None
+
+    def plan(self, job: Catchup) -> bool:
         """How many tokens job's sequence drafts (job.drafts): up to k, leaving room for the target's own token
         under max_tokens and max_model_len, and as many as free blocks allow for the MTP layer's chained rows."""
         s, e = job.seq, self.engine
@@ -254,18 +265,24 @@ class SpecDecoder:
             n -= 1
         if n > 1:
             e.blocks.reserve(s, s.num_cached + n - 1)
-        job.drafts, job.out = max(n, 0), out
+        job.drafts = max(n, 0)
         return n > 0
 
     def propose(self, jobs: list[Catchup]):
         """One draft token per job from the MTP layer's output, greedy or drawn from its distribution."""
         e, seqs = self.engine, [j.seq for j in jobs]
-        out = jobs[0].out if len(jobs) == 1 else torch.cat([j.out for j in jobs])
-        logits = self.mtp.compute_logits(out) if self.fused is None else self.fused.logits(out)
+        best = [j.best for j in jobs]
+        if all(j.logits is not None for j in jobs):  # from the C call
+            logits = jobs[0].logits if len(jobs) == 1 else torch.cat([j.logits for j in jobs])
+        else:
+            out = jobs[0].out if len(jobs) == 1 else torch.cat([j.out for j in jobs])
+            logits = self.mtp.compute_logits(out) if self.fused is None else self.fused.logits(out)
         if not all(rejection.unchanged(s) for s in seqs):  # each row at its own position only
             rows = [rejection.views(s, s.draft_ids, len(s.draft_ids) + 1)[-1] for s in seqs]
             logits = block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, e.eos_ids)
-        best = logits.argmax(-1).tolist()
+            best = [None]
+        if None in best:
+            best = logits.argmax(-1).tolist()
         for i, (s, b) in enumerate(zip(seqs, best)):
             if s.params.greedy:
                 s.draft_ids.append(b)
@@ -273,6 +290,17 @@ class SpecDecoder:
             q = rejection.distribution(logits[i:i + 1], s.params)
             s.draft_ids.append(rejection.draw(q[0], s.generator or e.generator))
             s.draft_probs = q if s.draft_probs is None else torch.cat([s.draft_probs, q])
+
+
+def take_last(jobs: list[Catchup], counts: list[int], out: torch.Tensor, logits: torch.Tensor | None,
+              best: list[int] | None):
+    """Gives each job the last of its `counts` rows of the draft layer's output (and logits and argmax, where
+    given)."""
+    ends = list(itertools.accumulate(counts))
+    for j, end in zip(jobs, ends):
+        j.out = out[end - 1:end]
+        j.logits = None if logits is None else logits[end - 1:end]
+        j.best = None if best is None else best[end - 1]
 
 
 def pick_rows(t: torch.Tensor, count: int, index: torch.Tensor | None) -> torch.Tensor:

@@ -28,13 +28,14 @@ int route_f32(const float *x, const void *weight, int weight_bf16, const float *
 
 #define FIELD_NAME(f) #f ","
 
-/* The field names of Layer (which 0), Step (1) or Mat (2), comma-separated, in decode_layer_layout's order. */
+/* The field names of Layer (which 0), Step (1), Mat (2) or Draft (3), comma-separated, in decode_layer_layout's
+ * order. */
 const char *decode_layer_names(int which) {
     return which == 0 ? LAYER_FIELDS(FIELD_NAME) : which == 1 ? STEP_FIELDS(FIELD_NAME)
-         : which == 2 ? MAT_FIELDS(FIELD_NAME) : "";
+         : which == 2 ? MAT_FIELDS(FIELD_NAME) : which == 3 ? DRAFT_FIELDS(FIELD_NAME) : "";
 }
 
-/* out = [sizeof, offset of each field...] of Layer (which 0), Step (1) or Mat (2); returns how many values it
+/* out = [sizeof, offset of each field...] of Layer (which 0), Step (1), Mat (2) or Draft (3); returns how many values it
  * has (it writes at most cap of them), or -1 for an unknown struct. */
 int64_t decode_layer_layout(int which, int64_t *out, int64_t cap) {
     int64_t n = 0, v[64];
@@ -50,6 +51,10 @@ int64_t decode_layer_layout(int which, int64_t *out, int64_t cap) {
         v[n++] = sizeof(Mat);
 #define MAT_OFFSET(f) v[n++] = (int64_t)offsetof(Mat, f);
         MAT_FIELDS(MAT_OFFSET)
+    } else if (which == 3) {
+        v[n++] = sizeof(Draft);
+#define DRAFT_OFFSET(f) v[n++] = (int64_t)offsetof(Draft, f);
+        DRAFT_FIELDS(DRAFT_OFFSET)
     } else {
         return -1;
     }

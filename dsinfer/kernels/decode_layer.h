@@ -49,12 +49,25 @@ typedef struct {
     const int64_t *slots, *rows, *seq, *lens;        /* [T], [B, lmax], [T], [T] */
 } Step;
 
+/* The MTP draft layer's own parts around its decoder layer (dsinfer/models/mtp.py, decode_draft.c): the norms
+ * of the next token's embedding and of the main model's hidden state, eh_proj over both, the output norm and
+ * the head. The embedding table is the main model's, fp32 or bf16 (embed_bf16). */
+typedef struct {
+    int64_t d, vocab, embed_bf16;
+    float eps;
+    const float *enorm, *hnorm, *out_norm;           /* [d] each */
+    const void *embed;                               /* [vocab, d] */
+    Mat eh_proj, head;                               /* [d, 2d], [vocab, d] */
+} Draft;
+
 /* Every field, in declaration order: what the layout check compares with the ctypes mirror. */
 #define MAT_FIELDS(X) X(w) X(scales) X(mins) X(format) X(group) X(int8_x)
 #define LAYER_FIELDS(X) X(d) X(h) X(dn) X(dr) X(dv) X(r) X(qr) X(eps) X(scale) X(in_norm) X(post_norm) \
     X(q_a_norm) X(kv_norm) X(q_a) X(q_b) X(kv_a) X(kv_b) X(o) X(experts) X(top_k) X(n_group) X(topk_group) \
     X(method) X(sigmoid) X(norm_topk) X(route_scale) X(router) X(router_bf16) X(bias) X(gate_up) X(down) \
     X(inter) X(sh_gate_up) X(sh_down) X(sh_inter) X(counts) X(first_expert) X(local_experts)
+#define DRAFT_FIELDS(X) X(d) X(vocab) X(embed_bf16) X(eps) X(enorm) X(hnorm) X(out_norm) X(embed) X(eh_proj) \
+    X(head)
 #define STEP_FIELDS(X) X(t) X(b) X(lmax) X(cache_rows) X(cache_format) X(cs) X(slots) X(rows) X(seq) X(lens)
 
 /* decode_weights.c: products with a Mat, whatever its format. */

@@ -28,7 +28,13 @@ class StepC(ctypes.Structure):
         [(n, P) for n in ("cs", "slots", "rows", "seq", "lens")]
 
 
-STRUCTS = {0: LayerC, 1: StepC, 2: MatC}  # the codes decode_layer_layout knows
+class DraftC(ctypes.Structure):
+    """The MTP draft layer's parts around its decoder layer (decode_draft.c)."""
+    _fields_ = [(n, I64) for n in ("d", "vocab", "embed_bf16")] + [("eps", F32)] + \
+        [(n, P) for n in ("enorm", "hnorm", "out_norm", "embed")] + [("eh_proj", MatC), ("head", MatC)]
+
+
+STRUCTS = {0: LayerC, 1: StepC, 2: MatC, 3: DraftC}  # the codes decode_layer_layout knows
 CACHE_FORMATS = {"float32": 0, "bfloat16": 1, "uint8": 2}  # StepC.cache_format by the cache tensor's dtype (uint8: fp8)
 
 
@@ -77,3 +83,11 @@ def run_attention(lib: ctypes.CDLL, layer: LayerC, step: StepC, x_ptr: int, cach
 def run_ffn(lib: ctypes.CDLL, layer: LayerC, step: StepC, x_ptr: int, out_ptr: int, threads: int) -> int:
     """out [T, d] = the layer's MoE / MLP half for x [T, d] (x unchanged); 0 or the C error code."""
     return lib.decode_ffn_f32(ctypes.byref(layer), ctypes.byref(step), x_ptr, out_ptr, threads)
+
+
+def run_draft(lib: ctypes.CDLL, draft: DraftC, layer: LayerC, step: StepC, ids_ptr: int, hidden_ptr: int,
+              hidden_bf16: bool, keep_ptr: int | None, kept: int, cache_ptr: int, out_ptr: int, logits_ptr: int,
+              best_ptr: int, threads: int) -> int:
+    """The draft layer over a decode batch, its output, logits and argmax at the kept rows; 0 or the C code."""
+    return lib.decode_draft_f32(ctypes.byref(draft), ctypes.byref(layer), ctypes.byref(step), ids_ptr, hidden_ptr,
+                                int(hidden_bf16), keep_ptr, kept, cache_ptr, out_ptr, logits_ptr, best_ptr, threads)

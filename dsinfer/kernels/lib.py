@@ -19,7 +19,7 @@ SOURCES = [HERE / name for name in ("gemv_avx2.c", "qgemv_avx2.c", "qgemv_x8_avx
                                     "moe_decode_avx2.c", "fused_avx2.c", "router_avx2.c", "decode_layer.c",
                                     "decode_weights.c", "gemm_small_avx2.c", "moe_prefill_avx2.c", "qgemv_x8_vnni.c",
                                     "token_mask.c", "grouped_mm_amx.c", "dequant_avx2.c", "qgemv_x8_vnni512.c",
-                                    "prefill_bf16_avx2.c")]
+                                    "prefill_bf16_avx2.c", "decode_draft.c")]
 HEADERS = [HERE / name for name in ("qkernels.h", "gemv_kernels.h", "simd.h", "panel.h", "decode_layer.h")]
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_tile")
@@ -112,7 +112,9 @@ def declare(lib: ctypes.CDLL):
     # layer, step, x, cache, out, threads / layer, step, x, out, threads -> 0 or an error code (the halves)
     _sig(lib, ("decode_attention_f32",), [P] * 5 + [INT], INT)
     _sig(lib, ("decode_ffn_f32",), [P] * 4 + [INT], INT)
-    # which struct (0 Layer, 1 Step, 2 Mat), out [n] -> how many values: sizeof, then each field's offset
+    # draft, layer, step, next ids, hidden, hidden is bf16, keep, kept, cache, out, logits, best, threads
+    _sig(lib, ("decode_draft_f32",), [P] * 5 + [I64, P, I64] + [P] * 4 + [INT], INT)
+    # which struct (0 Layer, 1 Step, 2 Mat, 3 Draft), out [n] -> how many values: sizeof, then each field's offset
     _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)
     # x, offs, w, y, t, e, n, k, threads -> 0 or an error code; amx_init -> 0 if the OS grants the tile state

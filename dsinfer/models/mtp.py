@@ -24,13 +24,16 @@ from dsinfer.layers.linear import Linear
 from dsinfer.layers.norm import RMSNorm
 from dsinfer.layers.embedding import embed
 from dsinfer.models.deepseek import DecoderLayer
-from dsinfer.models.fused_decode import FusedDecoder
+from dsinfer.kernels.decode_layer import DraftC, run_draft
+from dsinfer.models.fused_decode import FusedDecoder, LayerBuilder
 from dsinfer.models.loader import CheckpointError, checkpoint_views, fill
 from dsinfer.models.quant_plan import group_size_for, quantize_unit, units
 from dsinfer.quant.qtensor import QTensor
 
 SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, in V3 checkpoints
 DRAFT_BITS = {"int8": 8, "int4": 4}  # spec_draft_quantization
+DRAFT_ERRORS = {1: "bad sizes or no memory", 3: "a next token id outside the embedding table",
+                4: "a kept row outside the batch"}  # decode_draft_f32's codes; 100 + n: the decoder layer's n
 
 
 class MTPLayer(DecoderLayer):
@@ -119,6 +122,45 @@ class FusedDraft:
         head = mtp.draft_head if mtp.draft_head is not None else \
             main.model.embed_tokens if main.lm_head is None else main.lm_head.weight
         self.head = bound_matmul(head, int8)
+        self.struct = self.draft_struct(head, int8)
+
+    def draft_struct(self, head, int8_kernel: int) -> DraftC | None:
+        """The DraftC of decode_draft.c for this layer, or None where its embedding table or matrices are not in a
+        format the C call reads."""
+        mats = LayerBuilder(int8_kernel)
+        eh_proj, head_c, table = mats.mat(self.mtp.eh_proj.weight), mats.mat(head), self.table
+        if eh_proj is None or head_c is None or not isinstance(table, torch.Tensor) or not table.is_contiguous() \
+                or table.device.type != "cpu" or table.dtype not in (torch.float32, torch.bfloat16) \
+                or tuple(head.shape) != tuple(table.shape):
+            return None
+        return DraftC(table.shape[1], table.shape[0], int(table.dtype == torch.bfloat16), self.eps,
+                      self.enorm.data_ptr(), self.hnorm.data_ptr(), self.out_norm.data_ptr(), table.data_ptr(),
+                      eh_proj, head_c)
+
+    def takes_one_call(self, num_tokens: int, meta: AttentionMetadata) -> bool:
+        return self.struct is not None and self.decoder.takes(num_tokens, meta)
+
+    def one_call(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """As __call__ followed by logits and their argmax, in one C call (decode_draft.c; takes_one_call says
+        where it applies): the normed output [kept, d] fp32, the head's logits [kept, vocab] fp32 and each row's
+        best token."""
+        (layer,), (cache,) = self.decoder.layers, self.decoder.caches
+        t, d = next_ids.shape[0], self.struct.d
+        step, _kept = self.decoder.steps.get(self.decoder.model.rotary, positions, meta, cache, t)
+        ids = next_ids.to(torch.int64).contiguous()
+        hidden = (hidden if hidden.dtype == torch.bfloat16 else hidden.float()).contiguous()
+        keep = None if keep is None else keep.to(torch.int64).contiguous()
+        rows = t if keep is None else keep.shape[0]
+        out, logits = torch.empty(rows, d), torch.empty(rows, self.struct.vocab)
+        best = torch.empty(rows, dtype=torch.int64)
+        code = run_draft(self.decoder.lib, self.struct, layer, step, ids.data_ptr(), hidden.data_ptr(),
+                         hidden.dtype == torch.bfloat16, None if keep is None else keep.data_ptr(), rows,
+                         cache.data_ptr(), out.data_ptr(), logits.data_ptr(), best.data_ptr(), torch.get_num_threads())
+        if code:
+            raise RuntimeError(f"fused draft layer failed: {DRAFT_ERRORS.get(code, f'code {code}')} "
+                               "(see kernels/decode_draft.c)")
+        return out, logits, best.tolist()
 
     @classmethod
     def build(cls, main, mtp: MTPLayer, cache: torch.Tensor, main_decoder: FusedDecoder | None = None,

@@ -45,6 +45,7 @@ def reference(ckpts):
     (2, dict(spec_greedy_fast_path=False)),  # every step through the sampler's verification
     (2, dict(spec_draft_last_rows=False)),  # the MTP layer's MoE at every catch-up position
     (1, dict(spec_share_steps=False)),
+    (2, dict(spec_draft_one_call=False)),  # the fused draft layer's calls from Python
     (2, dict(spec_chunk_drafts=False, spec_draft_quantization="int8")),
     (2, dict(spec_draft_quantization="int8")),
     (3, dict(spec_draft_quantization="int4", max_num_batched_tokens=13, enforce_eager=True)),

@@ -82,11 +82,11 @@ def test_missing_mtp_tensor_is_named(mtp_ckpt, tmp_path):
     assert LLM(dst).mtp_tensors  # without speculation the layer is only set aside, as before
 
 
-def mtp_setup(path, kc: KernelConfig, quantization: str | None = None):
+def mtp_setup(path, kc: KernelConfig, quantization: str | None = None, dtype: torch.dtype = torch.float32):
     cfg = read_config(path)
-    model, _, names = load_model(path, cfg, torch.float32, torch.device("cpu"), "auto", kc)
-    mtp = load_mtp(model, path, names, torch.float32, "cpu", "auto", kc, quantization)
-    cache = KVCache(cfg, "float32", "cpu", 4, 16, extra_layers=1)
+    model, _, names = load_model(path, cfg, dtype, torch.device("cpu"), "auto", kc)
+    mtp = load_mtp(model, path, names, dtype, "cpu", "auto", kc, quantization)
+    cache = KVCache(cfg, str(dtype).removeprefix("torch."), "cpu", 4, 16, extra_layers=1)
     return mtp, cache, ModelRunner(model, cache), FusedDraft.build(model, mtp, cache.layers[-1])
 
 
@@ -164,3 +164,40 @@ def test_draft_in_chunks_is_the_draft_token_by_token(mtp_ckpt):
         x, positions, meta = runner.inputs([(ids[i + 1:i + 2], i, [0])], num_prefills=0)
         alone.append(mtp(x, hidden[i:i + 1], positions, meta, cache.layers[-1], fused))
     torch.testing.assert_close(chunked, torch.cat([alone[2], alone[-1]]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("keep", [None, [1, 4]], ids=["all-rows", "kept-rows"])
+def test_one_call_draft_is_the_fused_draft(mtp_ckpt, dtype, quantization, keep):
+    """spec_draft_one_call: decode_draft.c gives the fused draft's output, cache rows, head logits and argmax,
+    the same bits (the same kernels in the same order), for fp32 and bf16 tables and hidden states."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    mtp, cache, runner, fused = mtp_setup(path, kc, quantization, dtype)
+    if fused is None or fused.struct is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    ids = random_prompts((7,))[0]
+    hidden = torch.randn(6, read_config(path).hidden_size).to(dtype)
+    x, positions, meta = runner.inputs([(ids[1:4], 0, [0, 1]), (ids[4:7], 0, [2, 3])], num_prefills=0)
+    rows = None if keep is None else torch.tensor(keep)
+    want = fused(x, hidden, positions, meta, rows)
+    want_cache = cache.layers[-1].clone()
+    out, logits, best = fused.one_call(x, hidden, positions, meta, rows)
+    assert torch.equal(out, want) and torch.equal(cache.layers[-1], want_cache)
+    assert torch.equal(logits, fused.logits(want)) and best == logits.argmax(-1).tolist()
+
+
+def test_one_call_draft_names_bad_input(mtp_ckpt):
+    """A token id outside the table or a kept row outside the batch is an error naming the C call's code."""
+    path, _, _ = mtp_ckpt
+    kc = KernelConfig.from_options(cpu_kernels=True).resolve(torch.device("cpu"))
+    mtp, cache, runner, fused = mtp_setup(path, kc)
+    if fused is None or fused.struct is None:
+        pytest.skip("no fused decoder here (no C kernels)")
+    x, positions, meta = runner.inputs([([5, 6], 0, [0])], num_prefills=0)
+    hidden = torch.randn(2, read_config(path).hidden_size)
+    with pytest.raises(RuntimeError, match="token id outside the embedding table"):
+        fused.one_call(torch.tensor([5, 10 ** 6]), hidden, positions, meta)
+    with pytest.raises(RuntimeError, match="kept row outside the batch"):
+        fused.one_call(x, hidden, positions, meta, torch.tensor([2]))
