@@ -49,7 +49,8 @@ def many_streams(llm, prompts, params) -> float:
 
 def load(args, k: int):
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
-    extra = {"spec_draft_quantization": args.draft_quantization} if k and args.draft_quantization else {}
+    quantization = None if args.draft_quantization == "none" else args.draft_quantization
+    extra = {"spec_draft_quantization": quantization} if k else {}
     llm = LLM(args.model, max_model_len=1024, speculative_config=spec, dtype=args.dtype, **extra)
     many_streams(llm, code_prompts(llm.get_tokenizer(), 2, 32), SamplingParams(temperature=0, max_tokens=8))
     return llm
@@ -89,7 +90,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is its best round")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with AMX or AVX512-BF16), float32, ...")
-    ap.add_argument("--draft-quantization", default=None, help="int8 / int4: spec_draft_quantization (k > 0)")
+    ap.add_argument("--draft-quantization", default="auto",
+                    help="spec_draft_quantization (k > 0): auto (the engine's default), int8, int4 or none")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:

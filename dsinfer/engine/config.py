@@ -58,7 +58,8 @@ class EngineConfig:
     ffn_chunk_tokens: int | None = 256      # tokens per MLP pass on the torch path; None or 0: all at once
     speculative_config: dict | str | None = None  # {"method": "mtp", "num_speculative_tokens": k} or its JSON
     spec_greedy_fast_path: bool = True      # speculative steps of plain greedy decodes only: one argmax verifies all
-    spec_draft_quantization: str | None = None  # int8 / int4: the MTP layer and a copy of the head, for drafting only
+    spec_draft_quantization: str | None = "auto"  # int8 / int4: the MTP layer and a copy of the head, for drafting
+                                                # only; auto: int8 where the fused C kernels draft, else None
     spec_draft_last_rows: bool = True       # the MTP layer's MoE / MLP only at the position each sequence drafts from
     spec_share_steps: bool = True           # the MTP layer reuses the greedy step's fused-layer inputs
     spec_chunk_drafts: bool = True          # MTP catch-ups of more than 8 decode tokens fused, 8 at a time
@@ -105,8 +106,8 @@ class EngineConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
             raise ValueError(f"reasoning_parser must be one of {PARSERS} or None, got {self.reasoning_parser!r}")
         self.speculative_config = check_speculative_config(self.speculative_config)
-        if self.spec_draft_quantization not in (None, *DRAFT_BITS):
-            raise ValueError(f"spec_draft_quantization must be one of {tuple(DRAFT_BITS)} or None, "
+        if self.spec_draft_quantization not in (None, "auto", *DRAFT_BITS):
+            raise ValueError(f"spec_draft_quantization must be one of {('auto', *DRAFT_BITS)} or None, "
                              f"got {self.spec_draft_quantization!r}")
         sparse = self.sparse_config()
         if sparse is not None and sparse.window < self.block_size:
@@ -114,6 +115,13 @@ class EngineConfig:
                              f"({self.block_size}): then every block a query chooses among is full and in its past")
         if self.tensor_parallel_size > 1 and (self.speculative_config or sparse is not None):
             raise ValueError("tensor_parallel_size > 1 does not support speculative_config or sparse_attention yet")
+
+    def draft_quantization(self, kc) -> str | None:
+        """spec_draft_quantization resolved for the model's KernelConfig: auto is int8 where the fused C decode
+        kernels run the draft (their int8 kernels read a quarter of fp32's bytes, half of bf16's), else None."""
+        if self.spec_draft_quantization != "auto":
+            return self.spec_draft_quantization
+        return "int8" if kc.fused_decode else None
 
     def sparse_config(self) -> SparseConfig | None:
         """The checked sparse_attention setting (layers/block_sparse.py), None when off."""

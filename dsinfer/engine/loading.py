@@ -38,6 +38,6 @@ def load_engine_model(cfg: EngineConfig, shard=None) -> Loaded:
     kc = cfg.kernel_config(device)
     model, bits, mtp = load_model(path, mcfg, dtype, device, cfg.mla_mode, kc, cfg.quantization,
                                   cfg.quant_group_size, cfg.map_embeddings, cfg.sparse_config(), shard)
-    draft = load_mtp(model, path, mtp, dtype, device, cfg.mla_mode, kc, cfg.spec_draft_quantization) \
+    draft = load_mtp(model, path, mtp, dtype, device, cfg.mla_mode, kc, cfg.draft_quantization(kc)) \
         if cfg.speculative_config else None
     return Loaded(path, model, bits, mtp, dtype, device, draft)

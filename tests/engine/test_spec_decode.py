@@ -47,6 +47,7 @@ def reference(ckpts):
     (1, dict(spec_share_steps=False)),
     (2, dict(spec_draft_one_call=False)),  # the fused draft layer's calls from Python
     (2, dict(spec_chunk_drafts=False, spec_draft_quantization="int8")),
+    (2, dict(spec_draft_quantization=None)),  # the draft in the model's precision
     (2, dict(spec_draft_quantization="int8")),
     (3, dict(spec_draft_quantization="int4", max_num_batched_tokens=13, enforce_eager=True)),
 ], ids=str)
@@ -207,3 +208,17 @@ def test_bad_speculative_config_is_a_clear_error(value, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig.from_kwargs(speculative_config=value)
     assert EngineConfig.from_kwargs(speculative_config='{"num_speculative_tokens": 3}').speculative_config == spec(3)
+
+
+@pytest.mark.parametrize("options, bits", [(dict(), 8), (dict(enforce_eager=True), None),
+                                           (dict(spec_draft_quantization=None), None),
+                                           (dict(spec_draft_quantization="int4"), 4)], ids=str)
+def test_draft_quantization_auto_is_int8_where_the_fused_kernels_draft(ckpts, options, bits):
+    """spec_draft_quantization="auto" (the default): int8 where the fused C decode kernels run the draft, the
+    model's own precision where they do not (enforce_eager, or no C kernels); explicit values as given."""
+    llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(1), **options)
+    fused = llm.engine.model.kernel_config.fused_decode
+    if bits == 8 and not fused:
+        bits = None  # no C kernels on this machine: auto stays in the model's precision
+    head = llm.engine.spec.mtp.draft_head
+    assert (None if head is None else head.bits) == bits

@@ -130,7 +130,7 @@ def test_quantized_draft_is_close_to_the_full_precision_one(mtp_ckpt, quantizati
 
 
 def test_bad_draft_quantization_is_a_clear_error():
-    with pytest.raises(ValueError, match="spec_draft_quantization must be one of .*int8.*got 'int3'"):
+    with pytest.raises(ValueError, match="spec_draft_quantization must be one of .*auto.*int8.*got 'int3'"):
         LLM(speculative_config=SPEC, spec_draft_quantization="int3")
 
 
