@@ -49,6 +49,8 @@ def many_streams(llm, prompts, params) -> float:
 
 def load(args, k: int):
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
+    if spec and args.disable_by_batch_size:
+        spec["disable_by_batch_size"] = args.disable_by_batch_size
     quantization = None if args.draft_quantization == "none" else args.draft_quantization
     extra = {"spec_draft_quantization": quantization} if k else {}
     llm = LLM(args.model, max_model_len=1024, speculative_config=spec, dtype=args.dtype, **extra)
@@ -92,6 +94,8 @@ def main():
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with AMX or AVX512-BF16), float32, ...")
     ap.add_argument("--draft-quantization", default="auto",
                     help="spec_draft_quantization (k > 0): auto (the engine's default), int8, int4 or none")
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="speculative_config's disable_by_batch_size: no drafts while more sequences run")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -99,7 +103,7 @@ def main():
     results = run(args)
     base = results.get(0)
     print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}, "
-          f"draft quantization: {args.draft_quantization}")
+          f"draft quantization: {args.draft_quantization}, disable_by_batch_size: {args.disable_by_batch_size}")
     print(f"| k | 1 stream tok/s | x | ms per step | x | tokens per step | {args.streams} streams tok/s | x | "
           "acceptance per position | mean accepted length |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for k, r in results.items():

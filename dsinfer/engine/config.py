@@ -170,7 +170,7 @@ class EngineConfig:
 
 
 SPEC_METHODS = ("mtp",)
-SPEC_FIELDS = ("method", "num_speculative_tokens")
+SPEC_FIELDS = ("method", "num_speculative_tokens", "disable_by_batch_size")
 
 
 def check_speculative_config(spec: dict | str | None) -> dict | None:
@@ -193,4 +193,7 @@ def check_speculative_config(spec: dict | str | None) -> dict | None:
         raise ValueError(f"speculative_config.method must be one of {SPEC_METHODS}, got {method!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 8:
         raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in 1..8, got {k!r}")
-    return {"method": method, "num_speculative_tokens": k}
+    pause = spec.get("disable_by_batch_size")
+    if pause is not None and (isinstance(pause, bool) or not isinstance(pause, int) or pause < 1):
+        raise ValueError(f"speculative_config.disable_by_batch_size must be a positive integer or null, got {pause!r}")
+    return {"method": method, "num_speculative_tokens": k} | ({} if pause is None else {"disable_by_batch_size": pause})

@@ -61,7 +61,8 @@ class LLMEngine:
         self.spec = None if mtp is None else SpecDecoder(self, mtp, cfg.num_speculative_tokens,
                                                               cfg.spec_greedy_fast_path, cfg.spec_draft_last_rows,
                                                               cfg.spec_share_steps, cfg.spec_chunk_drafts,
-                                                              cfg.spec_draft_one_call)
+                                                              cfg.spec_draft_one_call,
+                                                              cfg.speculative_config.get("disable_by_batch_size"))
         self.team = None  # the tensor-parallel group, on rank 0 of one
 
     @classmethod

@@ -63,15 +63,18 @@ class Catchup:
 
 class SpecDecoder:
     def __init__(self, engine, mtp, k: int, greedy_fast_path: bool = True, last_rows: bool = True,
-                 share_steps: bool = True, chunk_drafts: bool = True, one_call: bool = True):
+                 share_steps: bool = True, chunk_drafts: bool = True, one_call: bool = True,
+                 disable_by_batch_size: int | None = None):
         """last_rows: the MTP layer's catch-up computes its output (MoE / MLP, norm) only at each sequence's last
         position, the one it drafts from; the others only write their cache rows. share_steps: a catch-up over
         every position of a greedy step reuses the step's inputs to the fused layer (its StepC). chunk_drafts:
         catch-ups of more than kernels.MAX_M decode tokens take the fused layer in chunks (FusedDraft.in_chunks).
         one_call: a decode-sized draft step (the layer, its head and their argmax) is one C call
-        (FusedDraft.one_call)."""
+        (FusedDraft.one_call). disable_by_batch_size: while more sequences than this run, nothing is drafted and
+        the MTP layer only writes its cache rows (its attention half), so that drafting resumes with a whole
+        cache when the batch shrinks (vLLM's name)."""
         self.engine, self.mtp, self.k, self.greedy_fast_path = engine, mtp, k, greedy_fast_path
-        self.last_rows, self.one_call = last_rows, one_call
+        self.last_rows, self.one_call, self.disable_by_batch_size = last_rows, one_call, disable_by_batch_size
         self.cache = engine.cache.layers[-1]
         main = engine.runner.fused if share_steps else None
         self.fused = FusedDraft.build(engine.model, mtp, self.cache, main, chunk_drafts)  # None: the Python layer
@@ -218,13 +221,16 @@ class SpecDecoder:
             return
         if inputs is None:
             jobs.sort(key=lambda j: not j.prefill)
-        keep = self.kept_rows(jobs)
+        paused = self.paused()
+        keep = torch.empty(0, dtype=torch.int64) if paused else self.kept_rows(jobs)
         if inputs is not None:
             outputs = self.forward(*inputs, keep)
         else:
             entries = [(j.seq.token_ids[j.start + 1:j.start + 1 + len(j.hidden)], j.start, j.seq.block_table)
                        for j in jobs]
             outputs = self.run(entries, torch.cat([j.hidden for j in jobs]), sum(j.prefill for j in jobs), keep)
+        if paused:  # the cache rows are written; no drafts
+            return
         counts = [1] * len(jobs) if keep is not None else [len(j.hidden) for j in jobs]
         take_last(jobs, counts, *outputs)
         last = [j for j in jobs if self.plan(j)]
@@ -237,6 +243,11 @@ class SpecDecoder:
                                     for j in last], torch.cat([j.out for j in last]), 0)
                 take_last(last, [1] * len(last), *outputs)
             self.propose(last)
+
+    def paused(self) -> bool:
+        """Whether disable_by_batch_size stops drafting now: more sequences running than it allows."""
+        limit = self.disable_by_batch_size
+        return limit is not None and len(self.engine.scheduler.running) > limit
 
     def kept_rows(self, jobs: list[Catchup]) -> torch.Tensor | None:
         """With last_rows, the row of each job's last position (None where that is every row)."""

@@ -61,7 +61,8 @@ static void argmax_rows(const float *logits, int64_t rows, int64_t n, int64_t *b
     }
 }
 
-/* out [kept, d] = the draft layer's normed output at rows `keep` (NULL: every row, kept = t) of a decode batch
+/* out [kept, d] = the draft layer's normed output at the `kept` rows `keep` (kept < 0: every row; 0: the rows'
+ * cache rows only, the attention half) of a decode batch
  * (S->t rows: next_ids [t], the main model's hidden [t, d]); logits [kept, vocab] and best [kept] from the head
  * where not NULL. Returns 0, or a code naming the failed part: 1 bad sizes or no memory, 3 a token id outside the
  * table, 4 a kept row outside the batch, 1x / 2x / 3x the attention half's or the MoE / MLP half's (decode_layer.c),
@@ -69,10 +70,10 @@ static void argmax_rows(const float *logits, int64_t rows, int64_t n, int64_t *b
 int decode_draft_f32(const Draft *D, const Layer *L, const Step *S, const int64_t *next_ids, const void *hidden,
                      int64_t hidden_bf16, const int64_t *keep, int64_t kept, void *cache, float *out, float *logits,
                      int64_t *best, int threads) {
-    const int64_t t = S->t, d = D->d;
-    if (t < 1 || t > MAX_T || d != L->d || (keep && (kept < 1 || kept > t))) return 1;
-    kept = keep ? kept : t;
-    for (int64_t i = 0; keep && i < kept; i++)
+    const int64_t t = S->t, d = D->d, every = kept < 0;
+    if (t < 1 || t > MAX_T || d != L->d || kept > t || (!every && kept && !keep)) return 1;
+    kept = every ? t : kept;
+    for (int64_t i = 0; !every && i < kept; i++)
         if (keep[i] < 0 || keep[i] >= t) return 4;
     float *buf = malloc(sizeof(float) * (2 * t * d + 3 * t * d + d));
     if (!buf) return 1;
@@ -83,9 +84,9 @@ int decode_draft_f32(const Draft *D, const Layer *L, const Step *S, const int64_
         err = decode_attention_f32(L, S, x, cache, part, threads);
         err = err ? 100 + err : 0;
     }
-    if (!err) {
+    if (!err && kept) {
         for (int64_t i = 0; i < kept; i++) {
-            const int64_t from = keep ? keep[i] : i;
+            const int64_t from = every ? i : keep[i];
             for (int64_t j = 0; j < d; j++) y[i * d + j] = x[from * d + j] + part[from * d + j];
         }
         Step rows = *S;
@@ -93,7 +94,7 @@ int decode_draft_f32(const Draft *D, const Layer *L, const Step *S, const int64_
         err = decode_ffn_f32(L, &rows, y, part, threads);
         err = err ? 100 + err : 0;
     }
-    if (!err) {
+    if (!err && kept) {
         for (int64_t i = 0; i < kept * d; i++) y[i] += part[i];
         rms_norm_f32(y, D->out_norm, out, kept, d, d, D->eps);
         if (logits) mat_vec(&D->head, out, logits, kept, D->vocab, d, threads);

@@ -200,11 +200,15 @@ class FusedDecoder:
         part, threads = torch.empty_like(x), torch.get_num_threads()
         code = run_attention(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), part.data_ptr(), threads)
         x = (x + part).index_select(0, keep)
+        if code or not len(keep):  # an error, or the cache rows alone
+            return self.raise_for(code, keep) if code else x.to(dtype)
         rows = StepC.from_buffer_copy(step)
         rows.t = x.shape[0]  # the MoE / MLP half reads only the token count
         part = torch.empty_like(x)
         code = code or run_ffn(self.lib, layer, rows, x.data_ptr(), part.data_ptr(), threads)
-        if code:
-            raise RuntimeError(f"fused decode layer (rows {keep.tolist()}) failed with code {code} "
-                               "(see kernels/decode_layer.c)")
-        return (x + part).to(dtype)
+        return (x + part).to(dtype) if not code else self.raise_for(code, keep)
+
+    @staticmethod
+    def raise_for(code: int, keep: torch.Tensor):
+        raise RuntimeError(f"fused decode layer (rows {keep.tolist()}) failed with code {code} "
+                           "(see kernels/decode_layer.c)")

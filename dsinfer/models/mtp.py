@@ -155,7 +155,8 @@ class FusedDraft:
         out, logits = torch.empty(rows, d), torch.empty(rows, self.struct.vocab)
         best = torch.empty(rows, dtype=torch.int64)
         code = run_draft(self.decoder.lib, self.struct, layer, step, ids.data_ptr(), hidden.data_ptr(),
-                         hidden.dtype == torch.bfloat16, None if keep is None else keep.data_ptr(), rows,
+                         hidden.dtype == torch.bfloat16, None if keep is None else keep.data_ptr(),
+                         -1 if keep is None else rows,
                          cache.data_ptr(), out.data_ptr(), logits.data_ptr(), best.data_ptr(), torch.get_num_threads())
         if code:
             raise RuntimeError(f"fused draft layer failed: {DRAFT_ERRORS.get(code, f'code {code}')} "

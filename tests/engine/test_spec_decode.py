@@ -2,6 +2,7 @@
 give without it, however they are batched, chunked, cached or preempted, with real, random and perfect drafts;
 blocks never leak; seeded sampled requests are reproducible; the options are checked."""
 import pytest
+import torch
 
 from dsinfer import LLM, SamplingParams
 from dsinfer.engine.config import EngineConfig
@@ -201,6 +202,8 @@ def test_draft_reuses_the_step_inputs_and_drafts_the_same(ckpts, monkeypatch):
     ({"method": "mtp", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer in 1..8"),
     ({"method": "mtp"}, "num_speculative_tokens must be an integer"),
     ({"method": "mtp", "num_speculative_tokens": 2, "draft_model": "x"}, "unknown field.*draft_model"),
+    ({"num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size must be a positive integer"),
+    ({"num_speculative_tokens": 2, "disable_by_batch_size": "4"}, "disable_by_batch_size must be a positive"),
     ('{"method": "mtp", ', "not valid JSON"),
     (["mtp"], "must be a dict"),
 ])
@@ -222,3 +225,45 @@ def test_draft_quantization_auto_is_int8_where_the_fused_kernels_draft(ckpts, op
         bits = None  # no C kernels on this machine: auto stays in the model's precision
     head = llm.engine.spec.mtp.draft_head
     assert (None if head is None else head.bits) == bits
+
+
+def test_disable_by_batch_size_pauses_drafting(ckpts, reference):
+    """disable_by_batch_size: while more sequences run than it allows, nothing is drafted; outputs unchanged, and
+    drafting resumes when the batch shrinks (here: the longest request left alone for its last 12 tokens)."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 12, 24)]
+    drafts = []
+    for limit in (2, 1, None):
+        config = spec(1) | ({} if limit is None else {"disable_by_batch_size": limit})
+        llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=config)
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts()[:3], params, use_tqdm=False)]
+        assert outs == [r[:p.max_tokens] for r, p in zip(reference, params)]
+        assert_drained(llm)
+        drafts.append(llm.engine.stats().spec_draft_tokens[0])
+    assert 0 < drafts[1] < drafts[0] < drafts[2]  # two running: drafts; one: only alone; no limit: always
+
+
+def mtp_rows(llm, prompt: list[int], paused: bool) -> torch.Tensor:
+    """The MTP layer's cache rows at a greedy sequence's positions, with drafting paused at every step or not."""
+    e = llm.engine
+    e.spec.paused = lambda: paused
+    e.add_request("r", None, prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    table = []
+    while e.has_unfinished():
+        table = list(e.scheduler.running[0].block_table) if e.scheduler.running else table
+        e.step()
+    positions = torch.arange(len(prompt) + 10)  # caught up: every position but the last two
+    slots = torch.tensor(table)[positions // e.cfg.block_size] * e.cfg.block_size + positions % e.cfg.block_size
+    return e.cache.layers[-1][slots].float()
+
+
+@pytest.mark.parametrize("options", [dict(), dict(spec_draft_one_call=False), dict(enforce_eager=True)], ids=str)
+def test_paused_drafting_still_writes_the_draft_cache(ckpts, options):
+    """While drafting is paused the MTP layer still writes its cache row at every position (its attention half),
+    the rows a drafting run writes, so drafts resume from a whole cache."""
+    prompt = random_prompts((9,))[0]
+    llm = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(1) | {"disable_by_batch_size": 1},
+              **options)
+    paused = mtp_rows(llm, prompt, True)
+    assert llm.engine.stats().spec_draft_tokens == [0] and bool((paused != 0).any(dim=1).all())
+    drafting = LLM(ckpts["v3-mtp"], max_model_len=200, speculative_config=spec(1), **options)
+    torch.testing.assert_close(paused, mtp_rows(drafting, prompt, False), rtol=1e-3, atol=1e-3)
