@@ -22,17 +22,29 @@ from timing import best_seconds_per_call  # noqa: E402
 
 from dsinfer import LLM  # noqa: E402
 from dsinfer.layers import kv_format  # noqa: E402
-from dsinfer.models.mtp import FusedDraft, MTPLayer  # noqa: E402
+from dsinfer.models.mtp import FusedDraft, MTPLayer, quantize_draft  # noqa: E402
 
 
-def draft_layer(llm) -> MTPLayer:
+def draft_layer(llm, quantization: str) -> MTPLayer:
     model = llm.model
     with torch.device(llm.device):
         mtp = MTPLayer(model, "auto", model.kernel_config).to(llm.dtype).eval()
     last = model.model.layers[-1].state_dict()
     mtp.load_state_dict(last, strict=False)  # the decoder layer's weights; enorm, hnorm, eh_proj stay as built
     torch.nn.init.normal_(mtp.eh_proj.weight, std=0.02)
+    if quantization == "auto":  # as the engine resolves spec_draft_quantization
+        quantization = "int8" if model.kernel_config.fused_decode else "none"
+    if quantization != "none":
+        quantize_draft(mtp, quantization)
     return mtp
+
+
+def draft_logits(mtp, fused, cache, ids, hidden, positions, meta, last):
+    """The draft step as the engine runs it: the MTP layer's output at each stream's last row and the draft head's
+    logits there, in one C call where it applies (spec_draft_one_call), else through the layer."""
+    if fused is not None and fused.takes_one_call(len(ids), meta):
+        return fused.one_call(ids, hidden, positions, meta, last)[1]
+    return mtp.compute_logits(mtp(ids, hidden, positions, meta, cache, fused, last))
 
 
 def entries(streams: int, tokens: int, context: int, block_size: int):
@@ -51,14 +63,14 @@ def costs(llm, mtp, streams: int, context: int, ks: list[int], seconds: float) -
     rows = llm.engine.cache.layers[0].shape[0]
     cache = kv_format.allocate(llm.engine.cache.kv_dtype, rows, model.config.kv_lora_rank,
                                model.config.qk_rope_head_dim, llm.device)
-    fused = FusedDraft.build(model, mtp, cache)
+    fused = FusedDraft.build(model, mtp, cache, chunk_decodes=True)
     out = {}
     for t in [1] + [k + 1 for k in ks]:
         ids, positions, meta = runner.inputs(entries(streams, t, context, bs), 0)
         hidden = torch.randn(len(ids), d, dtype=llm.dtype)
         out[f"verify {t}"] = time(lambda: model.compute_logits(runner.run_model(ids, positions, meta)))
         last = torch.arange(t - 1, len(ids), t)
-        out[f"mtp {t}"] = time(lambda: model.compute_logits(mtp(ids, hidden, positions, meta, cache, fused)[last]))
+        out[f"mtp {t}"] = time(lambda: draft_logits(mtp, fused, cache, ids, hidden, positions, meta, last))
     return out
 
 
@@ -75,6 +87,9 @@ def main():
     ap.add_argument("--ks", default="1,2,3")
     ap.add_argument("--acceptance", default="0.85,0.9")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CPUs with AMX or AVX512-BF16), float32, ...")
+    ap.add_argument("--draft-quantization", default="auto",
+                    help="the draft's spec_draft_quantization: auto (int8 where the fused kernels draft), int8, int4, "
+                         "none")
     ap.add_argument("--seconds", type=float, default=0.5, help="minimum time of each of 3 measurements")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
@@ -82,14 +97,14 @@ def main():
         torch.set_num_threads(args.threads)
     ks, rates = [int(k) for k in args.ks.split(",")], [float(a) for a in args.acceptance.split(",")]
     llm = LLM(args.model, max_model_len=1024, max_num_seqs=8, enable_prefix_caching=False, dtype=args.dtype)
-    mtp = draft_layer(llm)
+    mtp = draft_layer(llm, args.draft_quantization)
     llm.engine.runner.chunk_decodes = True  # as with speculation: verify steps over 8 tokens in fused chunks
     with torch.inference_mode():
         for b in map(int, args.streams.split(",")):
             c = costs(llm, mtp, b, args.context, ks, args.seconds)
             base = c["verify 1"]
-            print(f"\n{b} stream(s), context {args.context}, {args.dtype}, {torch.get_num_threads()} thread(s): "
-                  f"plain decode step {base * 1e3:.1f} ms")
+            print(f"\n{b} stream(s), context {args.context}, {args.dtype}, {torch.get_num_threads()} thread(s), "
+                  f"draft quantization {args.draft_quantization}: plain decode step {base * 1e3:.1f} ms")
             print("| step | ms | x plain step |\n|---|---:|---:|")
             for name, s in c.items():
                 print(f"| {name} token(s) per stream | {s * 1e3:.1f} | {s / base:.2f} |")
