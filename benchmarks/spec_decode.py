@@ -47,12 +47,20 @@ def many_streams(llm, prompts, params) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
 
 
+def switch(text: str) -> tuple[str, bool]:
+    """--switch NAME=on|off: an EngineConfig switch for the speculative runs."""
+    name, _, value = text.partition("=")
+    if value not in ("on", "off"):
+        raise SystemExit(f"--switch takes NAME=on or NAME=off, got {text!r}")
+    return name, value == "on"
+
+
 def load(args, k: int):
     spec = {"method": "mtp", "num_speculative_tokens": k} if k else None
     if spec and args.disable_by_batch_size:
         spec["disable_by_batch_size"] = args.disable_by_batch_size
     quantization = None if args.draft_quantization == "none" else args.draft_quantization
-    extra = {"spec_draft_quantization": quantization} if k else {}
+    extra = {"spec_draft_quantization": quantization, **dict(map(switch, args.switch))} if k else {}
     llm = LLM(args.model, max_model_len=1024, speculative_config=spec, dtype=args.dtype, **extra)
     many_streams(llm, code_prompts(llm.get_tokenizer(), 2, 32), SamplingParams(temperature=0, max_tokens=8))
     return llm
@@ -96,6 +104,8 @@ def main():
                     help="spec_draft_quantization (k > 0): auto (the engine's default), int8, int4 or none")
     ap.add_argument("--disable-by-batch-size", type=int, default=None,
                     help="speculative_config's disable_by_batch_size: no drafts while more sequences run")
+    ap.add_argument("--switch", action="append", default=[], metavar="NAME=on|off",
+                    help="an EngineConfig switch for k > 0, e.g. spec_draft_one_call=off (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -103,7 +113,8 @@ def main():
     results = run(args)
     base = results.get(0)
     print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}, "
-          f"draft quantization: {args.draft_quantization}, disable_by_batch_size: {args.disable_by_batch_size}")
+          f"draft quantization: {args.draft_quantization}, disable_by_batch_size: {args.disable_by_batch_size}, "
+          f"switches: {args.switch or '-'}")
     print(f"| k | 1 stream tok/s | x | ms per step | x | tokens per step | {args.streams} streams tok/s | x | "
           "acceptance per position | mean accepted length |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for k, r in results.items():
