@@ -54,9 +54,11 @@ def draft_logits(mtp, fused, cache, ids, hidden, positions, meta, last):
 
 
 def entries(streams: int, tokens: int, context: int, block_size: int):
-    """One block table per stream, `context` tokens cached, `tokens` new ones."""
+    """One block table per stream, `context` tokens cached, `tokens` new ones: each stream its own tokens, so that
+    streams route to experts as different requests would."""
     per = -(-(context + tokens) // block_size)
-    return [(list(range(3, 3 + tokens)), context, list(range(i * per, (i + 1) * per))) for i in range(streams)]
+    return [(list(range(3 + 101 * i, 3 + 101 * i + tokens)), context, list(range(i * per, (i + 1) * per)))
+            for i in range(streams)]
 
 
 def measure(steps: dict, seconds: float, rounds: int) -> tuple[dict, dict]:
