@@ -15,7 +15,7 @@ from dsinfer.models.fused_decode import FusedDecoder
 class ModelRunner:
     def __init__(self, model, cache: KVCache, chunk_decodes: bool = False):
         """chunk_decodes: decode steps of more than kernels.MAX_M tokens run through the fused decoder too, in
-        chunks of at most that many (speculative decoding's verify steps: each token then gets the numbers it
+        chunks of at most its step_tokens (speculative decoding's verify steps: each token then gets the numbers it
         gets as a plain decode)."""
         self.model, self.cache, self.device = model, cache, cache.device
         self.offsets = torch.arange(cache.block_size, device=self.device)
@@ -88,15 +88,16 @@ class ModelRunner:
         if self.fused is not None and self.fused.takes(input_ids.shape[0], meta):
             return self.fused(input_ids, positions, meta)
         if self.fused is not None and self.chunk_decodes and meta.num_prefills == 0:
-            return torch.cat([self.fused(input_ids[a:a + MAX_M], positions[a:a + MAX_M], decode_slice(meta, a))
-                              for a in range(0, input_ids.shape[0], MAX_M)])
+            n = self.fused.step_tokens
+            return torch.cat([self.fused(input_ids[a:a + n], positions[a:a + n], decode_slice(meta, a, n))
+                              for a in range(0, input_ids.shape[0], n)])
         return self.model(input_ids, positions, meta, self.cache.model_caches())
 
 
-def decode_slice(meta: AttentionMetadata, start: int) -> AttentionMetadata:
-    """The metadata of a decode step's tokens start .. start + MAX_M - 1 (every sequence's rows kept). Chunks
+def decode_slice(meta: AttentionMetadata, start: int, size: int = MAX_M) -> AttentionMetadata:
+    """The metadata of a decode step's tokens start .. start + size - 1 (every sequence's rows kept). Chunks
     run in order, so a token still sees the cache rows its sequence's earlier tokens wrote."""
-    end = start + MAX_M
+    end = start + size
     return replace(meta, slot_mapping=meta.slot_mapping[start:end], token_seq=meta.token_seq[start:end])
 
 

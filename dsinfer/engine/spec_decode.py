@@ -135,7 +135,7 @@ class SpecDecoder:
         """The MTP layer's (next ids, hidden, positions, metadata) for rows `rows` of a decode step, taken from
         the step's own tensors (the rows keep their slots; token_seq still points into the step's block tables),
         or None where the fused draft layer would not take them."""
-        if not rows or self.fused is None or len(rows) > MAX_M:
+        if not rows or self.fused is None or len(rows) > self.fused.decoder.step_tokens:
             return None
         ids = torch.tensor(next_ids, device=hidden.device)
         if len(rows) == hidden.shape[0]:  # every row: the step's own metadata (the fused layer's inputs are kept)

@@ -106,7 +106,7 @@ def mla_expand(o_lat: torch.Tensor, kv_b: torch.Tensor, dn: int, dv: int) -> tor
     return out
 
 
-_MOE_ERRORS = {1: "expert id out of range (or an expert chosen more than MAX_M times)",
+_MOE_ERRORS = {1: "expert id out of range",
                2: "out of memory for the kernel's scratch", 3: "bad sizes"}
 
 

@@ -28,6 +28,11 @@ int route_f32(const float *x, const void *weight, int weight_bf16, const float *
 
 #define FIELD_NAME(f) #f ","
 
+/* The most tokens a fused decode step takes (MAX_T). */
+int64_t decode_step_tokens(void) {
+    return MAX_T;
+}
+
 /* The field names of Layer (which 0), Step (1), Mat (2) or Draft (3), comma-separated, in decode_layer_layout's
  * order. */
 const char *decode_layer_names(int which) {

@@ -5,7 +5,8 @@
 #define DSINFER_DECODE_LAYER_H
 #include <stdint.h>
 
-#define MAX_T 8
+#define MAX_T 16   /* tokens of a fused decode step; the matrix kernels take KERNEL_ROWS rows of x at a time */
+#define KERNEL_ROWS 8
 #define MAX_K 64
 
 /* How a weight matrix is stored: fp32 or bf16 values, or int8 / int4 codes in groups of `group` columns with

@@ -29,7 +29,7 @@ MOE(moe_decode_f32, float)
 MOE(moe_decode_bf16, uint16_t)
 
 /* y [m, n] = x [m, k] @ A^T. */
-void mat_vec(const Mat *A, const float *x, float *y, int64_t m, int64_t n, int64_t k, int threads) {
+static void mat_rows(const Mat *A, const float *x, float *y, int64_t m, int64_t n, int64_t k, int threads) {
     switch (A->format) {
     case W_F32: gemv_f32(x, A->w, y, m, n, k, threads); break;
     case W_BF16: gemv_bf16(x, A->w, y, m, n, k, threads); break;
@@ -41,6 +41,13 @@ void mat_vec(const Mat *A, const float *x, float *y, int64_t m, int64_t n, int64
         (A->int8_x == 3 ? qgemv_i4_x8_vnni512 : A->int8_x == 2 ? qgemv_i4_x8_vnni : A->int8_x ? qgemv_i4_x8 : qgemv_i4)(x, A->w, A->scales, A->mins, y, m,
                                                                                    n, k, A->group, threads);
     }
+}
+
+/* y [m, n] = x [m, k] . A^T, KERNEL_ROWS rows of x at a time (the kernels' most), back to back, so that a second
+ * pass finds the weights in cache; each row's sums are the kernels' batch-invariant ones. */
+void mat_vec(const Mat *A, const float *x, float *y, int64_t m, int64_t n, int64_t k, int threads) {
+    for (int64_t r = 0; r < m; r += KERNEL_ROWS)
+        mat_rows(A, x + r * k, y + r * n, m - r < KERNEL_ROWS ? m - r : KERNEL_ROWS, n, k, threads);
 }
 
 /* The matrix that starts at row `row` of A (rows of k columns): one expert of a stack. */

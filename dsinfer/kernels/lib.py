@@ -117,6 +117,7 @@ def declare(lib: ctypes.CDLL):
     # which struct (0 Layer, 1 Step, 2 Mat, 3 Draft), out [n] -> how many values: sizeof, then each field's offset
     _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)
+    _sig(lib, ("decode_step_tokens",), [], I64)
     # x, offs, w, y, t, e, n, k, threads -> 0 or an error code; amx_init -> 0 if the OS grants the tile state
     _sig(lib, ("grouped_mm_amx_bf16",), [P] * 4 + [I64] * 4 + [INT], INT)
     _sig(lib, ("amx_init",), [], INT)

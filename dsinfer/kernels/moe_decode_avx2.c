@@ -3,7 +3,8 @@
  * with gate_up [E, 2I, D] (gate rows, then up rows) and down [E, D, I], fp32 or bf16.
  *
  * Scheme: the (token, choice) pairs are grouped by expert (ascending expert, then token), so that each active
- * expert's weights are streamed from memory once for all of its tokens (m <= MAX_M), by the row kernels of
+ * expert's weights are streamed from memory once for all of its tokens (an expert with more than MAX_M tokens,
+ * in a step of up to MAX_T: two groups back to back, the second finding the rows in cache), by the row kernels of
  * gemv_kernels.h on a small gathered (and, for m > BLOCKED_FROM, packed) block of x. One parallel region:
  *  1. every thread takes the same share of rows i of every active expert: gate rows i and up rows I + i into
  *     g, then h[r][i] = weight * silu(gate) * up, written both plain and packed for phase 2;
@@ -13,6 +14,7 @@
  * Each out element is summed by one thread in a fixed order, so the result does not depend on timing. */
 #include <math.h>
 #include <omp.h>
+#include "decode_layer.h"
 #include "gemv_kernels.h"
 
 #define ALIGN(n) (((n) + 15) & ~(int64_t)15) /* floats: scratch blocks start on 64-byte boundaries */
@@ -24,8 +26,9 @@ typedef struct {
     float *x, *xp, *h, *hp; /* gathered x [m, D], packed (or NULL); activation [m, I], packed (or NULL) */
 } Group;
 
-/* Groups the T * K pairs by expert, tokens ascending within each, using order [T * K] as scratch; returns how
- * many experts are used, or -1 for an id outside [0, E) or an expert chosen more than MAX_M times. */
+/* Groups the T * K pairs by expert, tokens ascending within each, at most MAX_M tokens a group (more: the
+ * expert's next group follows), using order [T * K] as scratch; returns how many groups, or -1 for an id
+ * outside [0, E). */
 static int64_t group_pairs(const int64_t *ids, const float *weights, int64_t t, int64_t k, int64_t e,
                            int64_t *order, Group *groups) {
     int64_t n = t * k, ng = 0;
@@ -37,9 +40,9 @@ static int64_t group_pairs(const int64_t *ids, const float *weights, int64_t t, 
     }
     for (int64_t i = 0; i < n; i++) {
         int64_t p = order[i];
-        if (ng == 0 || groups[ng - 1].e != ids[p]) groups[ng].e = ids[p], groups[ng++].m = 0;
+        if (ng == 0 || groups[ng - 1].e != ids[p] || groups[ng - 1].m == MAX_M)
+            groups[ng].e = ids[p], groups[ng++].m = 0;
         Group *g = &groups[ng - 1];
-        if (g->m == MAX_M) return -1;
         g->w[g->m] = weights[p];
         g->tok[g->m++] = p / k;
     }
@@ -107,7 +110,7 @@ static inline __attribute__((always_inline)) void gate_up_part(const int bf16, c
 static inline __attribute__((always_inline)) int moe_decode(
         const int bf16, const float *x, const int64_t *ids, const float *weights, const void *gate_up,
         const void *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter, int threads) {
-    if (t < 1 || t > MAX_M || k < 1 || d < 1 || inter < 1) return 3;
+    if (t < 1 || t > MAX_T || k < 1 || d < 1 || inter < 1) return 3;
     Group *groups = malloc((size_t)(t * k) * (sizeof(Group) + sizeof(int64_t)));
     if (!groups) return 2;
     int64_t ng = group_pairs(ids, weights, t, k, e, (int64_t *)(groups + t * k), groups);
@@ -146,8 +149,8 @@ static inline __attribute__((always_inline)) int moe_decode(
     return 0;
 }
 
-/* 0 on success; 1: an expert id outside [0, E) (or one expert chosen more than MAX_M times); 2: out of memory;
- * 3: bad sizes (T outside 1..MAX_M, K, D or I below 1). */
+/* 0 on success; 1: an expert id outside [0, E); 2: out of memory; 3: bad sizes (T outside 1..MAX_T, K, D or I
+ * below 1). */
 int moe_decode_f32(const float *x, const int64_t *ids, const float *weights, const float *gate_up,
                    const float *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter,
                    int threads) {

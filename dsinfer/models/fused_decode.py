@@ -137,6 +137,7 @@ class FusedDecoder:
     def __init__(self, model, layers: list[LayerC], caches: list[torch.Tensor], keep: list[torch.Tensor]):
         self.model, self.layers, self.caches, self.lib = model.model, layers, caches, kernels.library()
         self.keep = keep  # the fp32 vectors the layers point to
+        self.step_tokens = self.lib.decode_step_tokens()  # the most tokens one C call takes (chunked steps)
         self.cache_format = CACHE_FORMATS[str(caches[0].dtype).removeprefix("torch.")]
         self.steps = StepCache()
 
@@ -154,7 +155,8 @@ class FusedDecoder:
 
     @staticmethod
     def takes(num_tokens: int, meta: AttentionMetadata) -> bool:
-        """Whether a step fits: decodes only, at most kernels.MAX_M tokens."""
+        """Whether a step fits: decodes only, at most kernels.MAX_M tokens (a plain step's; chunked steps, as in
+        speculative decoding, take step_tokens at a time)."""
         return meta.num_prefills == 0 and 0 < num_tokens <= kernels.MAX_M
 
     @classmethod

@@ -112,7 +112,7 @@ class FusedDraft:
 
     def __init__(self, mtp: MTPLayer, decoder: FusedDecoder, chunk_decodes: bool = True):
         """chunk_decodes: decode steps of more than kernels.MAX_M tokens (catch-ups of 8 streams) run here too, in
-        chunks of that many, instead of through the Python layer."""
+        chunks of the decoder's step_tokens, instead of through the Python layer."""
         self.mtp, self.decoder, self.eps, self.chunk_decodes = mtp, decoder, mtp.enorm.eps, chunk_decodes
         norms = (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)
         self.enorm, self.hnorm, self.out_norm = (n.weight.detach().float().contiguous() for n in norms)
@@ -138,7 +138,7 @@ class FusedDraft:
                       eh_proj, head_c)
 
     def takes_one_call(self, num_tokens: int, meta: AttentionMetadata) -> bool:
-        return self.struct is not None and self.decoder.takes(num_tokens, meta)
+        return self.struct is not None and meta.num_prefills == 0 and 0 < num_tokens <= self.decoder.step_tokens
 
     def one_call(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -176,11 +176,11 @@ class FusedDraft:
 
     def in_chunks(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                   meta: AttentionMetadata) -> torch.Tensor:
-        """A decode step of any size, kernels.MAX_M tokens at a time, in order (a token still sees the cache rows
+        """A decode step of any size, the decoder's step_tokens at a time, in order (a token still sees the cache rows
         its sequence's earlier tokens wrote), each chunk with every sequence's rows."""
         parts = []
-        for a in range(0, next_ids.shape[0], kernels.MAX_M):
-            b = a + kernels.MAX_M
+        for a in range(0, next_ids.shape[0], self.decoder.step_tokens):
+            b = a + self.decoder.step_tokens
             sub = replace(meta, slot_mapping=meta.slot_mapping[a:b], token_seq=meta.token_seq[a:b])
             parts.append(self(next_ids[a:b], hidden[a:b], positions[a:b], sub))
         return torch.cat(parts)
@@ -203,16 +203,25 @@ class FusedDraft:
 
 
 def bound_matmul(w, int8_kernel: int):
-    """x fp32 contiguous [M <= MAX_M, K] -> x @ w.T in fp32, as the model's Matmul computes it, with the kernel
-    chosen and w checked once: gemv for fp32 / bf16 values, qgemv_for for int8 / int4 codes (int8 activations
-    where the KernelConfig and the shape allow); None where neither takes w."""
+    """x fp32 contiguous [M, K] -> x @ w.T in fp32, as the model's Matmul computes it, with the kernel chosen and
+    w checked once: gemv for fp32 / bf16 values, qgemv_for for int8 / int4 codes (int8 activations where the
+    KernelConfig and the shape allow), MAX_M rows of x at a time; None where neither takes w."""
     if isinstance(w, QTensor):
         if w.perm is not None or w.device.type != "cpu":
             return None
         int8 = int8_kernel if kernels.int8_activations_fit(w.bits, w.k, w.group_size) else 0
-        return kernels.qgemv_for(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, int8)
+        return in_row_chunks(kernels.qgemv_for(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, int8))
     fits = isinstance(w, torch.Tensor) and w.dim() == 2 and kernels.usable(torch.empty(1, w.shape[1]), w)
-    return functools.partial(kernels.gemv, w=w) if fits else None
+    return in_row_chunks(functools.partial(kernels.gemv, w=w)) if fits else None
+
+
+def in_row_chunks(fn):
+    """fn (of x with at most MAX_M rows) for x of any number of rows, MAX_M at a time."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= kernels.MAX_M:
+            return fn(x)
+        return torch.cat([fn(x[a:a + kernels.MAX_M]) for a in range(0, x.shape[0], kernels.MAX_M)])
+    return run
 
 
 def mtp_prefix(cfg: ModelConfig) -> str:

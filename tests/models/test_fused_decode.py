@@ -9,6 +9,7 @@ import torch
 
 from dsinfer import LLM, SamplingParams, kernels
 from dsinfer.kernels.decode_layer import LayerC, LayoutError, StepC, check_layout
+from dsinfer.engine.model_runner import decode_slice
 from dsinfer.models.fused_decode import FusedDecoder
 from tests.conftest import random_prompts
 
@@ -192,3 +193,26 @@ def test_a_layout_that_differs_is_an_error_naming_the_field():
         check_layout(kernels.library(), {0: SwappedLayer})
     with pytest.raises(LayoutError, match="lens"):
         check_layout(kernels.library(), {1: ShortStep})
+
+
+@pytest.mark.parametrize("name,options", [("v3", {}), ("v3", {"dtype": "bfloat16"}), ("v2-lite", {}),
+                                          ("v3", {"quantization": "int8"})], ids=str)
+def test_a_step_of_more_than_eight_tokens_is_two_steps_of_eight(name, options, ckpts):
+    """A fused step of 9-16 tokens (a chunk of a speculative verify step) gives each token the bits two steps of
+    at most eight give it (the matrix kernels take eight rows at a time; an expert chosen by more than eight
+    tokens runs twice), with the same cache rows. Identical rows make every token choose the same experts."""
+    llm = LLM(ckpts[name], max_model_len=64, enable_prefix_caching=False, **options)
+    runner, decoder = llm.engine.runner, llm.engine.runner.fused
+    assert decoder.step_tokens == 16
+    ids, positions, meta = runner.inputs([(list(range(3, 19)), 0, [0])], num_prefills=0)
+    x = torch.randn(1, llm.model.config.hidden_size).expand(16, -1).contiguous()
+    moes = [layer.mlp for layer in llm.model.model.layers if hasattr(layer.mlp, "expert_counts")]
+    for moe in moes:
+        moe.expert_counts.zero_()
+    whole = decoder.run_layers(x.clone(), positions, meta)
+    assert max(int(moe.expert_counts.max()) for moe in moes) > 8  # an expert ran twice
+    rows = [c.clone() for c in llm.engine.cache.layers]
+    halves = torch.cat([decoder.run_layers(x[a:a + 8].clone(), positions[a:a + 8], decode_slice(meta, a, 8))
+                        for a in (0, 8)])
+    assert torch.equal(whole, halves)
+    assert all(torch.equal(a, b) for a, b in zip(rows, llm.engine.cache.layers))
