@@ -62,7 +62,7 @@ class EngineConfig:
                                                 # only; auto: int8 where the fused C kernels draft, else None
     spec_draft_last_rows: bool = True       # the MTP layer's MoE / MLP only at the position each sequence drafts from
     spec_share_steps: bool = True           # the MTP layer reuses the greedy step's fused-layer inputs
-    spec_chunk_drafts: bool = True          # MTP catch-ups of more than 8 decode tokens fused, 8 at a time
+    spec_chunk_drafts: bool = True          # MTP catch-ups of more than 8 decode tokens fused, 16 at a time
     spec_draft_one_call: bool = True        # a decode-sized MTP draft step (layer, head, argmax) in one C call
     sparse_attention: dict | None = None    # training-free sparse attention {sink, window, topk_blocks}; None: dense
     tensor_parallel_size: int = 1           # ranks the model is split over (worker processes, or torchrun's)
