@@ -17,7 +17,8 @@ ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECO
        "small_gemm": "DSINFER_SMALL_GEMM", "moe_prefill": "DSINFER_MOE_PREFILL",
        "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI", "grouped_mm": "DSINFER_GROUPED_MM",
        "amx_experts": "DSINFER_AMX_EXPERTS", "bf16_prefill_tiles": "DSINFER_BF16_PREFILL_TILES",
-       "fused_swiglu": "DSINFER_FUSED_SWIGLU", "dsa_bf16": "DSINFER_DSA_BF16"}
+       "fused_swiglu": "DSINFER_FUSED_SWIGLU", "dsa_bf16": "DSINFER_DSA_BF16",
+       "token_parallel": "DSINFER_TOKEN_PARALLEL"}
 SWITCHES = tuple(name for name in ENV if name != "cpu_kernels")
 
 
@@ -34,6 +35,7 @@ class KernelConfig:
     bf16_prefill_tiles: bool = True  # quantized prefill matmuls dequantize tiles to bf16, multiply in bf16 (AMX)
     fused_swiglu: bool = True      # 16-bit prefill MLPs: silu(gate) * up (* routing weight) in one C pass, one rounding
     dsa_bf16: bool = True          # bf16 DSA models: indexer scores and gathered attention one query at a time (AMX)
+    token_parallel: bool = True    # fused decode of a small layer (TOKEN_PARALLEL_BYTES a token): threads split tokens
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):

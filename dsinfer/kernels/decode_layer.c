@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 #include "decode_layer.h"
 #include "simd.h"
 
@@ -153,13 +154,22 @@ static void add_into(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* out [T, d] = MLA(RMSNorm(x)) (this rank's heads: a part of the sum over ranks); scratch of attention_floats. */
-static int attention(const Layer *L, const Step *S, const float *x, void *cache, float *buf, float *out,
-                     int threads) {
+/* The attention half's scratch (attention_floats of it) for T tokens. */
+typedef struct { float *h, *qa, *q, *kv, *qc, *o_lat, *attn, *fresh; } Scratch;
+
+static Scratch scratch_of(const Layer *L, int64_t t, float *buf) {
+    Scratch s;
+    s.h = buf, s.qa = s.h + t * L->d, s.q = s.qa + t * L->qr, s.kv = s.q + t * L->h * (L->dn + L->dr);
+    s.qc = s.kv + t * (L->r + L->dr), s.o_lat = s.qc + t * L->h * (L->r + L->dr), s.attn = s.o_lat + t * L->h * L->r;
+    s.fresh = s.attn + t * L->h * L->dv;
+    return s;
+}
+
+/* The attention half up to the cache: the norm, q (roped) and kv, and the new tokens' cache rows written. */
+static int attention_in(const Layer *L, const Step *S, const float *x, void *cache, float *buf, int threads) {
     const int64_t t = S->t, hq = L->h * (L->dn + L->dr);
-    float *h = buf, *qa = h + t * L->d, *q = qa + t * L->qr, *kv = q + t * hq;
-    float *qc = kv + t * (L->r + L->dr), *o_lat = qc + t * L->h * (L->r + L->dr), *attn = o_lat + t * L->h * L->r;
-    float *fresh = attn + t * L->h * L->dv;
+    const Scratch s = scratch_of(L, t, buf);
+    float *h = s.h, *qa = s.qa, *q = s.q, *kv = s.kv;
     rms_norm_f32(x, L->in_norm, h, t, L->d, L->d, L->eps);
     if (L->qr) {
         mat_vec(&L->q_a, h, qa, t, L->qr, L->d, threads);
@@ -169,13 +179,27 @@ static int attention(const Layer *L, const Step *S, const float *x, void *cache,
         mat_vec(&L->q_b, h, q, t, hq, L->d, threads);
     }
     mat_vec(&L->kv_a, h, kv, t, L->r + L->dr, L->d, threads);
-    if (write_rows(L, S, q, kv, cache, fresh)) return 2;
-    mat_absorb(q, L->dn + L->dr, q + L->dn, L->dn + L->dr, &L->kv_b, qc, t, L->h, L->dn, L->dr, L->dv, L->r, threads);
-    int err = attend(L, S, qc, cache, o_lat, threads);
+    return write_rows(L, S, q, kv, cache, s.fresh) ? 2 : 0;
+}
+
+/* The rest, once every new row is in the cache: out [T, d] = absorbed attention over the cache, expanded, o. */
+static int attention_out(const Layer *L, const Step *S, const void *cache, float *buf, float *out, int threads) {
+    const int64_t t = S->t;
+    const Scratch s = scratch_of(L, t, buf);
+    mat_absorb(s.q, L->dn + L->dr, s.q + L->dn, L->dn + L->dr, &L->kv_b, s.qc, t, L->h, L->dn, L->dr, L->dv, L->r,
+               threads);
+    int err = attend(L, S, s.qc, cache, s.o_lat, threads);
     if (err) return 10 + err;
-    mat_expand(o_lat, &L->kv_b, attn, t, L->h, L->dn, L->dv, L->r, threads);
-    mat_vec(&L->o, attn, out, t, L->d, L->h * L->dv, threads);
+    mat_expand(s.o_lat, &L->kv_b, s.attn, t, L->h, L->dn, L->dv, L->r, threads);
+    mat_vec(&L->o, s.attn, out, t, L->d, L->h * L->dv, threads);
     return 0;
+}
+
+/* out [T, d] = MLA(RMSNorm(x)) (this rank's heads: a part of the sum over ranks); scratch of attention_floats. */
+static int attention(const Layer *L, const Step *S, const float *x, void *cache, float *buf, float *out,
+                     int threads) {
+    const int err = attention_in(L, S, x, cache, buf, threads);
+    return err ? err : attention_out(L, S, cache, buf, out, threads);
 }
 
 static int64_t attention_floats(const Layer *L, int64_t t) {
@@ -275,11 +299,48 @@ int decode_ffn_f32(const Layer *L, const Step *S, const float *x, float *out, in
     return err;
 }
 
+/* S narrowed to its tokens i0 .. i1 - 1 (their rope angles, slots, sequences and lengths). */
+static Step tokens_of(const Step *S, int64_t i0, int64_t i1, int64_t dr) {
+    Step part = *S;
+    part.t = i1 - i0, part.cs = S->cs + i0 * dr, part.slots = S->slots + i0, part.seq = S->seq + i0;
+    part.lens = S->lens + i0;
+    return part;
+}
+
+/* decode_layer_f32 for a layer small enough to sit in each core's caches (Layer.token_parallel): each thread
+ * takes a run of the tokens through the whole layer with its products on one thread, all new cache rows written
+ * before any token attends; the tokens get the bits the row-split path gives them (the kernels sum each row the
+ * same way whatever the batch). On such a layer a split by rows is mostly the threads' meeting cost. */
+static int layer_by_tokens(const Layer *L, const Step *S, float *x, void *cache, int threads) {
+    const int64_t t = S->t, nt = threads < t ? threads : t, d = L->d, attn = attention_floats(L, 1);
+    const int64_t per = (attn > 2 * d ? attn : 2 * d) + d; /* a token's scratch and its half's output */
+    float *buf = malloc(sizeof(float) * t * per);
+    int errs[MAX_T] = {0};
+    if (!buf) return 1;
+    _Pragma("omp parallel num_threads(nt)")
+    {
+        const int64_t w = omp_get_thread_num(), i0 = t * w / nt, i1 = t * (w + 1) / nt;
+        const Step mine = tokens_of(S, i0, i1, L->dr);
+        float *b = buf + i0 * per, *out = b + (i1 - i0) * (per - d);
+        errs[i0] = attention_in(L, &mine, x + i0 * d, cache, b, 1);
+        _Pragma("omp barrier") /* every new row is in the cache */
+        if (!errs[i0]) errs[i0] = attention_out(L, &mine, cache, b, out, 1);
+        if (!errs[i0]) add_into(x + i0 * d, out, (i1 - i0) * d);
+        if (!errs[i0]) errs[i0] = feed_forward(L, &mine, x + i0 * d, b, out, 1);
+        if (!errs[i0]) add_into(x + i0 * d, out, (i1 - i0) * d);
+    }
+    free(buf);
+    for (int64_t i = 0; i < t; i++)
+        if (errs[i]) return errs[i];
+    return 0;
+}
+
 /* x [T, d] (the residual stream) goes through the layer in place: x += attention(x), then x += ffn(x). Returns
  * 0, or a code naming the failed part: 1 bad sizes or no memory, 2 a slot outside the cache, 1x attention,
  * 2x router, 3x experts. */
 int decode_layer_f32(const Layer *L, const Step *S, float *x, void *cache, int threads) {
     if (bad_sizes(L, S)) return 1;
+    if (L->token_parallel && threads > 1 && S->t > 1) return layer_by_tokens(L, S, x, cache, threads);
     const int64_t t = S->t, attn = attention_floats(L, t), ffn = 2 * t * L->d;
     float *buf = malloc(sizeof(float) * ((attn > ffn ? attn : ffn) + t * L->d)), *out = buf;
     if (!buf) return 1;

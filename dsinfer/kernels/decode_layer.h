@@ -40,6 +40,8 @@ typedef struct {
                                                         of the E the router picks among (expert parallel: the
                                                         others are another rank's and skipped); local = E
                                                         in one process */
+    int64_t token_parallel;                          /* 1: threads split a step's tokens, not the rows of each
+                                                        product (a layer that fits each core's caches) */
 } Layer;
 
 /* One step's inputs, the same for every layer. cache_format: how the cache stores a row (0 fp32, 1 bf16,
@@ -66,7 +68,7 @@ typedef struct {
 #define LAYER_FIELDS(X) X(d) X(h) X(dn) X(dr) X(dv) X(r) X(qr) X(eps) X(scale) X(in_norm) X(post_norm) \
     X(q_a_norm) X(kv_norm) X(q_a) X(q_b) X(kv_a) X(kv_b) X(o) X(experts) X(top_k) X(n_group) X(topk_group) \
     X(method) X(sigmoid) X(norm_topk) X(route_scale) X(router) X(router_bf16) X(bias) X(gate_up) X(down) \
-    X(inter) X(sh_gate_up) X(sh_down) X(sh_inter) X(counts) X(first_expert) X(local_experts)
+    X(inter) X(sh_gate_up) X(sh_down) X(sh_inter) X(counts) X(first_expert) X(local_experts) X(token_parallel)
 #define DRAFT_FIELDS(X) X(d) X(vocab) X(embed_bf16) X(eps) X(enorm) X(hnorm) X(out_norm) X(embed) X(eh_proj) \
     X(head)
 #define STEP_FIELDS(X) X(t) X(b) X(lmax) X(cache_rows) X(cache_format) X(cs) X(slots) X(rows) X(seq) X(lens)

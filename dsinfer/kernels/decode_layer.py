@@ -20,7 +20,8 @@ class LayerC(ctypes.Structure):
         [(n, I64) for n in ("experts", "top_k", "n_group", "topk_group", "method", "sigmoid", "norm_topk")] + \
         [("route_scale", F32), ("router", P), ("router_bf16", I64), ("bias", P), ("gate_up", MatC),
          ("down", MatC), ("inter", I64), ("sh_gate_up", MatC), ("sh_down", MatC), ("sh_inter", I64), ("counts", P),
-         ("first_expert", I64), ("local_experts", I64)]  # local_experts 0: all of them
+         ("first_expert", I64), ("local_experts", I64),  # local_experts 0: all of them
+         ("token_parallel", I64)]  # threads split a step's tokens (a small layer), not each product's rows
 
 
 class StepC(ctypes.Structure):

@@ -7,7 +7,8 @@
  *       (2), and only the topk_group best groups' experts are allowed;
  *     ids          = the top_k allowed experts by choice, descending (ties: lower index first)
  *     weights      = scores[ids], divided by (their sum + 1e-20) if norm_topk_prob and top_k > 1, times scale
- * and, if counts is given, counts[id] += 1 for every chosen id.
+ * and, if counts is given, counts[id] += 1 for every chosen id (atomically: a decode layer may route tokens on
+ * several threads at once).
  *
  * Each logit is one thread's dot product in a fixed order, so results do not depend on the thread count;
  * threads (OpenMP, over experts) are used only for large E * D * T. Returns 0, 1 for bad arguments, 2 if out of
@@ -143,7 +144,7 @@ int route_f32(const float *x, const void *weight, int weight_bf16, const float *
         if (scale != 1.0f)
             for (int64_t j = 0; j < top_k; j++) w[j] *= scale;
         if (counts)
-            for (int64_t j = 0; j < top_k; j++) counts[ids[j]]++;
+            for (int64_t j = 0; j < top_k; j++) __atomic_fetch_add(&counts[ids[j]], 1, __ATOMIC_RELAXED);
     }
     free(logits);
     free(allowed);

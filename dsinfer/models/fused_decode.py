@@ -60,12 +60,18 @@ class StepCache:
         return self.value
 
 
+# Weight bytes a token reads in a layer below which its threads split the tokens (fp32 / bf16 layers only: their
+# kernels give a row the same bits whatever the batch; the integer kernels' sums depend on it in the last bits)
+TOKEN_PARALLEL_BYTES = 4 << 20
+
+
 class LayerBuilder:
     """Fills LayerC structs. Weights are used where they lie; vectors (norms, the router's bias) are read as fp32
-    copies that the builder keeps alive. int8_kernel: the model's KernelConfig.int8_kernel."""
+    copies that the builder keeps alive. int8_kernel: the model's KernelConfig.int8_kernel; token_parallel: its
+    switch of that name."""
 
-    def __init__(self, int8_kernel: int):
-        self.int8, self.keep = int8_kernel, []
+    def __init__(self, int8_kernel: int, token_parallel: bool = False):
+        self.int8, self.keep, self.token_parallel = int8_kernel, [], token_parallel
 
     def mat(self, w, values_only: bool = False) -> MatC | None:
         """A matrix in a format the C layer reads: fp32 or bf16 values, or int8 / int4 codes (no GPTQ column
@@ -127,8 +133,29 @@ class LayerBuilder:
         attn, ffn = self.attention(layer.self_attn), self.ffn(layer.mlp)
         if attn is None or ffn is None:
             return None
+        values = all(m.format in (0, 1) for m in (*attn.values(), *ffn.values()) if isinstance(m, MatC) and m.w)
+        small = self.token_parallel and values and token_bytes(layer) <= TOKEN_PARALLEL_BYTES
         return LayerC(d=d, in_norm=self.vec(layer.input_layernorm.weight),
-                      post_norm=self.vec(layer.post_attention_layernorm.weight), **attn, **ffn)
+                      post_norm=self.vec(layer.post_attention_layernorm.weight), token_parallel=int(small),
+                      **attn, **ffn)
+
+
+def token_bytes(layer) -> int:
+    """The weight bytes one token reads in a decoder layer: all of it but the routed experts it does not choose."""
+    total = sum(nbytes(p) for p in layer.parameters()) + \
+        sum(nbytes(v) for m in layer.modules() for v in vars(m).values() if isinstance(v, QTensor))
+    experts = getattr(layer.mlp, "experts", None)
+    if experts is None:
+        return total
+    routed = nbytes(experts.gate_up_proj) + nbytes(experts.down_proj)
+    return total - routed + routed * layer.mlp.gate.top_k // experts.n
+
+
+def nbytes(w) -> int:
+    """A tensor's bytes, or a QTensor's (codes, scales and mins)."""
+    if isinstance(w, QTensor):
+        return sum(nbytes(t) for t in (w.q, w.scales, w.mins) if t is not None)
+    return w.numel() * w.element_size()
 
 
 class FusedDecoder:
@@ -149,7 +176,7 @@ class FusedDecoder:
             return None
         if getattr(model, "shard", None) is not None:  # a rank's model runs its own (models/parallel_fused.py)
             return None
-        builder = LayerBuilder(model.kernel_config.int8_kernel)
+        builder = LayerBuilder(model.kernel_config.int8_kernel, model.kernel_config.token_parallel)
         layers = [builder.layer(layer, model.config.hidden_size) for layer in model.model.layers]
         return None if any(s is None for s in layers) else cls(model, layers, caches, builder.keep)
 

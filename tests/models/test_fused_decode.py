@@ -216,3 +216,36 @@ def test_a_step_of_more_than_eight_tokens_is_two_steps_of_eight(name, options, c
                         for a in (0, 8)])
     assert torch.equal(whole, halves)
     assert all(torch.equal(a, b) for a, b in zip(rows, llm.engine.cache.layers))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_parallel_layers_give_the_row_split_bits(dtype, ckpts, monkeypatch):
+    """token_parallel: with two threads, a small layer's decode batch split by tokens (each run of tokens through
+    the whole layer on one thread) gives every token the row-split path's bits, cache rows included."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for on in ("1", "0"):
+            monkeypatch.setenv("DSINFER_TOKEN_PARALLEL", on)
+            llm = LLM(ckpts["v3"], dtype=dtype, enable_prefix_caching=False)
+            assert all(layer.token_parallel == int(on) for layer in llm.engine.runner.fused.layers)
+            runs.append((generate(llm, random_prompts([5, 17, 40, 9])), [c.clone() for c in llm.engine.cache.layers]))
+    finally:
+        torch.set_num_threads(threads)
+    (tokens, caches), (row_tokens, row_caches) = runs
+    for a, b in zip(tokens, row_tokens):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{t: p.logprob for t, p in la.items()} for la in a.outputs[0].logprobs] == \
+            [{t: p.logprob for t, p in lb.items()} for lb in b.outputs[0].logprobs]
+    assert all(torch.equal(a, b) for a, b in zip(caches, row_caches))
+
+
+def test_large_or_quantized_layers_keep_the_row_split(ckpts):
+    """token_parallel applies to fp32 / bf16 layers whose token reads at most TOKEN_PARALLEL_BYTES."""
+    from dsinfer.models.fused_decode import TOKEN_PARALLEL_BYTES, token_bytes
+    llm = LLM(ckpts["v3"], quantization="int8")
+    assert not any(layer.token_parallel for layer in llm.engine.runner.fused.layers)
+    small = LLM(ckpts["v3"])
+    assert all(token_bytes(layer) <= TOKEN_PARALLEL_BYTES for layer in small.model.model.layers)
+    assert TOKEN_PARALLEL_BYTES < 27 << 20  # a V2-Lite attention half alone is 27.5 MB in bf16
