@@ -38,6 +38,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(f for f in ISA_FLAGS if f in present)
 
 
+@cache
+def l2_bytes(default: int = 1 << 20) -> int:
+    """The size of one core's L2 cache, from sysfs (`default` where it does not say)."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] if size[-1] in "KM" else int(size)
+        except (OSError, ValueError):
+            break
+    return default
+
+
 def cpu_has_avx2() -> bool:
     return {"avx2", "fma"} <= cpu_flags()
 

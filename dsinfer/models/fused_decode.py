@@ -10,6 +10,7 @@ latent cache may be fp32, bf16 or fp8 (layers/kv_format.py): the C layer writes 
 import torch
 
 from dsinfer import kernels
+from dsinfer.kernels.lib import l2_bytes
 from dsinfer.kernels.decode_layer import CACHE_FORMATS, WEIGHT_FORMATS, LayerC, MatC, StepC, run_attention, run_ffn, \
     run_layer
 from dsinfer.layers.attention import AttentionMetadata
@@ -60,15 +61,14 @@ class StepCache:
         return self.value
 
 
-# Weight bytes a token reads in a layer below which its threads split the tokens (fp32 / bf16 layers only: their
-# kernels give a row the same bits whatever the batch; the integer kernels' sums depend on it in the last bits)
-TOKEN_PARALLEL_BYTES = 4 << 20
 
 
 class LayerBuilder:
     """Fills LayerC structs. Weights are used where they lie; vectors (norms, the router's bias) are read as fp32
     copies that the builder keeps alive. int8_kernel: the model's KernelConfig.int8_kernel; token_parallel: its
-    switch of that name."""
+    switch of that name, which splits a step's tokens among the threads in a layer whose token reads no more than
+    one core's L2 cache holds, of fp32 / bf16 weights only (their kernels give a row the same bits whatever the
+    batch; the integer kernels' sums depend on it in the last bits)."""
 
     def __init__(self, int8_kernel: int, token_parallel: bool = False):
         self.int8, self.keep, self.token_parallel = int8_kernel, [], token_parallel
@@ -134,7 +134,7 @@ class LayerBuilder:
         if attn is None or ffn is None:
             return None
         values = all(m.format in (0, 1) for m in (*attn.values(), *ffn.values()) if isinstance(m, MatC) and m.w)
-        small = self.token_parallel and values and token_bytes(layer) <= TOKEN_PARALLEL_BYTES
+        small = self.token_parallel and values and token_bytes(layer) <= l2_bytes()
         return LayerC(d=d, in_norm=self.vec(layer.input_layernorm.weight),
                       post_norm=self.vec(layer.post_attention_layernorm.weight), token_parallel=int(small),
                       **attn, **ffn)

@@ -241,11 +241,12 @@ def test_token_parallel_layers_give_the_row_split_bits(dtype, ckpts, monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(caches, row_caches))
 
 
-def test_large_or_quantized_layers_keep_the_row_split(ckpts):
-    """token_parallel applies to fp32 / bf16 layers whose token reads at most TOKEN_PARALLEL_BYTES."""
-    from dsinfer.models.fused_decode import TOKEN_PARALLEL_BYTES, token_bytes
+def test_large_or_quantized_layers_keep_the_row_split(ckpts, monkeypatch):
+    """token_parallel applies to fp32 / bf16 layers whose token reads at most one core's L2 cache."""
+    from dsinfer.models import fused_decode
     llm = LLM(ckpts["v3"], quantization="int8")
     assert not any(layer.token_parallel for layer in llm.engine.runner.fused.layers)
     small = LLM(ckpts["v3"])
-    assert all(token_bytes(layer) <= TOKEN_PARALLEL_BYTES for layer in small.model.model.layers)
-    assert TOKEN_PARALLEL_BYTES < 27 << 20  # a V2-Lite attention half alone is 27.5 MB in bf16
+    assert all(layer.token_parallel for layer in small.engine.runner.fused.layers)
+    monkeypatch.setattr(fused_decode, "l2_bytes", lambda: 1024)  # a layer larger than the cache
+    assert not any(layer.token_parallel for layer in LLM(ckpts["v3"]).engine.runner.fused.layers)
