@@ -318,8 +318,8 @@ static int layer_by_tokens(const Layer *L, const Step *S, float *x, void *cache,
     int errs[MAX_T] = {0};
     if (!buf) return 1;
     _Pragma("omp parallel num_threads(nt)")
-    {
-        const int64_t w = omp_get_thread_num(), i0 = t * w / nt, i1 = t * (w + 1) / nt;
+    {   /* the team the runtime gave, which may be smaller than asked */
+        const int64_t n = omp_get_num_threads(), w = omp_get_thread_num(), i0 = t * w / n, i1 = t * (w + 1) / n;
         const Step mine = tokens_of(S, i0, i1, L->dr);
         float *b = buf + i0 * per, *out = b + (i1 - i0) * (per - d);
         errs[i0] = attention_in(L, &mine, x + i0 * d, cache, b, 1);

@@ -1,6 +1,9 @@
 """Decode batches through whole layers in one C call (models/fused_decode.py) against the Python layers, the
 C struct layout check, and the switches that keep the Python layers."""
 import ctypes
+import os
+import subprocess
+import sys
 import shutil
 import statistics
 
@@ -250,3 +253,25 @@ def test_large_or_quantized_layers_keep_the_row_split(ckpts, monkeypatch):
     assert all(layer.token_parallel for layer in small.engine.runner.fused.layers)
     monkeypatch.setattr(fused_decode, "l2_bytes", lambda: 1024)  # a layer larger than the cache
     assert not any(layer.token_parallel for layer in LLM(ckpts["v3"]).engine.runner.fused.layers)
+
+
+def test_token_parallel_layers_take_every_token_when_the_runtime_gives_fewer_threads(ckpts):
+    """The runtime may give a parallel region fewer threads than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC): the token
+    runs follow the team it gave, so no token is left out."""
+    code = f"""
+import os, torch
+torch.set_num_threads(2)
+from dsinfer import LLM, SamplingParams
+sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+runs = []
+for on in ("1", "0"):
+    os.environ["DSINFER_TOKEN_PARALLEL"] = on
+    llm = LLM({str(ckpts["v3"])!r}, dtype="float32", enable_prefix_caching=False)
+    outs = llm.generate([{{"prompt_token_ids": list(range(5, 5 + n))}} for n in (4, 9, 13)], sp, use_tqdm=False)
+    runs.append([(o.outputs[0].token_ids, [[p.logprob for p in lp.values()] for lp in o.outputs[0].logprobs])
+                 for o in outs])
+print(runs[0] == runs[1])
+"""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("True"), out.stderr[-2000:]
