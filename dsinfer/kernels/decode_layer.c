@@ -41,8 +41,8 @@ const char *decode_layer_names(int which) {
          : which == 2 ? MAT_FIELDS(FIELD_NAME) : which == 3 ? DRAFT_FIELDS(FIELD_NAME) : "";
 }
 
-/* out = [sizeof, offset of each field...] of Layer (which 0), Step (1), Mat (2) or Draft (3); returns how many values it
- * has (it writes at most cap of them), or -1 for an unknown struct. */
+/* out = [sizeof, offset of each field...] of Layer (which 0), Step (1), Mat (2) or Draft (3); returns how many
+ * values it has (it writes at most cap of them), or -1 for an unknown struct. */
 int64_t decode_layer_layout(int which, int64_t *out, int64_t cap) {
     int64_t n = 0, v[64];
     if (which == 0) {
