@@ -42,17 +42,15 @@ static inline int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
 static float e4m3_lut[256]; /* float8_e4m3fn byte -> value */
 
-/* Fills e4m3_lut once: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal, 0x7f / 0xff NaN. */
-static void init_e4m3(void) {
-    static int ready = 0;
-    if (ready) return;
+/* Fills e4m3_lut: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal, 0x7f / 0xff NaN. It
+ * runs when the library loads, before any thread can read the table (decode layers may attend on several). */
+__attribute__((constructor)) static void init_e4m3(void) {
     for (int b = 0; b < 256; b++) {
         const int e = (b >> 3) & 15, m = b & 7;
         float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
         if (e == 15 && m == 7) v = NAN;
         e4m3_lut[b] = b & 128 ? -v : v;
     }
-    ready = 1;
 }
 
 /* One fp8 row (see the top of the file) as d = r + dr fp32 values in dst. The scales and rope values may sit
@@ -328,7 +326,6 @@ static int mla_decode(const Args *a, int64_t n_cache_rows, int threads) {
 int NAME(const float *q, const CACHE_T *cache, const int64_t *rows, const int64_t *seq, const int64_t *lens, \
          float *out, int64_t t, int64_t h, int64_t r, int64_t dr, int64_t lmax, int64_t b,                \
          int64_t n_cache_rows, float scale, int threads) {                                                \
-    if (FORMAT == CACHE_FP8) init_e4m3();                                                                 \
     Args a = { q, cache, rows, seq, lens, out, t, h, r, r + dr, lmax, b, scale, FORMAT, STRIDE };        \
     return dr < 0 ? MLA_BAD_ARGS : mla_decode(&a, n_cache_rows, threads);                                \
 }
