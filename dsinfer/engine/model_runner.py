@@ -1,22 +1,20 @@
 """Turns a scheduled batch into the model's flat inputs, runs it, and returns the logits each sequence needs."""
-from dataclasses import replace
 
 import torch
 
 from dsinfer.engine.kv_cache import KVCache
 from dsinfer.engine.sequence import Sequence
-from dsinfer.kernels import MAX_M
 from dsinfer.layers import kv_format
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.layers.block_sparse import BlockSparseMLA
-from dsinfer.models.fused_decode import FusedDecoder
+from dsinfer.models.fused_decode import FusedDecoder, decode_slice
 
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache, chunk_decodes: bool = False):
         """chunk_decodes: decode steps of more than kernels.MAX_M tokens run through the fused decoder too, in
-        chunks of at most its step_tokens (speculative decoding's verify steps: each token then gets the numbers it
-        gets as a plain decode)."""
+        chunks of at most its step_tokens (speculative decoding's verify steps: each token then gets the numbers
+        it gets as a plain decode)."""
         self.model, self.cache, self.device = model, cache, cache.device
         self.offsets = torch.arange(cache.block_size, device=self.device)
         # None: every step runs the Python layers (always for sparse attention, which the C layer does not do)
@@ -92,13 +90,6 @@ class ModelRunner:
             return torch.cat([self.fused(input_ids[a:a + n], positions[a:a + n], decode_slice(meta, a, n))
                               for a in range(0, input_ids.shape[0], n)])
         return self.model(input_ids, positions, meta, self.cache.model_caches())
-
-
-def decode_slice(meta: AttentionMetadata, start: int, size: int = MAX_M) -> AttentionMetadata:
-    """The metadata of a decode step's tokens start .. start + size - 1 (every sequence's rows kept). Chunks
-    run in order, so a token still sees the cache rows its sequence's earlier tokens wrote."""
-    end = start + size
-    return replace(meta, slot_mapping=meta.slot_mapping[start:end], token_seq=meta.token_seq[start:end])
 
 
 def new_ids(seq: Sequence, n: int) -> list[int]:

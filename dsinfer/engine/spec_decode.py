@@ -19,7 +19,6 @@ from dsinfer.engine import rejection
 from dsinfer.engine.model_runner import is_decode
 from dsinfer.engine.sampler import apply_penalties, apply_rules, apply_token_masks, block_stops
 from dsinfer.engine.sequence import Sequence
-from dsinfer.kernels import MAX_M
 from dsinfer.layers.attention import AttentionMetadata
 from dsinfer.models.mtp import FusedDraft
 
@@ -58,7 +57,6 @@ class Catchup:
     drafts: int = 0  # how many to draft after it
     out: torch.Tensor | None = field(default=None)
     logits: torch.Tensor | None = field(default=None)  # the draft head's at out, where the C call gave them
-    best: int | None = None  # their argmax
 
 
 class SpecDecoder:
@@ -260,11 +258,11 @@ class SpecDecoder:
         return self.forward(ids, hidden, positions, meta, keep)
 
     def forward(self, ids, hidden, positions, meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple:
-        """The MTP layer's normed output at rows `keep` (every row where None), with the draft head's logits and
-        their argmax there where one C call gives them all (one_call), else None for those."""
+        """The MTP layer's normed output at rows `keep` (every row where None), with the draft head's logits there
+        where one C call gives both (one_call), else None for those."""
         if self.one_call and self.fused is not None and self.fused.takes_one_call(ids.shape[0], meta):
             return self.fused.one_call(ids, hidden, positions, meta, keep)
-        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused, keep), None, None
+        return self.mtp(ids, hidden, positions, meta, self.cache, self.fused, keep), None
 
     def plan(self, job: Catchup) -> bool:
         """How many tokens job's sequence drafts (job.drafts): up to k, leaving room for the target's own token
@@ -282,7 +280,6 @@ class SpecDecoder:
     def propose(self, jobs: list[Catchup]):
         """One draft token per job from the MTP layer's output, greedy or drawn from its distribution."""
         e, seqs = self.engine, [j.seq for j in jobs]
-        best = [j.best for j in jobs]
         if all(j.logits is not None for j in jobs):  # from the C call
             logits = jobs[0].logits if len(jobs) == 1 else torch.cat([j.logits for j in jobs])
         else:
@@ -291,9 +288,7 @@ class SpecDecoder:
         if not all(rejection.unchanged(s) for s in seqs):  # each row at its own position only
             rows = [rejection.views(s, s.draft_ids, len(s.draft_ids) + 1)[-1] for s in seqs]
             logits = block_stops(apply_penalties(apply_rules(logits.clone(), rows), rows), rows, e.eos_ids)
-            best = [None]
-        if None in best:
-            best = logits.argmax(-1).tolist()
+        best = logits.argmax(-1).tolist()
         for i, (s, b) in enumerate(zip(seqs, best)):
             if s.params.greedy:
                 s.draft_ids.append(b)
@@ -303,15 +298,11 @@ class SpecDecoder:
             s.draft_probs = q if s.draft_probs is None else torch.cat([s.draft_probs, q])
 
 
-def take_last(jobs: list[Catchup], counts: list[int], out: torch.Tensor, logits: torch.Tensor | None,
-              best: list[int] | None):
-    """Gives each job the last of its `counts` rows of the draft layer's output (and logits and argmax, where
-    given)."""
-    ends = list(itertools.accumulate(counts))
-    for j, end in zip(jobs, ends):
+def take_last(jobs: list[Catchup], counts: list[int], out: torch.Tensor, logits: torch.Tensor | None):
+    """Gives each job the last of its `counts` rows of the draft layer's output (and logits, where given)."""
+    for j, end in zip(jobs, itertools.accumulate(counts)):
         j.out = out[end - 1:end]
         j.logits = None if logits is None else logits[end - 1:end]
-        j.best = None if best is None else best[end - 1]
 
 
 def pick_rows(t: torch.Tensor, count: int, index: torch.Tensor | None) -> torch.Tensor:

@@ -35,7 +35,7 @@ class KernelConfig:
     bf16_prefill_tiles: bool = True  # quantized prefill matmuls dequantize tiles to bf16, multiply in bf16 (AMX)
     fused_swiglu: bool = True      # 16-bit prefill MLPs: silu(gate) * up (* routing weight) in one C pass, one rounding
     dsa_bf16: bool = True          # bf16 DSA models: indexer scores and gathered attention one query at a time (AMX)
-    token_parallel: bool = True    # fused decode of a small layer (TOKEN_PARALLEL_BYTES a token): threads split tokens
+    token_parallel: bool = True    # fused decode of a layer whose token fits one core's L2: threads split tokens
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):

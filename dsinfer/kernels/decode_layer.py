@@ -88,8 +88,8 @@ def run_ffn(lib: ctypes.CDLL, layer: LayerC, step: StepC, x_ptr: int, out_ptr: i
 
 def run_draft(lib: ctypes.CDLL, draft: DraftC, layer: LayerC, step: StepC, ids_ptr: int, hidden_ptr: int,
               hidden_bf16: bool, keep_ptr: int | None, kept: int, cache_ptr: int, out_ptr: int, logits_ptr: int,
-              best_ptr: int, threads: int) -> int:
-    """The draft layer over a decode batch, its output, logits and argmax at the kept rows (kept < 0: every row;
-    0: none, the cache rows only); 0 or the C code."""
+              threads: int) -> int:
+    """The draft layer over a decode batch, its output and logits at the kept rows (kept < 0: every row; 0: none,
+    the cache rows only); 0 or the C code."""
     return lib.decode_draft_f32(ctypes.byref(draft), ctypes.byref(layer), ctypes.byref(step), ids_ptr, hidden_ptr,
-                                int(hidden_bf16), keep_ptr, kept, cache_ptr, out_ptr, logits_ptr, best_ptr, threads)
+                                int(hidden_bf16), keep_ptr, kept, cache_ptr, out_ptr, logits_ptr, threads)

@@ -125,8 +125,8 @@ def declare(lib: ctypes.CDLL):
     # layer, step, x, cache, out, threads / layer, step, x, out, threads -> 0 or an error code (the halves)
     _sig(lib, ("decode_attention_f32",), [P] * 5 + [INT], INT)
     _sig(lib, ("decode_ffn_f32",), [P] * 4 + [INT], INT)
-    # draft, layer, step, next ids, hidden, hidden is bf16, keep, kept, cache, out, logits, best, threads
-    _sig(lib, ("decode_draft_f32",), [P] * 5 + [I64, P, I64] + [P] * 4 + [INT], INT)
+    # draft, layer, step, next ids, hidden, hidden is bf16, keep, kept, cache, out, logits, threads
+    _sig(lib, ("decode_draft_f32",), [P] * 5 + [I64, P, I64] + [P] * 3 + [INT], INT)
     # which struct (0 Layer, 1 Step, 2 Mat, 3 Draft), out [n] -> how many values: sizeof, then each field's offset
     _sig(lib, ("decode_layer_layout",), [INT, P, I64], I64)
     _sig(lib, ("decode_layer_names",), [INT], ctypes.c_char_p)

@@ -7,6 +7,8 @@ matrices are fp32, bf16 or int8 / int4 codes (kernels/decode_layer.h), without p
 permutations, and steps of decodes only (no prefill chunk) of at most
 kernels.MAX_M tokens; the runner sends every other step to the Python layers, which are its reference. The
 latent cache may be fp32, bf16 or fp8 (layers/kv_format.py): the C layer writes and reads each format."""
+from dataclasses import replace
+
 import torch
 
 from dsinfer import kernels
@@ -61,6 +63,11 @@ class StepCache:
         return self.value
 
 
+def decode_slice(meta: AttentionMetadata, start: int, size: int) -> AttentionMetadata:
+    """The metadata of a decode step's tokens start .. start + size - 1 (every sequence's rows kept). Chunks
+    run in order, so a token still sees the cache rows its sequence's earlier tokens wrote."""
+    end = start + size
+    return replace(meta, slot_mapping=meta.slot_mapping[start:end], token_seq=meta.token_seq[start:end])
 
 
 class LayerBuilder:
@@ -227,17 +234,19 @@ class FusedDecoder:
         dtype, x = x.dtype, x.float().contiguous()
         step, _kept = self.steps.get(self.model.rotary, positions, meta, cache, x.shape[0])
         part, threads = torch.empty_like(x), torch.get_num_threads()
-        code = run_attention(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), part.data_ptr(), threads)
+        check_rows(run_attention(self.lib, layer, step, x.data_ptr(), cache.data_ptr(), part.data_ptr(), threads),
+                   keep)
         x = (x + part).index_select(0, keep)
-        if code or not len(keep):  # an error, or the cache rows alone
-            return self.raise_for(code, keep) if code else x.to(dtype)
+        if not len(keep):  # the cache rows alone
+            return x.to(dtype)
         rows = StepC.from_buffer_copy(step)
         rows.t = x.shape[0]  # the MoE / MLP half reads only the token count
         part = torch.empty_like(x)
-        code = code or run_ffn(self.lib, layer, rows, x.data_ptr(), part.data_ptr(), threads)
-        return (x + part).to(dtype) if not code else self.raise_for(code, keep)
+        check_rows(run_ffn(self.lib, layer, rows, x.data_ptr(), part.data_ptr(), threads), keep)
+        return (x + part).to(dtype)
 
-    @staticmethod
-    def raise_for(code: int, keep: torch.Tensor):
+
+def check_rows(code: int, keep: torch.Tensor):
+    if code:
         raise RuntimeError(f"fused decode layer (rows {keep.tolist()}) failed with code {code} "
                            "(see kernels/decode_layer.c)")

@@ -11,7 +11,6 @@ A draft only has to be likely, never exact (the main model verifies it), so the 
 the head may be quantized for drafting (quantize_draft): a draft step then reads a quarter of the bytes (int8
 codes of fp32 weights), which on CPU is most of its cost."""
 import functools
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from dsinfer.layers.norm import RMSNorm
 from dsinfer.layers.embedding import embed
 from dsinfer.models.deepseek import DecoderLayer
 from dsinfer.kernels.decode_layer import DraftC, run_draft
-from dsinfer.models.fused_decode import FusedDecoder, LayerBuilder
+from dsinfer.models.fused_decode import FusedDecoder, LayerBuilder, decode_slice
 from dsinfer.models.loader import CheckpointError, checkpoint_views, fill
 from dsinfer.models.quant_plan import group_size_for, quantize_unit, units
 from dsinfer.quant.qtensor import QTensor
@@ -141,10 +140,9 @@ class FusedDraft:
         return self.struct is not None and meta.num_prefills == 0 and 0 < num_tokens <= self.decoder.step_tokens
 
     def one_call(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """As __call__ followed by logits and their argmax, in one C call (decode_draft.c; takes_one_call says
-        where it applies): the normed output [kept, d] fp32, the head's logits [kept, vocab] fp32 and each row's
-        best token."""
+                 meta: AttentionMetadata, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As __call__ followed by logits, in one C call (decode_draft.c; takes_one_call says where it applies):
+        the normed output [kept, d] fp32 and the head's logits [kept, vocab] fp32."""
         (layer,), (cache,) = self.decoder.layers, self.decoder.caches
         t, d = next_ids.shape[0], self.struct.d
         step, _kept = self.decoder.steps.get(self.decoder.model.rotary, positions, meta, cache, t)
@@ -153,15 +151,14 @@ class FusedDraft:
         keep = None if keep is None else keep.to(torch.int64).contiguous()
         rows = t if keep is None else keep.shape[0]
         out, logits = torch.empty(rows, d), torch.empty(rows, self.struct.vocab)
-        best = torch.empty(rows, dtype=torch.int64)
         code = run_draft(self.decoder.lib, self.struct, layer, step, ids.data_ptr(), hidden.data_ptr(),
                          hidden.dtype == torch.bfloat16, None if keep is None else keep.data_ptr(),
-                         -1 if keep is None else rows,
-                         cache.data_ptr(), out.data_ptr(), logits.data_ptr(), best.data_ptr(), torch.get_num_threads())
+                         -1 if keep is None else rows, cache.data_ptr(), out.data_ptr(), logits.data_ptr(),
+                         torch.get_num_threads())
         if code:
             raise RuntimeError(f"fused draft layer failed: {DRAFT_ERRORS.get(code, f'code {code}')} "
                                "(see kernels/decode_draft.c)")
-        return out, logits, best.tolist()
+        return out, logits
 
     @classmethod
     def build(cls, main, mtp: MTPLayer, cache: torch.Tensor, main_decoder: FusedDecoder | None = None,
@@ -178,12 +175,9 @@ class FusedDraft:
                   meta: AttentionMetadata) -> torch.Tensor:
         """A decode step of any size, the decoder's step_tokens at a time, in order (a token still sees the cache rows
         its sequence's earlier tokens wrote), each chunk with every sequence's rows."""
-        parts = []
-        for a in range(0, next_ids.shape[0], self.decoder.step_tokens):
-            b = a + self.decoder.step_tokens
-            sub = replace(meta, slot_mapping=meta.slot_mapping[a:b], token_seq=meta.token_seq[a:b])
-            parts.append(self(next_ids[a:b], hidden[a:b], positions[a:b], sub))
-        return torch.cat(parts)
+        n = self.decoder.step_tokens
+        return torch.cat([self(next_ids[a:a + n], hidden[a:a + n], positions[a:a + n], decode_slice(meta, a, n))
+                          for a in range(0, next_ids.shape[0], n)])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """MTPLayer.compute_logits, with the head's kernel bound once for this layer's fp32 outputs."""

@@ -12,8 +12,7 @@ import torch
 
 from dsinfer import LLM, SamplingParams, kernels
 from dsinfer.kernels.decode_layer import LayerC, LayoutError, StepC, check_layout
-from dsinfer.engine.model_runner import decode_slice
-from dsinfer.models.fused_decode import FusedDecoder
+from dsinfer.models.fused_decode import FusedDecoder, decode_slice
 from tests.conftest import random_prompts
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="the CPU kernels cannot be built on this machine")
