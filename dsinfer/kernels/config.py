@@ -75,7 +75,8 @@ class KernelConfig:
         2 AVX-VNNI, 3 AVX512-VNNI (the same dot product, EVEX-encoded, where the CPU lacks AVX-VNNI)."""
         if not self.int8_activations:
             return 0
-        return 1 if not self.vnni else 2 if "avx_vnni" in cpu_flags() else 3
+        flags = cpu_flags()  # checked here too: an unresolved config must never pick an instruction the CPU lacks
+        return 1 if not (self.vnni and has_vnni(flags)) else 2 if "avx_vnni" in flags else 3
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))

@@ -163,6 +163,7 @@ def test_vnni_is_chosen_only_where_the_cpu_has_it(monkeypatch):
     from dsinfer.kernels import config
     monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert config.KernelConfig().resolve("cpu").int8_kernel == (1 if kernels.library() else 0)
+    assert config.KernelConfig().int8_kernel == 1  # unresolved too: a VNNI kernel would be an illegal instruction
     monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx_vnni"}))
     assert config.KernelConfig().resolve("cpu").int8_kernel == (2 if kernels.library() else 0)
     monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512vl", "avx512_vnni"}))
