@@ -18,7 +18,7 @@ ENV = {"cpu_kernels": "DSINFER_CPU_KERNELS", "fused_decode": "DSINFER_FUSED_DECO
        "int8_activations": "DSINFER_INT8_ACTIVATIONS", "vnni": "DSINFER_VNNI", "grouped_mm": "DSINFER_GROUPED_MM",
        "amx_experts": "DSINFER_AMX_EXPERTS", "bf16_prefill_tiles": "DSINFER_BF16_PREFILL_TILES",
        "fused_swiglu": "DSINFER_FUSED_SWIGLU", "dsa_bf16": "DSINFER_DSA_BF16",
-       "token_parallel": "DSINFER_TOKEN_PARALLEL"}
+       "token_parallel": "DSINFER_TOKEN_PARALLEL", "wide_steps": "DSINFER_WIDE_STEPS"}
 SWITCHES = tuple(name for name in ENV if name != "cpu_kernels")
 
 
@@ -36,6 +36,7 @@ class KernelConfig:
     fused_swiglu: bool = True      # 16-bit prefill MLPs: silu(gate) * up (* routing weight) in one C pass, one rounding
     dsa_bf16: bool = True          # bf16 DSA models: indexer scores and gathered attention one query at a time (AMX)
     token_parallel: bool = True    # fused decode of a layer whose token fits one core's L2: threads split tokens
+    wide_steps: bool = True        # fused steps of 9-16 tokens read each fp32 / bf16 weight once, not twice
     ffn_chunk_tokens: int = 256    # tokens per MLP pass of the torch path (0: all at once)
 
     def __post_init__(self):

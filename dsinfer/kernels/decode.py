@@ -149,7 +149,7 @@ def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_u
     out = torch.empty(t, d, dtype=torch.float32)
     fn = library().moe_decode_f32 if gate_up.dtype == torch.float32 else library().moe_decode_bf16
     code = fn(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), out.data_ptr(),
-              t, k, e, d, inter, torch.get_num_threads())
+              t, k, e, d, inter, torch.get_num_threads(), MAX_M)
     if code:
         raise ValueError(f"moe_decode failed: {_MOE_ERRORS.get(code, f'error {code}')}")
     return out

@@ -5,8 +5,9 @@
 #define DSINFER_DECODE_LAYER_H
 #include <stdint.h>
 
-#define MAX_T 16   /* tokens of a fused decode step; the matrix kernels take KERNEL_ROWS rows of x at a time */
-#define KERNEL_ROWS 8
+#define MAX_T 16   /* tokens of a fused decode step; the matrix kernels take KERNEL_ROWS rows of x at a time, */
+#define KERNEL_ROWS 8 /* fp32 / bf16 matrices with `wide` set WIDE_ROWS (one pass over the weights) */
+#define WIDE_ROWS 16
 #define MAX_K 64
 
 /* How a weight matrix is stored: fp32 or bf16 values, or int8 / int4 codes in groups of `group` columns with
@@ -18,6 +19,8 @@ typedef struct {
     const float *scales, *mins;       /* [N, groups] for the integer formats (mins may be NULL), else NULL */
     int64_t format, group, int8_x;    /* int8_x: multiply int8-rounded activations in integers (qgemv_*_x8):
                                          0 no, 1 with AVX2, 2 with AVX-VNNI, 3 with AVX512-VNNI */
+    int64_t wide;                     /* 1: fp32 / bf16 values read once for up to WIDE_ROWS rows of x, not
+                                         once per KERNEL_ROWS (the same sums) */
 } Mat;
 
 typedef struct {
@@ -64,7 +67,7 @@ typedef struct {
 } Draft;
 
 /* Every field, in declaration order: what the layout check compares with the ctypes mirror. */
-#define MAT_FIELDS(X) X(w) X(scales) X(mins) X(format) X(group) X(int8_x)
+#define MAT_FIELDS(X) X(w) X(scales) X(mins) X(format) X(group) X(int8_x) X(wide)
 #define LAYER_FIELDS(X) X(d) X(h) X(dn) X(dr) X(dv) X(r) X(qr) X(eps) X(scale) X(in_norm) X(post_norm) \
     X(q_a_norm) X(kv_norm) X(q_a) X(q_b) X(kv_a) X(kv_b) X(o) X(experts) X(top_k) X(n_group) X(topk_group) \
     X(method) X(sigmoid) X(norm_topk) X(route_scale) X(router) X(router_bf16) X(bias) X(gate_up) X(down) \

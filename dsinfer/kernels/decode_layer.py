@@ -9,8 +9,9 @@ WEIGHT_FORMATS = {"float32": 0, "bfloat16": 1, 8: 2, 4: 3}  # MatC.format by dty
 
 
 class MatC(ctypes.Structure):
-    """A weight matrix: values (fp32, bf16) or int8 / int4 codes with per-group scales (and mins)."""
-    _fields_ = [(n, P) for n in ("w", "scales", "mins")] + [(n, I64) for n in ("format", "group", "int8_x")]
+    """A weight matrix: values (fp32, bf16) or int8 / int4 codes with per-group scales (and mins); wide: values
+    read once for up to 16 rows of x (KernelConfig.wide_steps)."""
+    _fields_ = [(n, P) for n in ("w", "scales", "mins")] + [(n, I64) for n in ("format", "group", "int8_x", "wide")]
 
 
 class LayerC(ctypes.Structure):

@@ -24,7 +24,7 @@ QGEMV(qgemv_i8_x8_vnni512, int8_t)
 QGEMV(qgemv_i4_x8_vnni512, uint8_t)
 #define MOE(NAME, WT) int NAME(const float *x, const int64_t *ids, const float *weights, const WT *gate_up, \
                                const WT *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d,   \
-                               int64_t inter, int threads);
+                               int64_t inter, int threads, int64_t rows);
 MOE(moe_decode_f32, float)
 MOE(moe_decode_bf16, uint16_t)
 
@@ -43,11 +43,15 @@ static void mat_rows(const Mat *A, const float *x, float *y, int64_t m, int64_t 
     }
 }
 
-/* y [m, n] = x [m, k] . A^T, KERNEL_ROWS rows of x at a time (the kernels' most), back to back, so that a second
- * pass finds the weights in cache; each row's sums are the kernels' batch-invariant ones. */
+/* The most rows of x A's kernel takes in one pass over its weights. */
+static int64_t pass_rows(const Mat *A) { return A->wide && A->format <= W_BF16 ? WIDE_ROWS : KERNEL_ROWS; }
+
+/* y [m, n] = x [m, k] . A^T, pass_rows(A) rows of x at a time, back to back, so that a second pass finds the
+ * weights in cache; each row's sums are the kernels' batch-invariant ones. */
 void mat_vec(const Mat *A, const float *x, float *y, int64_t m, int64_t n, int64_t k, int threads) {
-    for (int64_t r = 0; r < m; r += KERNEL_ROWS)
-        mat_rows(A, x + r * k, y + r * n, m - r < KERNEL_ROWS ? m - r : KERNEL_ROWS, n, k, threads);
+    const int64_t most = pass_rows(A);
+    for (int64_t r = 0; r < m; r += most)
+        mat_rows(A, x + r * k, y + r * n, m - r < most ? m - r : most, n, k, threads);
 }
 
 /* The matrix that starts at row `row` of A (rows of k columns): one expert of a stack. */
@@ -113,9 +117,10 @@ static int experts_by_one(const Mat *gate_up, const Mat *down, const float *x, c
 int mat_ffn(const Mat *gate_up, const Mat *down, const float *x, const int64_t *ids, const float *weights,
             float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter, int threads) {
     if (gate_up->format == down->format && gate_up->format == W_F32)
-        return moe_decode_f32(x, ids, weights, gate_up->w, down->w, out, t, k, e, d, inter, threads);
+        return moe_decode_f32(x, ids, weights, gate_up->w, down->w, out, t, k, e, d, inter, threads, pass_rows(gate_up));
     if (gate_up->format == down->format && gate_up->format == W_BF16)
-        return moe_decode_bf16(x, ids, weights, gate_up->w, down->w, out, t, k, e, d, inter, threads);
+        return moe_decode_bf16(x, ids, weights, gate_up->w, down->w, out, t, k, e, d, inter, threads,
+                               pass_rows(gate_up));
     if (t < 1 || t > MAX_T || k < 1 || k > MAX_K) return 3;
     return experts_by_one(gate_up, down, x, ids, weights, out, t, k, e, d, inter, threads);
 }

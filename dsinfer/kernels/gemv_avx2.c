@@ -3,7 +3,7 @@
  * bf16 (bf16 widens to fp32 exactly by a 16-bit shift); activations and sums are fp32. */
 #include "gemv_kernels.h"
 
-/* The exported entry points: m <= MAX_M; threads split the n output rows evenly. */
+/* The exported entry points: m <= WIDE_M; threads split the n output rows evenly. */
 #define ENTRY(NAME, ROWS, WTYPE)                                                                       \
 void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k, int threads) {   \
     float *xp = m > BLOCKED_FROM ? pack_x(x, m, k) : NULL;                                          \

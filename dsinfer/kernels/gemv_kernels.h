@@ -1,7 +1,7 @@
 /* The fp32 / bf16 weight-streaming row kernels shared by gemv_avx2.c and moe_decode_avx2.c (static, so each
  * translation unit gets its own inlined copy): rows_*_any(x, xp, w, y, m, n, k, n0, n1) computes
- * y[r * n + j] = x[r] . W[j] for rows j in [n0, n1) of W [N, K] and r < m <= MAX_M; xp is x packed by pack_x
- * (or NULL: the one-row-at-a-time kernel on x as it is). */
+ * y[r * n + j] = x[r] . W[j] for rows j in [n0, n1) of W [N, K] and r < m <= WIDE_M; xp is x packed by pack_x
+ * (or NULL: the one-row-at-a-time kernel on x as it is, MAX_M rows of x a pass). */
 #ifndef DSINFER_GEMV_KERNELS_H
 #define DSINFER_GEMV_KERNELS_H
 
@@ -10,7 +10,8 @@
 #include <stdlib.h>
 #include "simd.h"
 
-#define MAX_M 8
+#define MAX_M 8  /* rows of x the row kernel takes; the blocked kernel takes up to WIDE_M in one pass */
+#define WIDE_M 16
 #define KC 128 /* columns per chunk in the blocked kernel */
 #ifndef ROW_STREAMS
 #define ROW_STREAMS 8 /* weight rows read side by side by the row kernel for one row of x */
@@ -98,11 +99,12 @@ static inline void NAME(const float *x, const WTYPE *w, float *y, int64_t m, int
     NAME##_to(x, w, y, m, n, k, n0, n1, NULL);                                                      \
 }
 
-/* For 3-8 rows of x, which is first packed once per call into xp[K/8][M][8] (the M rows' 8-float pieces
+/* For 3-16 rows of x, which is first packed once per call into xp[K/8][M][8] (the M rows' 8-float pieces
  * side by side: one sequential stream instead of M rows 4*K bytes apart, all in the same L1 sets). Blocking:
  *  - registers: G weight rows x a tile of T x rows, G * T <= 12 accumulators; per 8 columns G + T loads
  *    (each into a register) feed G * T FMAs. 3-4 x rows: one 3 x M tile; 5-8: two tiles (3+2, 4+2, 4+3,
- *    4+4 x rows), the second re-reading the weight piece from L1.
+ *    4+4 x rows), the second re-reading the weight piece from L1; 9-16: the first 8 rows' two tiles and those of
+ *    the rest, all on the same weight piece (one pass over the weights; the same sums as two passes of 8).
  *  - L1: K is walked in chunks of KC columns, all tiles finishing a chunk before the next one, so the weight
  *    rows stream from memory at an even pace; partial sums wait in acc[][] between chunks.
  *  - memory: every weight element is read from memory once; while a group's chunk is read, the same chunk of
@@ -127,48 +129,63 @@ static inline __attribute__((always_inline)) void NAME##_tile(                  
     for (int g = 0; g < G; g++)                                                                     \
         for (int r = 0; r < T; r++) acc[g * MAX_M + r] = a[g][r];                                   \
 }                                                                                                   \
-/* Rows n0.. in groups of G, x in tiles of T0 and T1 rows (T1 = 0: one tile); returns the first row left */\
+/* Rows n0.. in groups of G, x in tiles of T0, T1 rows (T1 = 0: one tile) and, past the first MAX_M rows of x, \
+ * T2, T3 (0: none); acc[h][g][r] holds row h * MAX_M + r. Returns the first row left. */                  \
 static inline __attribute__((always_inline)) int64_t NAME##_groups(                                 \
         const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n, int64_t k, \
-        int64_t n0, int64_t n1, const WTYPE *after, const int G, const int T0, const int T1) {      \
+        int64_t n0, int64_t n1, const WTYPE *after, const int G, const int T0, const int T1,        \
+        const int T2, const int T3) {                                                               \
     const int64_t k8 = k & ~(int64_t)7;                                                             \
-    __m256 acc[3][MAX_M];                                                                           \
+    __m256 acc[2][3][MAX_M];                                                                        \
     int64_t j = n0;                                                                                 \
     for (; j + G <= n1; j += G) {                                                                   \
         const WTYPE *next = BLOCK_PREFETCH ? (j + 2 * G <= n1 ? w + (j + G) * k : after) : NULL;    \
-        for (int g = 0; g < G; g++)                                                                 \
-            for (int r = 0; r < T0 + T1; r++) acc[g][r] = _mm256_setzero_ps();                      \
+        for (int h = 0; h < (T2 ? 2 : 1); h++)                                                      \
+            for (int g = 0; g < G; g++)                                                             \
+                for (int r = 0; r < MAX_M; r++) acc[h][g][r] = _mm256_setzero_ps();                 \
         for (int64_t kc = 0; kc < k8; kc += KC) {                                                   \
             const int64_t len = k8 - kc < KC ? k8 - kc : KC;                                        \
+            const WTYPE *wc = w + j * k + kc;                                                       \
             if (next) /* this chunk of the next group's rows */                                     \
                 for (int g = 0; g < G; g++)                                                         \
                     for (int64_t c = 0; c < len; c += 64 / (int64_t)sizeof(WTYPE))                  \
                         _mm_prefetch((const char *)(next + g * k + kc + c), _MM_HINT_T1);           \
-            NAME##_tile(xp + kc * m, w + j * k + kc, &acc[0][0], m, k, len, G, T0);                 \
-            if (T1)                                                                                 \
-                NAME##_tile(xp + kc * m + 8 * T0, w + j * k + kc, &acc[0][T0], m, k, len, G, T1);   \
+            NAME##_tile(xp + kc * m, wc, &acc[0][0][0], m, k, len, G, T0);                          \
+            if (T1) NAME##_tile(xp + kc * m + 8 * T0, wc, &acc[0][0][T0], m, k, len, G, T1);        \
+            if (T2) NAME##_tile(xp + kc * m + 8 * MAX_M, wc, &acc[1][0][0], m, k, len, G, T2);      \
+            if (T3) NAME##_tile(xp + kc * m + 8 * (MAX_M + T2), wc, &acc[1][0][T2], m, k, len, G, T3); \
         }                                                                                           \
         for (int g = 0; g < G; g++)                                                                 \
-            for (int r = 0; r < T0 + T1; r++) {                                                     \
-                float s = hsum(acc[g][r]);                                                          \
+            for (int r = 0; r < m; r++) {                                                           \
+                float s = hsum(acc[r / MAX_M][g][r % MAX_M]);                                       \
                 for (int64_t t = k8; t < k; t++) s += SCALAR(w[(j + g) * k + t]) * x[r * k + t];   \
                 y[r * n + j + g] = s;                                                               \
             }                                                                                       \
     }                                                                                               \
     return j;                                                                                       \
 }                                                                                                   \
+/* m <= WIDE_M rows of x: one pass over the weights (past MAX_M rows, two more tiles per chunk of them) */ \
 static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
                  int64_t k, int64_t n0, int64_t n1, const WTYPE *after) {                           \
     int64_t j;                                                                                      \
     switch (m) {                                                                                    \
-    case 3: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 3, 0); break;                        \
-    case 4: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 0); break;                        \
-    case 5: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 3, 2); break;                        \
-    case 6: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 2); break;                        \
-    case 7: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 3); break;                        \
-    default: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4); break;                       \
+    case 3: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 3, 0, 0, 0); break;           \
+    case 4: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 0, 0, 0); break;           \
+    case 5: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 3, 2, 0, 0); break;           \
+    case 6: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 2, 0, 0); break;           \
+    case 7: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 3, 0, 0); break;           \
+    case 8: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 0, 0); break;           \
+    case 9: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 1, 0); break;           \
+    case 10: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 2, 0); break;          \
+    case 11: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 3, 0); break;          \
+    case 12: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 4, 0); break;          \
+    case 13: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 3, 2); break;          \
+    case 14: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 4, 2); break;          \
+    case 15: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 4, 3); break;          \
+    default: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 4, 4); break;          \
     }                                                                                               \
-    if (j < n1) NAME##_single(x, w, y, m, n, k, j, n1, after);                                      \
+    for (int64_t r = 0; j < n1 && r < m; r += MAX_M) /* the last rows, one at a time */             \
+        NAME##_single(x + r * k, w, y + r * n, m - r < MAX_M ? m - r : MAX_M, n, k, j, n1, after);  \
 }
 
 #define AS_F32(v) (v)
@@ -188,7 +205,8 @@ GROUP_KERNEL(rows_bf16_blocked, uint16_t, load_bf16, bf16_to_f32)
 static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int64_t m, int64_t n,   \
                  int64_t k, int64_t n0, int64_t n1, const WTYPE *after) {                           \
     if (m > BLOCKED_FROM && xp) BLOCKED(x, xp, w, y, m, n, k, n0, n1, after);                       \
-    else ROWS##_to(x, w, y, m, n, k, n0, n1, after);                                                \
+    else for (int64_t r = 0; r < m; r += MAX_M) /* MAX_M rows of x a pass */                        \
+        ROWS##_to(x + r * k, w, y + r * n, m - r < MAX_M ? m - r : MAX_M, n, k, n0, n1, after);     \
 }
 ANY(rows_f32_any, rows_f32, rows_f32_blocked, float)
 ANY(rows_bf16_any, rows_bf16, rows_bf16_blocked, uint16_t)

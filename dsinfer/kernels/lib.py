@@ -112,7 +112,9 @@ def declare(lib: ctypes.CDLL):
     # q, kv, norm weight, eps, cos/sin, cache, slots, t, h, dn, dr, r, cache rows -> 0 or 1 (bad slot)
     _sig(lib, ("mla_rope_cache_f32",), [P] * 3 + [F32] + [P] * 3 + [I64] * 6, INT)
     # x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads -> 0 or an error code
-    _sig(lib, ("moe_decode_f32", "moe_decode_bf16", "moe_prefill_f32"), [P] * 6 + [I64] * 5 + [INT], INT)
+    _sig(lib, ("moe_prefill_f32",), [P] * 6 + [I64] * 5 + [INT], INT)
+    # ..., and the most tokens an expert's weights are read once for (8 to 16)
+    _sig(lib, ("moe_decode_f32", "moe_decode_bf16"), [P] * 6 + [I64] * 5 + [INT, I64], INT)
     # x, weight, weight is bf16, bias, out weights, out ids, counts, t, d, e, top_k, n_group, topk_group, method,
     # sigmoid, norm_topk_prob, scale -> 0 or an error code
     _sig(lib, ("route_f32",), [P, P, INT] + [P] * 4 + [I64] * 6 + [INT] * 3 + [F32], INT)

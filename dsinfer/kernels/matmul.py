@@ -13,7 +13,8 @@ import torch
 
 from dsinfer.kernels.lib import library, ptr
 
-MAX_M = 8
+MAX_M = 8  # the most rows of x a decode matmul takes (the kernels' plain steps)
+WIDE_M = 16  # the most rows gemv's C entry reads the weights once for (a fused step's 9-16 tokens)
 SMALL_MAX_M = 64  # the most rows of x gemm_small takes
 
 
@@ -24,7 +25,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] fp32 (M <= MAX_M), w [N, K] fp32 or bf16, contiguous -> x @ w.T in fp32."""
+    """x [M, K] fp32 (M <= WIDE_M), w [N, K] fp32 or bf16, contiguous -> x @ w.T in fp32."""
     x = x.contiguous()
     m, k = x.shape
     n = w.shape[0]

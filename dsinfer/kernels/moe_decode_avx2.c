@@ -3,8 +3,9 @@
  * with gate_up [E, 2I, D] (gate rows, then up rows) and down [E, D, I], fp32 or bf16.
  *
  * Scheme: the (token, choice) pairs are grouped by expert (ascending expert, then token), so that each active
- * expert's weights are streamed from memory once for all of its tokens (an expert with more than MAX_M tokens,
- * in a step of up to MAX_T: two groups back to back, the second finding the rows in cache), by the row kernels of
+ * expert's weights are streamed from memory once for all of its tokens (up to `most` tokens a group, 8 to WIDE_M;
+ * an expert with more, in a step of up to MAX_T: two groups back to back, the second finding the rows in cache), by
+ * the row kernels of
  * gemv_kernels.h on a small gathered (and, for m > BLOCKED_FROM, packed) block of x. One parallel region:
  *  1. every thread takes the same share of rows i of every active expert: gate rows i and up rows I + i into
  *     g, then h[r][i] = weight * silu(gate) * up, written both plain and packed for phase 2;
@@ -21,16 +22,16 @@
 
 typedef struct {
     int64_t e, m;           /* expert, tokens routed to it */
-    int64_t tok[MAX_M];     /* their rows of x and out */
-    float w[MAX_M];         /* their routing weights */
+    int64_t tok[WIDE_M];    /* their rows of x and out */
+    float w[WIDE_M];        /* their routing weights */
     float *x, *xp, *h, *hp; /* gathered x [m, D], packed (or NULL); activation [m, I], packed (or NULL) */
 } Group;
 
-/* Groups the T * K pairs by expert, tokens ascending within each, at most MAX_M tokens a group (more: the
+/* Groups the T * K pairs by expert, tokens ascending within each, at most `most` tokens a group (more: the
  * expert's next group follows), using order [T * K] as scratch; returns how many groups, or -1 for an id
  * outside [0, E). */
 static int64_t group_pairs(const int64_t *ids, const float *weights, int64_t t, int64_t k, int64_t e,
-                           int64_t *order, Group *groups) {
+                           int64_t most, int64_t *order, Group *groups) {
     int64_t n = t * k, ng = 0;
     for (int64_t p = 0; p < n; p++) { /* stable insertion sort of the pair indices by expert */
         if (ids[p] < 0 || ids[p] >= e) return -1;
@@ -40,7 +41,7 @@ static int64_t group_pairs(const int64_t *ids, const float *weights, int64_t t, 
     }
     for (int64_t i = 0; i < n; i++) {
         int64_t p = order[i];
-        if (ng == 0 || groups[ng - 1].e != ids[p] || groups[ng - 1].m == MAX_M)
+        if (ng == 0 || groups[ng - 1].e != ids[p] || groups[ng - 1].m == most)
             groups[ng].e = ids[p], groups[ng++].m = 0;
         Group *g = &groups[ng - 1];
         g->w[g->m] = weights[p];
@@ -50,17 +51,18 @@ static int64_t group_pairs(const int64_t *ids, const float *weights, int64_t t, 
 }
 
 /* Carves each group's blocks out of one allocation (returned; NULL if out of memory), after g and y
- * (shared scratch [MAX_M, 2I] and [MAX_M, D]), and gathers and packs x. */
-static float *scratch(Group *groups, int64_t ng, const float *x, int64_t d, int64_t inter, float **g, float **y) {
-    int64_t size = ALIGN(MAX_M * 2 * inter) + ALIGN(MAX_M * d);
+ * (shared scratch [most, 2I] and [most, D]), and gathers and packs x. */
+static float *scratch(Group *groups, int64_t ng, int64_t most, const float *x, int64_t d, int64_t inter, float **g,
+                      float **y) {
+    int64_t size = ALIGN(most * 2 * inter) + ALIGN(most * d);
     for (int64_t i = 0; i < ng; i++) {
         int64_t m = groups[i].m, packed = m > BLOCKED_FROM;
         size += ALIGN(m * d) + ALIGN(m * inter) + packed * (ALIGN(m * d) + ALIGN(m * inter));
     }
     float *buf = aligned_alloc(64, (size_t)size * sizeof(float)), *at = buf;
     if (!buf) return NULL;
-    *g = at, at += ALIGN(MAX_M * 2 * inter);
-    *y = at, at += ALIGN(MAX_M * d);
+    *g = at, at += ALIGN(most * 2 * inter);
+    *y = at, at += ALIGN(most * d);
     for (int64_t i = 0; i < ng; i++) {
         Group *gr = &groups[i];
         int64_t m = gr->m, packed = m > BLOCKED_FROM;
@@ -109,12 +111,13 @@ static inline __attribute__((always_inline)) void gate_up_part(const int bf16, c
 
 static inline __attribute__((always_inline)) int moe_decode(
         const int bf16, const float *x, const int64_t *ids, const float *weights, const void *gate_up,
-        const void *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter, int threads) {
-    if (t < 1 || t > MAX_T || k < 1 || d < 1 || inter < 1) return 3;
+        const void *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter, int threads,
+        int64_t most) {
+    if (t < 1 || t > MAX_T || k < 1 || d < 1 || inter < 1 || most < 1 || most > WIDE_M) return 3;
     Group *groups = malloc((size_t)(t * k) * (sizeof(Group) + sizeof(int64_t)));
     if (!groups) return 2;
-    int64_t ng = group_pairs(ids, weights, t, k, e, (int64_t *)(groups + t * k), groups);
-    float *g, *y, *buf = ng < 0 ? NULL : scratch(groups, ng, x, d, inter, &g, &y);
+    int64_t ng = group_pairs(ids, weights, t, k, e, most, (int64_t *)(groups + t * k), groups);
+    float *g, *y, *buf = ng < 0 ? NULL : scratch(groups, ng, most, x, d, inter, &g, &y);
     if (!buf) {
         free(groups);
         return ng < 0 ? 1 : 2;
@@ -150,15 +153,15 @@ static inline __attribute__((always_inline)) int moe_decode(
 }
 
 /* 0 on success; 1: an expert id outside [0, E); 2: out of memory; 3: bad sizes (T outside 1..MAX_T, K, D or I
- * below 1). */
+ * below 1, most outside 1..WIDE_M). most: the most tokens an expert's weights are read once for. */
 int moe_decode_f32(const float *x, const int64_t *ids, const float *weights, const float *gate_up,
                    const float *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter,
-                   int threads) {
-    return moe_decode(0, x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads);
+                   int threads, int64_t most) {
+    return moe_decode(0, x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads, most);
 }
 
 int moe_decode_bf16(const float *x, const int64_t *ids, const float *weights, const uint16_t *gate_up,
                     const uint16_t *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter,
-                    int threads) {
-    return moe_decode(1, x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads);
+                    int threads, int64_t most) {
+    return moe_decode(1, x, ids, weights, gate_up, down, out, t, k, e, d, inter, threads, most);
 }

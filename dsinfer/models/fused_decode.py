@@ -75,10 +75,11 @@ class LayerBuilder:
     copies that the builder keeps alive. int8_kernel: the model's KernelConfig.int8_kernel; token_parallel: its
     switch of that name, which splits a step's tokens among the threads in a layer whose token reads no more than
     one core's L2 cache holds, of fp32 / bf16 weights only (their kernels give a row the same bits whatever the
-    batch; the integer kernels' sums depend on it in the last bits)."""
+    batch; the integer kernels' sums depend on it in the last bits); wide: its wide_steps, which reads fp32 / bf16
+    weights once for up to 16 tokens (MatC.wide)."""
 
-    def __init__(self, int8_kernel: int, token_parallel: bool = False):
-        self.int8, self.keep, self.token_parallel = int8_kernel, [], token_parallel
+    def __init__(self, int8_kernel: int, token_parallel: bool = False, wide: bool = False):
+        self.int8, self.keep, self.token_parallel, self.wide = int8_kernel, [], token_parallel, int(wide)
 
     def mat(self, w, values_only: bool = False) -> MatC | None:
         """A matrix in a format the C layer reads: fp32 or bf16 values, or int8 / int4 codes (no GPTQ column
@@ -89,9 +90,9 @@ class LayerBuilder:
                 return None
             int8_x = self.int8 if kernels.int8_activations_fit(w.bits, w.k, w.group_size) else 0
             return MatC(w.q.data_ptr(), w.scales.data_ptr(), _ptr(w.mins), WEIGHT_FORMATS[w.bits], w.group_size,
-                        int8_x)
+                        int8_x, 0)
         fmt = WEIGHT_FORMATS.get(str(getattr(w, "dtype", "")).removeprefix("torch."))
-        return None if fmt is None or not _cpu(w) else MatC(w.data_ptr(), None, None, fmt, 0, 0)
+        return None if fmt is None or not _cpu(w) else MatC(w.data_ptr(), None, None, fmt, 0, 0, self.wide)
 
     def vec(self, t: torch.Tensor | None):
         """An fp32 copy of a small vector (or None), kept alive with the builder."""
@@ -183,7 +184,8 @@ class FusedDecoder:
             return None
         if getattr(model, "shard", None) is not None:  # a rank's model runs its own (models/parallel_fused.py)
             return None
-        builder = LayerBuilder(model.kernel_config.int8_kernel, model.kernel_config.token_parallel)
+        kc = model.kernel_config
+        builder = LayerBuilder(kc.int8_kernel, kc.token_parallel, kc.wide_steps)
         layers = [builder.layer(layer, model.config.hidden_size) for layer in model.model.layers]
         return None if any(s is None for s in layers) else cls(model, layers, caches, builder.keep)
 
@@ -202,7 +204,7 @@ class FusedDecoder:
         (their StepCache) where they are over the same positions and metadata."""
         if not model.kernel_config.fused_decode or kernels.library() is None or not cpu_caches([cache]):
             return None
-        builder = LayerBuilder(model.kernel_config.int8_kernel)
+        builder = LayerBuilder(model.kernel_config.int8_kernel, wide=model.kernel_config.wide_steps)
         struct = builder.layer(layer, model.config.hidden_size)
         if struct is None:
             return None

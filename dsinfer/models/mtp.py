@@ -116,17 +116,17 @@ class FusedDraft:
         norms = (mtp.enorm, mtp.hnorm, mtp.shared_head.norm)
         self.enorm, self.hnorm, self.out_norm = (n.weight.detach().float().contiguous() for n in norms)
         main = mtp.main[0]
-        self.table, int8 = main.model.embed_tokens, main.kernel_config.int8_kernel
+        self.table, kc = main.model.embed_tokens, main.kernel_config
+        int8 = kc.int8_kernel
         self.eh_proj = bound_matmul(mtp.eh_proj.weight, int8)
         head = mtp.draft_head if mtp.draft_head is not None else \
             main.model.embed_tokens if main.lm_head is None else main.lm_head.weight
         self.head = bound_matmul(head, int8)
-        self.struct = self.draft_struct(head, int8)
+        self.struct = self.draft_struct(head, LayerBuilder(int8, wide=kc.wide_steps))
 
-    def draft_struct(self, head, int8_kernel: int) -> DraftC | None:
+    def draft_struct(self, head, mats: LayerBuilder) -> DraftC | None:
         """The DraftC of decode_draft.c for this layer, or None where its embedding table or matrices are not in a
         format the C call reads."""
-        mats = LayerBuilder(int8_kernel)
         eh_proj, head_c, table = mats.mat(self.mtp.eh_proj.weight), mats.mat(head), self.table
         if eh_proj is None or head_c is None or not isinstance(table, torch.Tensor) or not table.is_contiguous() \
                 or table.device.type != "cpu" or table.dtype not in (torch.float32, torch.bfloat16) \

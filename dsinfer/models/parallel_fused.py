@@ -28,7 +28,8 @@ class ParallelFusedDecoder:
     def build(cls, model) -> "ParallelFusedDecoder | None":
         """Collective, on every rank after loading: the decoder, or None on every rank if any rank's
         KernelConfig does not ask for it or any rank's layers cannot take the fused path."""
-        kc, builder, layers = model.kernel_config, LayerBuilder(model.kernel_config.int8_kernel), None
+        kc, layers = model.kernel_config, None
+        builder = LayerBuilder(kc.int8_kernel, wide=kc.wide_steps)
         if kc.fused_decode and kernels.library() is not None:
             layers = [builder.layer(layer, model.config.hidden_size) for layer in model.model.layers]
         fits = layers is not None and None not in layers

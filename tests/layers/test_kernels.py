@@ -33,6 +33,19 @@ def test_gemv_rows_do_not_depend_on_the_batch(k, dtype):
         assert torch.equal(kernels.gemv(x[:m], w), alone[:m]), f"{m} rows"
 
 
+@pytest.mark.parametrize("n", [37, 38, 39])  # a last group of 1, 2 or 3 weight rows
+@pytest.mark.parametrize("k", [40, 2048 + 8 + 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_of_9_to_16_rows_gives_the_bits_of_passes_of_8(n, k, dtype):
+    """The C entry takes up to WIDE_M rows in one pass over the weights (a fused step's 9-16 tokens): every row
+    gets the bits that passes of at most MAX_M rows give it."""
+    g = torch.Generator().manual_seed(n + k)
+    x, w = torch.randn(kernels.WIDE_M, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
+    for m in range(kernels.MAX_M + 1, kernels.WIDE_M + 1):
+        passes = torch.cat([kernels.gemv(x[:kernels.MAX_M], w), kernels.gemv(x[kernels.MAX_M:m], w)])
+        assert torch.equal(kernels.gemv(x[:m], w), passes), f"{m} rows"
+
+
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("k", [100, 256])
 def test_bf16_rows_that_prefetch_sum_like_the_last_rows(m, k):

@@ -197,15 +197,22 @@ def test_a_layout_that_differs_is_an_error_naming_the_field():
         check_layout(kernels.library(), {1: ShortStep})
 
 
+@pytest.mark.parametrize("wide", ["1", "0"])
 @pytest.mark.parametrize("name,options", [("v3", {}), ("v3", {"dtype": "bfloat16"}), ("v2-lite", {}),
                                           ("v3", {"quantization": "int8"})], ids=str)
-def test_a_step_of_more_than_eight_tokens_is_two_steps_of_eight(name, options, ckpts):
+def test_a_step_of_more_than_eight_tokens_is_two_steps_of_eight(name, options, wide, ckpts, monkeypatch):
     """A fused step of 9-16 tokens (a chunk of a speculative verify step) gives each token the bits two steps of
-    at most eight give it (the matrix kernels take eight rows at a time; an expert chosen by more than eight
-    tokens runs twice), with the same cache rows. Identical rows make every token choose the same experts."""
+    at most eight give it, with the same cache rows: with wide_steps, fp32 / bf16 matrices and experts read
+    once for all 16 rows; without, eight rows at a time (an expert chosen by more than eight tokens runs twice).
+    Identical rows make every token choose the same experts. Rows split between threads (not tokens), so that
+    the products take all the step's rows."""
+    monkeypatch.setenv("DSINFER_WIDE_STEPS", wide)
+    monkeypatch.setenv("DSINFER_TOKEN_PARALLEL", "0")
     llm = LLM(ckpts[name], max_model_len=64, enable_prefix_caching=False, **options)
     runner, decoder = llm.engine.runner, llm.engine.runner.fused
     assert decoder.step_tokens == 16
+    values = "quantization" not in options
+    assert all(layer.q_b.wide == int(wide == "1" and values) for layer in decoder.layers)
     ids, positions, meta = runner.inputs([(list(range(3, 19)), 0, [0])], num_prefills=0)
     x = torch.randn(1, llm.model.config.hidden_size).expand(16, -1).contiguous()
     moes = [layer.mlp for layer in llm.model.model.layers if hasattr(layer.mlp, "expert_counts")]
