@@ -104,3 +104,29 @@ def test_bench_uses_no_private_member_of_another_module():
                 pytest.fail(f"{path.name}:{node.lineno} uses {node.attr}")
             if isinstance(node, ast.Attribute) and node.attr == "engine":
                 pytest.fail(f"{path.name}:{node.lineno} reaches into llm.engine")
+
+
+def test_decode_figures_count_tokens_not_outputs():
+    """With speculative decoding one output of a stream brings several tokens: tok/s counts the tokens, and the
+    median figure takes each step's time per token."""
+    from dsinfer.tools.bench.measure import decode_figures
+    label = "(1 stream, 8-token context)"
+    one_each = decode_figures(8, [0.0, 1.0, 3.0])
+    assert one_each[f"decode tok/s {label}"] == pytest.approx(2 / 3)
+    assert one_each[f"decode tok/s, median gap {label}"] == pytest.approx(1 / 1.5)
+    several = decode_figures(8, [0.0, 1.0, 2.0, 4.0], [1, 3, 4, 8])  # 2, 1 and 4 new tokens
+    assert several[f"decode tok/s {label}"] == pytest.approx(7 / 4)
+    assert several[f"decode tok/s, median gap {label}"] == pytest.approx(1 / 0.5)  # per token: 0.5, 1, 0.5
+    assert decode_figures(8, [0.0]) == {}
+
+
+def test_one_stream_decode_passes_each_outputs_token_count(monkeypatch):
+    from types import SimpleNamespace
+
+    from dsinfer.tools.bench import engine, measure
+    seen = []
+    monkeypatch.setattr(measure, "decode_figures", lambda context, stamps, counts: seen.append(counts) or {})
+    outputs = [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(range(n)))]) for n in (1, 3, 4, 6)]
+    llm = SimpleNamespace(stream=lambda prompt, params: iter(outputs))
+    engine.decode_one_stream(llm, SimpleNamespace(contexts=[8], vocab=64, decode_tokens=6))
+    assert seen == [[1, 3, 4, 6]]

@@ -59,8 +59,11 @@ def decode_one_stream(llm, w: Workload, tick: Tick = no_tick) -> dict:
     figures = {}
     for context in w.contexts:
         prompt = measure.seeded_prompt(context, w.vocab)
-        stamps = [time.perf_counter() for _ in llm.stream({"prompt_token_ids": prompt}, fixed(w.decode_tokens))]
-        figures |= measure.decode_figures(context, stamps)
+        stamps, counts = [], []  # an output brings several tokens with speculative decoding
+        for out in llm.stream({"prompt_token_ids": prompt}, fixed(w.decode_tokens)):
+            stamps.append(time.perf_counter())
+            counts.append(len(out.outputs[0].token_ids))
+        figures |= measure.decode_figures(context, stamps, counts)
         tick(1)
     return figures
 

@@ -66,15 +66,18 @@ def percentiles(name: str, values: list[float]) -> dict:
     return {f"{name} p50": q[49] * 1e3, f"{name} p90": q[89] * 1e3, f"{name} p99": q[98] * 1e3}
 
 
-def decode_figures(context: int, stamps: list[float]) -> dict:
-    """Tokens per second after the first token, from the time stamps of the tokens of one stream: the mean, and
-    from the median gap between tokens, which a stray pause of the machine does not move."""
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    if not gaps:
+def decode_figures(context: int, stamps: list[float], counts: list[int] | None = None) -> dict:
+    """Tokens per second after the first output of one stream, from the time stamps of its outputs and its token
+    count at each (None: one token each; with speculative decoding an output brings several): the mean, and from
+    the median time per token of a step, which a stray pause of the machine does not move."""
+    counts = counts or list(range(1, len(stamps) + 1))
+    steps = [(b - a, m - n) for a, b, n, m in zip(stamps, stamps[1:], counts, counts[1:])]
+    per_token = [gap / new for gap, new in steps if new > 0]
+    if not per_token:
         return {}
     label = f"(1 stream, {context}-token context)"
-    return {f"decode tok/s {label}": len(gaps) / sum(gaps),
-            f"decode tok/s, median gap {label}": 1 / statistics.median(gaps)}
+    return {f"decode tok/s {label}": (counts[-1] - counts[0]) / (stamps[-1] - stamps[0]),
+            f"decode tok/s, median gap {label}": 1 / statistics.median(per_token)}
 
 
 def prefix_ttft(first_token: Callable[[list[int]], object], w: Workload, tick: Tick = no_tick) -> dict:
