@@ -5,9 +5,9 @@
 #define DSINFER_DECODE_LAYER_H
 #include <stdint.h>
 
-#define MAX_T 16   /* tokens of a fused decode step; the matrix kernels take KERNEL_ROWS rows of x at a time, */
-#define KERNEL_ROWS 8 /* fp32 / bf16 matrices with `wide` set WIDE_ROWS (one pass over the weights) */
-#define WIDE_ROWS 16
+#define MAX_T 16       /* tokens of a fused decode step */
+#define KERNEL_ROWS 8  /* rows of x a matrix kernel takes in one pass over the weights, */
+#define WIDE_ROWS 16   /* ... and an fp32 / bf16 matrix with `wide` set */
 #define MAX_K 64
 
 /* How a weight matrix is stored: fp32 or bf16 values, or int8 / int4 codes in groups of `group` columns with

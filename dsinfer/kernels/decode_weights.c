@@ -24,7 +24,7 @@ QGEMV(qgemv_i8_x8_vnni512, int8_t)
 QGEMV(qgemv_i4_x8_vnni512, uint8_t)
 #define MOE(NAME, WT) int NAME(const float *x, const int64_t *ids, const float *weights, const WT *gate_up, \
                                const WT *down, float *out, int64_t t, int64_t k, int64_t e, int64_t d,   \
-                               int64_t inter, int threads, int64_t rows);
+                               int64_t inter, int threads, int64_t most);
 MOE(moe_decode_f32, float)
 MOE(moe_decode_bf16, uint16_t)
 
@@ -117,7 +117,8 @@ static int experts_by_one(const Mat *gate_up, const Mat *down, const float *x, c
 int mat_ffn(const Mat *gate_up, const Mat *down, const float *x, const int64_t *ids, const float *weights,
             float *out, int64_t t, int64_t k, int64_t e, int64_t d, int64_t inter, int threads) {
     if (gate_up->format == down->format && gate_up->format == W_F32)
-        return moe_decode_f32(x, ids, weights, gate_up->w, down->w, out, t, k, e, d, inter, threads, pass_rows(gate_up));
+        return moe_decode_f32(x, ids, weights, gate_up->w, down->w, out, t, k, e, d, inter, threads,
+                              pass_rows(gate_up));
     if (gate_up->format == down->format && gate_up->format == W_BF16)
         return moe_decode_bf16(x, ids, weights, gate_up->w, down->w, out, t, k, e, d, inter, threads,
                                pass_rows(gate_up));

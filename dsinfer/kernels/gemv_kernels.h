@@ -142,7 +142,7 @@ static inline __attribute__((always_inline)) int64_t NAME##_groups(             
         const WTYPE *next = BLOCK_PREFETCH ? (j + 2 * G <= n1 ? w + (j + G) * k : after) : NULL;    \
         for (int h = 0; h < (T2 ? 2 : 1); h++)                                                      \
             for (int g = 0; g < G; g++)                                                             \
-                for (int r = 0; r < MAX_M; r++) acc[h][g][r] = _mm256_setzero_ps();                 \
+                for (int r = 0; r < (h ? T2 + T3 : T0 + T1); r++) acc[h][g][r] = _mm256_setzero_ps(); \
         for (int64_t kc = 0; kc < k8; kc += KC) {                                                   \
             const int64_t len = k8 - kc < KC ? k8 - kc : KC;                                        \
             const WTYPE *wc = w + j * k + kc;                                                       \
@@ -184,7 +184,7 @@ static void NAME(const float *x, const float *xp, const WTYPE *w, float *y, int6
     case 15: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 4, 3); break;          \
     default: j = NAME##_groups(x, xp, w, y, m, n, k, n0, n1, after, 3, 4, 4, 4, 4); break;          \
     }                                                                                               \
-    for (int64_t r = 0; j < n1 && r < m; r += MAX_M) /* the last rows, one at a time */             \
+    for (int64_t r = 0; j < n1 && r < m; r += MAX_M) /* weight rows past the last group: row kernel */ \
         NAME##_single(x + r * k, w, y + r * n, m - r < MAX_M ? m - r : MAX_M, n, k, j, n1, after);  \
 }
 
