@@ -81,3 +81,30 @@ def test_model_card_reports_what_the_issue_asks(trained):
     for needed in ("training files", "validation files", "Training time", "Final training loss", "perplexity",
                    "MTP head: next-next-token accuracy", "| MoE layer |", "Prompt `'def '`", "Prompt `'    return '`"):
         assert needed in card
+
+
+def test_the_package_corpus_splits_by_path_stably():
+    packages = corpus.files("packages")
+    assert packages and all("site-packages" in f.parts or "dist-packages" in f.parts for f in packages)
+    train, val = corpus.split(packages)
+    assert val and not set(train) & set(val) and corpus.split(corpus.files("packages")) == (train, val)
+    assert set(corpus.files("both")) == set(packages) | set(corpus.stdlib_files())
+    with pytest.raises(ValueError, match="unknown corpus 'pypi'"):
+        corpus.files("pypi")
+
+
+def test_device_option(monkeypatch):
+    from dsinfer.tools.train.__main__ import device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device("auto") == "cpu" and device("cpu") == "cpu"
+    for name, message in (("cuda", "torch sees no CUDA device"), ("cuda:1", "torch sees no CUDA device"),
+                          ("meta", "use auto, cpu or cuda"), ("gpu0", "--device")):
+        with pytest.raises(SystemExit, match=message):
+            device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device("auto") == "cuda" and device("cuda:1") == "cuda:1"
+
+
+def test_the_card_names_the_corpus_and_where_it_trained(trained):
+    _, card, _ = trained
+    assert "on the Python standard library" in card and "CPU threads" in card

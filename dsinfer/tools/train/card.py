@@ -4,6 +4,8 @@ import platform
 import textwrap
 from pathlib import Path
 
+SOURCES = {"stdlib": "the Python standard library", "packages": "the Python sources of installed packages",
+           "both": "the Python standard library and the sources of installed packages"}
 PROMPTS = ["def ", "import ", "class Stack:", "for i in range(", "    return "]
 
 
@@ -41,13 +43,14 @@ def expert_table(counts) -> list[str]:
 def write(out: Path, *, arch, cfg, corpus: dict, log, params: dict, samples) -> str:
     final = log.final
     tail = log.losses[-50:]
+    where = f"{corpus['threads']} CPU threads" if cfg.device == "cpu" else f"a {cfg.device} device"
     text = [
         "# dsinfer default model", "",
         "A small code-completion model with the DeepSeek-V3 architecture, trained by "
-        "`python -m dsinfer.tools.train` on the Python standard library. It exists so that dsinfer has a real "
+        f"`python -m dsinfer.tools.train` on {SOURCES[corpus['kind']]}. It exists so that dsinfer has a real "
         "model to run and measure without a download; it writes Python-looking code, not correct programs.", "",
         "## Corpus",
-        f"- Python {platform.python_version()} standard library `.py` files, test packages excluded: "
+        f"- Python {platform.python_version()}: {SOURCES[corpus['kind']]}, `.py` files, test packages excluded: "
         f"{corpus['train_files']} training files ({corpus['train_tokens']:,} tokens), {corpus['val_files']} "
         f"validation files ({corpus['val_tokens']:,} tokens), split by a hash of each file's path.",
         f"- Tokenizer: byte-level BPE, {arch.vocab_size} tokens, trained on the training files; `<bos>`, "
@@ -67,7 +70,7 @@ def write(out: Path, *, arch, cfg, corpus: dict, log, params: dict, samples) -> 
         "## Training",
         f"- {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens ({log.tokens:,} tokens), AdamW "
         f"(lr {cfg.lr}, warmup {cfg.warmup}, cosine to {cfg.min_lr_ratio} x), MTP loss weight {cfg.mtp_weight}, "
-        f"bias update {cfg.bias_update}, seed {cfg.seed}, fp32 on {corpus['threads']} CPU threads.",
+        f"bias update {cfg.bias_update}, seed {cfg.seed}, fp32 on {where}.",
         f"- Training time: {log.seconds / 60:.1f} minutes ({log.tokens / log.seconds:.0f} tokens/s).", "",
         "## Results (held-out files)",
         f"- Final training loss (mean of the last {len(tail)} steps): {sum(tail) / len(tail):.3f}",

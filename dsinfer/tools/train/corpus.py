@@ -1,4 +1,5 @@
-"""The corpus: the running interpreter's standard-library .py files (tests excluded), split by file."""
+"""The corpus: the running interpreter's standard-library .py files, and optionally those of the packages installed
+beside it (site-packages: everything pip installed from the registry), tests excluded, split by file."""
 import sysconfig
 import zlib
 from pathlib import Path
@@ -10,16 +11,35 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}# {{ m['role'] }}:\n{{ m
                  "{% if add_generation_prompt %}# assistant:\n{% endif %}")
 
 
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test"}
+CORPORA = ("stdlib", "packages", "both")
+
+
+def roots() -> dict[str, Path]:
+    paths = sysconfig.get_paths()
+    return {"stdlib": Path(paths["stdlib"]), "packages": Path(paths["purelib"])}
+
+
+def python_files(root: Path) -> list[Path]:
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
     return sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
 
 
+def stdlib_files() -> list[Path]:
+    return python_files(roots()["stdlib"])
+
+
+def files(kind: str) -> list[Path]:
+    """The corpus `kind` (CORPORA): the standard library, the installed packages, or both."""
+    if kind not in CORPORA:
+        raise ValueError(f"unknown corpus {kind!r}; use one of {', '.join(CORPORA)}")
+    return sorted({f for name, root in roots().items() if kind in (name, "both") for f in python_files(root)})
+
+
 def is_validation(path: Path, every: int = 20) -> bool:
-    """A stable split: a file is held out when the hash of its stdlib-relative path falls in 1/every."""
-    rel = path.relative_to(sysconfig.get_paths()["stdlib"]).as_posix()
-    return zlib.crc32(rel.encode()) % every == 0
+    """A stable split: a file is held out when the hash of its path relative to its corpus root (the innermost
+    that holds it) falls in 1/every."""
+    root = max((r for r in roots().values() if path.is_relative_to(r)), key=lambda r: len(r.parts))
+    return zlib.crc32(path.relative_to(root).as_posix().encode()) % every == 0
 
 
 def split(files: list[Path]) -> tuple[list[Path], list[Path]]:

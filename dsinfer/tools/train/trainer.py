@@ -22,6 +22,7 @@ class TrainConfig:
     bias_update: float = 1e-3
     eval_every: int = 500
     seed: int = 0
+    device: str = "cpu"  # where the model trains (cuda: a GPU); the checkpoint is written from the CPU either way
 
 
 @dataclass(slots=True)
@@ -37,8 +38,8 @@ class TrainLog:
 class LoadCounter:
     """Counts tokens per routed expert at every MoE router (forward hooks on the gates)."""
 
-    def __init__(self, gates: list, num_experts: int):
-        self.gates, self.counts = gates, torch.zeros(len(gates), num_experts, dtype=torch.long)
+    def __init__(self, gates: list, num_experts: int, device: str = "cpu"):
+        self.gates, self.counts = gates, torch.zeros(len(gates), num_experts, dtype=torch.long, device=device)
         for i, gate in enumerate(gates):
             gate.register_forward_hook(lambda mod, args, out, i=i: self.add(i, out[2]))
 
@@ -65,7 +66,7 @@ def balance(gates: list, counts: torch.Tensor, step: float):
 def losses(main, mtp, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch [B, T+2]: the main model predicts t_{i+1} from t_{<=i}; MTP predicts t_{i+2} from h_i and t_{i+1}."""
     t = batch.shape[1] - 2
-    inputs, positions = batch[:, :t], torch.arange(t).unsqueeze(0)
+    inputs, positions = batch[:, :t], torch.arange(t, device=batch.device).unsqueeze(0)
     hidden = main.model(input_ids=inputs, position_ids=positions).last_hidden_state
     logits = main.lm_head(hidden)
     mtp_logits = mtp.predict(main, hidden, batch[:, 1:t + 1], positions)
@@ -98,6 +99,7 @@ def evaluate(main, mtp, stream: torch.Tensor, cfg: TrainConfig, counter: LoadCou
         counter.take()
     total = {"loss": 0.0, "mtp_loss": 0.0, "acc": 0.0, "mtp_acc": 0.0}
     for batch in windows.split(cfg.batch_size):
+        batch = batch.to(cfg.device)
         main_loss, mtp_loss, logits, mtp_logits = losses(main, mtp, batch)
         n = len(batch) / len(windows)
         total["loss"] += main_loss.item() * n
@@ -107,13 +109,16 @@ def evaluate(main, mtp, stream: torch.Tensor, cfg: TrainConfig, counter: LoadCou
     main.train(), mtp.train()
     total["ppl"], total["tokens"] = math.exp(total["loss"]), windows[:, 1:-1].numel()
     if counter:
-        total["expert_counts"] = counter.take()
+        total["expert_counts"] = counter.take().cpu()
     return total
 
 
 def train(main, mtp, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfig) -> TrainLog:
+    """Trains main and mtp in place on cfg.device (batches are drawn on the CPU and moved there); both are back
+    on the CPU when it returns."""
+    main.to(cfg.device), mtp.to(cfg.device)
     gates = moe_gates(main, mtp)
-    counter = LoadCounter(gates, main.config.n_routed_experts)
+    counter = LoadCounter(gates, main.config.n_routed_experts, cfg.device)
     params = list(main.parameters()) + list(mtp.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     gen, log, start = torch.Generator().manual_seed(cfg.seed), TrainLog(), time.perf_counter()
@@ -122,7 +127,7 @@ def train(main, mtp, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainC
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        main_loss, mtp_loss, _, _ = losses(main, mtp, sample_batch(train_ids, cfg, gen))
+        main_loss, mtp_loss, _, _ = losses(main, mtp, sample_batch(train_ids, cfg, gen).to(cfg.device))
         (main_loss + cfg.mtp_weight * mtp_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(), opt.zero_grad(set_to_none=True)
@@ -138,4 +143,5 @@ def train(main, mtp, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainC
             bar.write(f"step {step + 1}: validation loss {result['loss']:.3f} (ppl {result['ppl']:.2f}), "
                       f"mtp accuracy {result['mtp_acc']:.3f}")
     log.seconds = time.perf_counter() - start
+    main.cpu(), mtp.cpu()
     return log
