@@ -26,7 +26,7 @@ SWITCHES = tuple(name for name in ENV if name != "cpu_kernels")
 class KernelConfig:
     cpu_kernels: bool = True       # the C kernels where a call's shapes fit them; off: torch everywhere
     fused_decode: bool = True      # a decode batch through each whole layer in one C call (needs cpu_kernels)
-    small_gemm: bool = True        # fp32 matmuls of 9-64 rows (a prefill's per-expert products) in C
+    small_gemm: bool = True        # fp32 matmuls of 9-64 rows in C (quantized w: the decode kernel, 8 rows a pass)
     moe_prefill: bool = True       # prefill MoE / MLP layers in one C call, no [T, 2I] intermediate
     int8_activations: bool = True  # quantized decode matmuls round x to int8 and multiply in integers
     vnni: bool = True              # ... with VNNI's byte dot products (AVX-VNNI or AVX512-VNNI), where the CPU has them

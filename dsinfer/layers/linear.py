@@ -13,8 +13,8 @@ from dsinfer.quant.qtensor import QTensor
 class Matmul:
     """x @ w.T (+ bias). Quantized weights go through qlinear. With the CPU kernels, decode-sized fp32 batches
     go through the weight-streaming kernel, and batches of up to kernels.SMALL_MAX_M rows (a prefill's
-    per-expert matmuls) through the small-GEMM kernel if that is on; everything else through torch, which is
-    also the whole of the plain path."""
+    per-expert matmuls) through the small-GEMM kernel if that is on (quantized weights: qlinear's decode kernel,
+    MAX_M rows at a time); everything else through torch, which is also the whole of the plain path."""
     __slots__ = ("kernels", "small_gemm", "int8_activations", "bf16_tiles")
 
     def __init__(self, kc: KernelConfig = PLAIN):
@@ -23,7 +23,7 @@ class Matmul:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, QTensor):
-            return qlinear(x, w, bias, self.kernels, self.int8_activations, self.bf16_tiles)
+            return qlinear(x, w, bias, self.kernels, self.int8_activations, self.bf16_tiles, self.small_gemm)
         if self.kernels and widened(x) and kernels.usable(x.float(), w):
             return self(x.float(), w, bias).to(x.dtype)  # 16-bit decode rows through the fp32-activation kernel
         if self.kernels and kernels.usable(x, w):
