@@ -12,7 +12,7 @@ from dsinfer.models.fused_decode import FusedDecoder, decode_slice
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache, chunk_decodes: bool = False):
-        """chunk_decodes: decode steps of more than kernels.MAX_M tokens run through the fused decoder too, in
+        """chunk_decodes: decode steps of more than the fused decoder's step_tokens run through it too, in
         chunks of at most its step_tokens (speculative decoding's verify steps: each token then gets the numbers
         it gets as a plain decode)."""
         self.model, self.cache, self.device = model, cache, cache.device

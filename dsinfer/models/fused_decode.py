@@ -4,8 +4,9 @@ A decode step of a small model is dispatch, not arithmetic: each layer is some f
 of a few microseconds each. The decoder holds every layer's weight pointers and shapes (taken once, after
 loading; weights do not move after that), and a step passes only its own inputs. It takes models on CPU whose
 matrices are fp32, bf16 or int8 / int4 codes (kernels/decode_layer.h), without projection biases or GPTQ column
-permutations, and steps of decodes only (no prefill chunk) of at most
-kernels.MAX_M tokens; the runner sends every other step to the Python layers, which are its reference. The
+permutations, and steps of decodes only (no prefill chunk) of at most step_tokens (16: a decode of up to 16
+sequences); the runner sends every other step to the Python layers, which are its reference (a speculative
+engine sends larger decode steps here in chunks). The
 latent cache may be fp32, bf16 or fp8 (layers/kv_format.py): the C layer writes and reads each format."""
 from dataclasses import replace
 
@@ -190,10 +191,13 @@ class FusedDecoder:
         return None if any(s is None for s in layers) else cls(model, layers, caches, builder.keep)
 
     @staticmethod
-    def takes(num_tokens: int, meta: AttentionMetadata) -> bool:
-        """Whether a step fits: decodes only, at most kernels.MAX_M tokens (a plain step's; chunked steps, as in
-        speculative decoding, take step_tokens at a time)."""
-        return meta.num_prefills == 0 and 0 < num_tokens <= kernels.MAX_M
+    def decode_only(num_tokens: int, meta: AttentionMetadata, most: int) -> bool:
+        return meta.num_prefills == 0 and 0 < num_tokens <= most
+
+    def takes(self, num_tokens: int, meta: AttentionMetadata) -> bool:
+        """Whether a step fits one call: decodes only, at most step_tokens of them (a decode of up to 16
+        sequences; larger speculative steps take step_tokens at a time)."""
+        return self.decode_only(num_tokens, meta, self.step_tokens)
 
     @classmethod
     def build_layer(cls, model, layer, cache: torch.Tensor,

@@ -39,7 +39,7 @@ class ParallelFusedDecoder:
     @staticmethod
     def takes(num_tokens: int, meta: AttentionMetadata, caches: list[torch.Tensor]) -> bool:
         """Whether a step fits: decodes only, at most kernels.MAX_M tokens, caches the C layer reads."""
-        return FusedDecoder.takes(num_tokens, meta) and cpu_caches(caches)
+        return FusedDecoder.decode_only(num_tokens, meta, kernels.MAX_M) and cpu_caches(caches)
 
     def __call__(self, input_ids, positions, meta: AttentionMetadata, caches: list[torch.Tensor]) -> torch.Tensor:
         x = self.model.embed(input_ids)

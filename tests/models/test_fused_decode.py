@@ -50,6 +50,19 @@ def test_fused_layers_generate_what_the_python_layers_do(name, ckpts, fused_runs
         assert_same(fused, plain)
 
 
+@pytest.mark.parametrize("options", [{}, {"quantization": "int8"}], ids=str)
+def test_a_decode_of_9_to_16_sequences_is_one_fused_step(options, ckpts, fused_runs):
+    """Up to step_tokens (16) decodes take the fused decoder in one call, with the Python layers' tokens; more
+    take the Python layers (a plain engine does not chunk)."""
+    prompts = random_prompts([3 + 2 * i for i in range(12)])
+    results = [generate(LLM(ckpts["v3"], enforce_eager=eager, **options), prompts) for eager in (False, True)]
+    assert 12 in fused_runs and max(fused_runs) == 12
+    assert_same(*results)
+    fused_runs.clear()
+    generate(LLM(ckpts["v3"], **options), random_prompts([4] * 17))
+    assert all(n <= 16 for n in fused_runs)  # 17 decodes: the Python layers
+
+
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "fp8"])
 def test_fused_layers_write_and_read_compact_caches_as_the_python_layers_do(kv_dtype, ckpts, fused_runs):
     """The C layer stores bf16 (round to nearest even) and fp8 rows (layers/kv_format.py) as torch does."""
