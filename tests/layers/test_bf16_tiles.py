@@ -83,14 +83,15 @@ def test_bf16_tiles_stay_within_bf16_rounding_of_the_fp32_path(m, bits, mins, pe
 
 
 def test_the_switch_off_is_the_fp32_path_bit_for_bit(monkeypatch):
-    """Off: fp32 tiles with x rounded to int8, as before the switch existed, every tile expanded in fp32."""
+    """Off: fp32 tiles with x rounded to int8, as before the switch existed, every tile expanded in fp32 (40 rows:
+    small_gemm off too, which would otherwise run the decode kernel 8 rows at a time)."""
     dtypes = []
     real = kernels.dequant
     monkeypatch.setattr(kernels, "dequant", lambda *a, **kw: dtypes.append(kw.get("dtype")) or real(*a, **kw))
     monkeypatch.setattr(quant_linear, "TILE_VALUES", 64 * 256)
     qt = quantized((200, 256), 4, 128)
     x = torch.randn(40, 256)
-    kc = KernelConfig(bf16_prefill_tiles=False)
+    kc = KernelConfig(bf16_prefill_tiles=False, small_gemm=False)
     y = Matmul(kc)(x, qt)
     old = quant_linear.tiled(kernels.round_to_int8(x), qt, True)
     assert torch.equal(y, old) and set(dtypes) == {torch.float32}
