@@ -10,14 +10,14 @@ from dsinfer.kernels.decode import (ROUTE_METHODS, absorb_usable, fused_usable, 
 from dsinfer.kernels.grouped_mm import amx_grouped_mm, amx_grouped_usable, amx_ready
 from dsinfer.kernels.lib import cpu_flags, cpu_has_avx2, library
 from dsinfer.kernels.matmul import (DEQUANT_DTYPES, MAX_M, SMALL_MAX_M, WIDE_M, dequant, dequant_usable, gemm_small,
-                                    gemv, int8_activations_fit, q_usable, qgemv, qgemv_for, round_to_int8,
-                                    small_usable, usable)
+                                    gemv, in_row_chunks, int8_activations_fit, q_usable, qgemv, qgemv_for,
+                                    round_to_int8, small_usable, usable)
 from dsinfer.kernels.prefill import (moe_prefill, moe_prefill_usable, rms_norm_bf16, rms_norm_bf16_usable, rope_bf16,
                                      rope_bf16_usable, silu_mul, silu_mul_usable)
 from dsinfer.kernels.token_mask import RowArgmax, token_argmax, token_mask, token_mask_usable
 
 __all__ = ["KernelConfig", "PLAIN", "auto_cpu_dtype", "MAX_M", "SMALL_MAX_M", "WIDE_M", "ROUTE_METHODS", "library", "cpu_flags", "cpu_has_avx2",
-           "gemv", "gemm_small", "qgemv", "dequant", "DEQUANT_DTYPES", "round_to_int8", "int8_activations_fit", "usable",
+           "gemv", "gemm_small", "in_row_chunks", "qgemv", "dequant", "DEQUANT_DTYPES", "round_to_int8", "int8_activations_fit", "usable",
            "small_usable", "q_usable", "dequant_usable", "mla_decode", "mla_absorb", "mla_expand", "mla_usable",
            "absorb_usable", "moe_decode", "mlp_decode", "moe_usable", "moe_prefill", "moe_prefill_usable",
            "rms_norm", "mla_rope_cache", "fused_usable", "route", "route_usable", "token_mask", "token_argmax", "RowArgmax",

@@ -61,10 +61,17 @@ def gemm_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def q_usable(x: torch.Tensor) -> bool:
-    """Whether `qgemv` takes x: decode-sized fp32 on CPU, library built."""
-    return (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= MAX_M
+def q_usable(x: torch.Tensor, most: int = MAX_M) -> bool:
+    """Whether `qgemv` takes x: decode-sized fp32 on CPU, library built (most: more rows, for in_row_chunks)."""
+    return (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= most
             and x.dtype == torch.float32 and library() is not None)
+
+
+def in_row_chunks(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for x of any number of rows, where fn takes at most MAX_M: MAX_M rows at a time."""
+    if x.shape[0] <= MAX_M:
+        return fn(x)
+    return torch.cat([fn(rows) for rows in x.split(MAX_M)])
 
 
 def dequant_usable(q: torch.Tensor) -> bool:

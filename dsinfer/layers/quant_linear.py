@@ -9,6 +9,8 @@ bf16 natively (AMX, AVX512-BF16) the tiles are bf16 and so is the matmul, x roun
 3-7x fp32's rate there (switch: KernelConfig.bf16_prefill_tiles, or DSINFER_BF16_PREFILL_TILES=0). The plain
 path (kernels off, other devices) tiles the same way with torch's own ops, and is what the tests compare the
 kernels against."""
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -34,8 +36,8 @@ def qlinear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None, use_k
         y = decode_rows(x, w, int8)
     elif bf16_tiles and bf16_tiles_fit(x, w):
         y = tiled(padded_rows(x), w, use_kernels, torch.bfloat16)[:x.shape[0]]
-    elif small and use_kernels and x.dim() == 2 and x.shape[0] <= kernels.SMALL_MAX_M and kernels.q_usable(x[:1]):
-        y = torch.cat([decode_rows(rows, w, int8) for rows in x.split(kernels.MAX_M)])
+    elif small and use_kernels and kernels.q_usable(x, kernels.SMALL_MAX_M):
+        y = kernels.in_row_chunks(functools.partial(decode_rows, w=w, int8=int8), x)
     else:
         y = tiled(kernels.round_to_int8(x) if int8 and use_kernels and int8_activations_fit(x, w) else x, w,
                   use_kernels)

@@ -204,18 +204,10 @@ def bound_matmul(w, int8_kernel: int):
         if w.perm is not None or w.device.type != "cpu":
             return None
         int8 = int8_kernel if kernels.int8_activations_fit(w.bits, w.k, w.group_size) else 0
-        return in_row_chunks(kernels.qgemv_for(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, int8))
+        kernel = kernels.qgemv_for(w.q, w.scales, w.mins, w.bits, w.group_size, w.k, int8)
+        return functools.partial(kernels.in_row_chunks, kernel)
     fits = isinstance(w, torch.Tensor) and w.dim() == 2 and kernels.usable(torch.empty(1, w.shape[1]), w)
-    return in_row_chunks(functools.partial(kernels.gemv, w=w)) if fits else None
-
-
-def in_row_chunks(fn):
-    """fn (of x with at most MAX_M rows) for x of any number of rows, MAX_M at a time."""
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= kernels.MAX_M:
-            return fn(x)
-        return torch.cat([fn(x[a:a + kernels.MAX_M]) for a in range(0, x.shape[0], kernels.MAX_M)])
-    return run
+    return functools.partial(kernels.in_row_chunks, functools.partial(kernels.gemv, w=w)) if fits else None
 
 
 def mtp_prefix(cfg: ModelConfig) -> str:

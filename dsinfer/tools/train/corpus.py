@@ -1,5 +1,6 @@
 """The corpus: the running interpreter's standard-library .py files, and optionally those of the packages installed
 beside it (site-packages: everything pip installed from the registry), tests excluded, split by file."""
+import functools
 import sysconfig
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}# {{ m['role'] }}:\n{{ m
 CORPORA = ("stdlib", "packages", "both")
 
 
+@functools.cache
 def roots() -> dict[str, Path]:
     paths = sysconfig.get_paths()
     return {"stdlib": Path(paths["stdlib"]), "packages": Path(paths["purelib"])}
