@@ -18,6 +18,7 @@ demo: install
 # Retrains the built-in model from scratch (about an hour on 2 cores) and rewrites its MODEL_CARD.md.
 default-model: install
 	$(PY) -m dsinfer.tools.train --out dsinfer/default_model --steps 1400
+	$(PY) -m dsinfer.tools.train.distill --model dsinfer/default_model --out dsinfer/default_model
 
 test: install
 	$(PY) -m pytest -q

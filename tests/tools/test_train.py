@@ -15,10 +15,10 @@ TINY = Arch(vocab_size=400, hidden_size=64, intermediate_size=128, moe_intermedi
             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256)
 
 
-def files():
+def files(train_every: int = 60, val_every: int = 8):
     """A few training files and a few held-out ones (the split is by path hash)."""
     train, val = corpus.split(corpus.stdlib_files())
-    return sorted(train[::60] + val[::8])
+    return sorted(train[::train_every] + val[::val_every])
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,30 @@ def write(out: Path, *, arch, cfg, corpus: dict, log, params: dict, samples) -> 
                  (prompt + completion).replace("```", "'''"), "```", ""]
     (out / "MODEL_CARD.md").write_text("\n".join(text))
     return "\n".join(text)
+
+
+DISTILL_HEADING = "## MTP layer: self-distillation"
+
+
+def add_distillation(out: Path, *, cfg, corpus: dict, log) -> str:
+    """Adds (or replaces) the card's distillation section: what ran, and the held-out figures before and after."""
+    where = f"{corpus['threads']} CPU threads" if cfg.device == "cpu" else f"a {cfg.device} device"
+    before, after = log.evals[0][1], log.final
+    rows = [("agreement of the MTP's top token with the main model's next (greedy acceptance)", "agree", "{:.1%}"),
+            ("next-next-token accuracy", "acc", "{:.1%}"), ("KL to the main model's next distribution", "kl", "{:.3f}"),
+            ("next-next-token loss", "ce", "{:.3f}")]
+    section = [
+        DISTILL_HEADING, "",
+        f"The MTP layer was then trained alone by `python -m dsinfer.tools.train.distill` (the main model frozen and "
+        f"unchanged) to predict the main model's next-token distribution: KL plus {cfg.data_weight} x the corpus "
+        f"loss, {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens ({log.tokens:,} tokens) of "
+        f"{SOURCES[corpus['kind']]} ({corpus['train_files']} training files), AdamW (lr {cfg.lr}, warmup "
+        f"{cfg.warmup}, cosine to {cfg.min_lr_ratio} x), seed {cfg.seed}, fp32 on {where}, "
+        f"{log.seconds / 60:.1f} minutes.", "",
+        f"| held-out ({corpus['val_files']} files, {corpus['val_tokens']:,} tokens) | before | after |",
+        "|---|---:|---:|",
+        *(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |" for label, key, fmt in rows), ""]
+    text = (out / "MODEL_CARD.md").read_text()
+    text = text.split(DISTILL_HEADING)[0].rstrip("\n") + "\n\n" + "\n".join(section)
+    (out / "MODEL_CARD.md").write_text(text)
+    return "\n".join(section)

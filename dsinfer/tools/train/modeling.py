@@ -95,3 +95,33 @@ def save(main: DeepseekV3ForCausalLM, mtp: MTPLayer, out: Path, dtype=torch.bflo
     cfg = json.loads((out / "config.json").read_text())
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def mtp_state(tensors: dict[str, torch.Tensor], layer: int, experts: int) -> dict[str, torch.Tensor]:
+    """The inverse of mtp_tensors: checkpoint tensors (any names; those of model.layers.{layer} taken) as the
+    MTPLayer's state dict, experts stacked back into gate_up_proj / down_proj."""
+    prefix = f"model.layers.{layer}."
+    own = {k.removeprefix(prefix): v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    expert = "mlp.experts.{}.{}_proj.weight"
+    state = {k: v for k, v in own.items() if not k.startswith("mlp.experts.")}
+    state["mlp.experts.gate_up_proj"] = torch.stack(
+        [torch.cat([own[expert.format(e, "gate")], own[expert.format(e, "up")]]) for e in range(experts)])
+    state["mlp.experts.down_proj"] = torch.stack([own[expert.format(e, "down")] for e in range(experts)])
+    return state
+
+
+def load(path: Path) -> tuple[DeepseekV3ForCausalLM, MTPLayer]:
+    """A checkpoint written by save (or any with one MTP layer in DeepSeek's layout) as fp32 (main, mtp)."""
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the MTP tensors are not the main model's: transformers lists them as unused
+    try:
+        main = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    main.config._attn_implementation = "sdpa"
+    mtp = MTPLayer(main.config)
+    state = mtp_state(load_file(Path(path) / "model.safetensors"), main.config.num_hidden_layers,
+                      main.config.n_routed_experts)
+    mtp.load_state_dict(state, strict=True)
+    return main, mtp
