@@ -3,15 +3,19 @@ tokens k (0: no speculation), and the acceptance, in one run. Greedy, on Python 
 trained on (windows of tqdm's sources, a dependency of dsinfer), so that acceptance is that of unseen code.
 
     python benchmarks/spec_decode.py [--model DIR] [--ks 0,1,2,3] [--streams 8] [--tokens 128] [--rounds 3]
+        [--variant DSINFER_SWITCH=0 ...]
 
 1 stream: requests one after another, tokens/s between each one's first and last token (decode only), summed
 over requests; also the mean time of an engine step there and the tokens it emits (the best round's), whose
 ratio to k = 0 is the cost of a speculative step. N streams: N requests at once, all generated tokens over the wall time (their prefills included).
 Each k is measured once per round, rounds interleaved, and its best round is reported. Acceptance counts every
-request of every round.
+request of every round. --variant (repeatable): another set of engines built with these environment variables
+(kernel switches are read when an engine is built), measured in the same rounds, for an A/B in one sitting.
 """
 import argparse
+import contextlib
 import inspect
+import os
 import time
 
 import torch
@@ -72,22 +76,38 @@ def measure(llm, args) -> tuple[tuple[float, float, float], float]:
     return one_stream(llm, prompts[:args.single], params), many_streams(llm, prompts, params)
 
 
-def run(args) -> dict[int, dict]:
-    """Every k measured once per round, rounds interleaved; the best round of each (other work on the machine
-    only ever slows a round down)."""
-    llms = {k: load(args, k) for k in map(int, args.ks.split(","))}
-    best = {k: dict(one=0.0, many=0.0, step_ms=0.0, per_step=0.0) for k in llms}
+@contextlib.contextmanager
+def environment(assignments: str):
+    """NAME=VALUE[,NAME=VALUE...] set while the block runs ('' sets nothing)."""
+    pairs = [a.split("=", 1) for a in assignments.split(",") if a]
+    saved = {name: os.environ.get(name) for name, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+def run(args) -> dict[str, dict[int, dict]]:
+    """Every (variant, k) measured once per round, rounds interleaved; the best round of each (other work on the
+    machine only ever slows a round down)."""
+    llms = {}
+    for variant in args.variant:
+        with environment(variant):
+            llms.update({(variant, k): load(args, k) for k in map(int, args.ks.split(","))})
+    best = {key: dict(one=0.0, many=0.0, step_ms=0.0, per_step=0.0) for key in llms}
     for _ in range(args.rounds):
-        for k, llm in llms.items():
+        for key, llm in llms.items():
             (one, step_ms, per_step), many = measure(llm, args)
-            if one > best[k]["one"]:
-                best[k].update(one=one, step_ms=step_ms, per_step=per_step)
-            best[k]["many"] = max(best[k]["many"], many)
-    for k, llm in llms.items():
+            if one > best[key]["one"]:
+                best[key].update(one=one, step_ms=step_ms, per_step=per_step)
+            best[key]["many"] = max(best[key]["many"], many)
+    for key, llm in llms.items():
         stats = llm.engine.stats()
-        best[k].update(acceptance=[round(r, 3) for r in stats.spec_acceptance_rate],
-                       length=round(stats.spec_mean_accepted_length, 3))
-    return best
+        best[key].update(acceptance=[round(r, 3) for r in stats.spec_acceptance_rate],
+                         length=round(stats.spec_mean_accepted_length, 3))
+    return {v: {k: r for (variant, k), r in best.items() if variant == v} for v in args.variant}
 
 
 def main():
@@ -107,17 +127,31 @@ def main():
     ap.add_argument("--switch", action="append", default=[], metavar="NAME=on|off",
                     help="an EngineConfig switch for k > 0, e.g. spec_draft_one_call=off (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,...]",
+                    help="environment for another set of engines beside the environment as it is, e.g. "
+                         "DSINFER_BF16_PAIRS=0 (repeatable)")
     args = ap.parse_args()
+    args.variant = [""] + args.variant
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args)
-    base = results.get(0)
     print(f"torch threads: {torch.get_num_threads()}, dtype: {args.dtype}, "
           f"draft quantization: {args.draft_quantization}, disable_by_batch_size: {args.disable_by_batch_size}, "
           f"switches: {args.switch or '-'}")
-    print(f"| k | 1 stream tok/s | x | ms per step | x | tokens per step | {args.streams} streams tok/s | x | "
+    for variant, rows in results.items():
+        report(variant, rows, args.streams)
+    first = results[args.variant[0]]
+    for variant in args.variant[1:]:
+        print(f"{variant or 'as is'} against {args.variant[0] or 'as is'}, 1 stream tok/s: " + ", ".join(
+            f"k = {k} {r['one'] / first[k]['one']:.3f}x" for k, r in results[variant].items()))
+
+
+def report(variant: str, rows: dict[int, dict], streams: int):
+    base = rows.get(0)
+    print(f"\nenvironment: {variant or 'as is'}")
+    print(f"| k | 1 stream tok/s | x | ms per step | x | tokens per step | {streams} streams tok/s | x | "
           "acceptance per position | mean accepted length |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
-    for k, r in results.items():
+    for k, r in rows.items():
         x1, xs, xn = ((r[f] / base[f] if base else float("nan")) for f in ("one", "step_ms", "many"))
         print(f"| {k} | {r['one']:.1f} | {x1:.2f} | {r['step_ms']:.3f} | {xs:.2f} | {r['per_step']:.2f} | "
               f"{r['many']:.1f} | {xn:.2f} | {r['acceptance'] or '-'} | {r['length'] or '-'} |")
