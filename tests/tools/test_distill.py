@@ -1,12 +1,13 @@
 """Self-distillation of the MTP layer on a tiny trained checkpoint: it reads back what training wrote, aligns the
 teacher with the MTP's target, lowers the held-out KL, and rewrites only the MTP layer's tensors."""
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dsinfer import LLM, SamplingParams
 from dsinfer.tools.train import modeling
@@ -101,9 +102,23 @@ def test_a_checkpoint_without_the_mtp_layer_is_refused(checkpoint, tmp_path):
     main, _ = modeling.load(checkpoint)
     with pytest.raises(ValueError, match=r"model.layers.9"):
         write(checkpoint, tmp_path / "out", modeling.MTPLayer(main.config), layer=9)
+    shutil.copytree(checkpoint, tmp_path / "plain")
+    tensors = load_file(checkpoint / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.4.")},
+              tmp_path / "plain" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no whole MTP layer: \d+ tensors missing, e.g. model.layers.4.eh_proj"):
+        modeling.load(tmp_path / "plain")
 
 
-def test_the_cli_names_a_missing_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dsinfer.tools.train.distill", "--model", str(tmp_path),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+def test_the_cli_names_what_the_checkpoint_lacks(checkpoint, tmp_path):
+    def distill(model):
+        return subprocess.run([sys.executable, "-m", "dsinfer.tools.train.distill", "--model", str(model),
+                               "--out", str(tmp_path / "out"), "--steps", "1"], capture_output=True, text=True)
+    proc = distill(tmp_path)
     assert proc.returncode != 0 and "no model.safetensors" in proc.stderr
+    shutil.copytree(checkpoint, tmp_path / "plain")
+    save_file({k: v for k, v in load_file(checkpoint / "model.safetensors").items() if "layers.4." not in k},
+              tmp_path / "plain" / "model.safetensors", metadata={"format": "pt"})
+    proc = distill(tmp_path / "plain")
+    assert proc.returncode != 0 and "no whole MTP layer" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -113,10 +113,10 @@ def run(model: Path, out: Path, cfg: DistillConfig, files=None, threads: int = 2
     """Distils model's MTP layer on its own tokenizer's encoding of the corpus and writes the result to out with
     the model card's distillation section; returns (section text, log)."""
     torch.set_num_threads(threads)
+    main, mtp = load(model)  # first: a checkpoint without a whole MTP layer fails before the corpus is read
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     train_files, val_files = corpus.split(files or corpus.files(kind))
     train_ids, val_ids = corpus.encode(tok, train_files), corpus.encode(tok, val_files)
-    main, mtp = load(model)
     log = distill(main, mtp, train_ids, val_ids, cfg)
     write(model, out, mtp, main.config.num_hidden_layers)
     stats = dict(train_files=len(train_files), val_files=len(val_files), train_tokens=len(train_ids),
@@ -143,7 +143,10 @@ def main():
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                         eval_every=args.eval_every, lr=args.lr, warmup=d.warmup, data_weight=args.data_weight,
                         device=device(args.device))
-    text, _ = run(args.model, args.out, cfg, threads=args.threads, kind=args.corpus)
+    try:
+        text, _ = run(args.model, args.out, cfg, threads=args.threads, kind=args.corpus)
+    except ValueError as e:  # a checkpoint without a whole MTP layer, a validation split too small
+        raise SystemExit(f"distill: {e}") from None
     print(text)
 
 

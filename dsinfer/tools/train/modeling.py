@@ -103,6 +103,12 @@ def mtp_state(tensors: dict[str, torch.Tensor], layer: int, experts: int) -> dic
     prefix = f"model.layers.{layer}."
     own = {k.removeprefix(prefix): v.float() for k, v in tensors.items() if k.startswith(prefix)}
     expert = "mlp.experts.{}.{}_proj.weight"
+    needed = ["eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"] + \
+        [expert.format(e, p) for e in range(experts) for p in ("gate", "up", "down")]
+    missing = [prefix + name for name in needed if name not in own]
+    if missing:
+        raise ValueError(f"the checkpoint has no whole MTP layer: {len(missing)} tensors missing, e.g. "
+                         f"{', '.join(missing[:3])}")
     state = {k: v for k, v in own.items() if not k.startswith("mlp.experts.")}
     state["mlp.experts.gate_up_proj"] = torch.stack(
         [torch.cat([own[expert.format(e, "gate")], own[expert.format(e, "up")]]) for e in range(experts)])
