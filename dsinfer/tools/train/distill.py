@@ -23,7 +23,8 @@ from dsinfer import DEFAULT_MODEL
 from dsinfer.tools.train import card, corpus
 from dsinfer.tools.train.__main__ import device
 from dsinfer.tools.train.modeling import load, mtp_tensors
-from dsinfer.tools.train.trainer import LoadCounter, TrainConfig, TrainLog, balance, learning_rate, sample_batch
+from dsinfer.tools.train.trainer import (LoadCounter, TrainConfig, TrainLog, balance, held_out_windows, learning_rate,
+                                         sample_batch)
 
 
 @dataclass(slots=True)
@@ -51,10 +52,7 @@ def distill_losses(main, mtp, batch: torch.Tensor) -> dict[str, torch.Tensor]:
 def evaluate(main, mtp, stream: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
     """The mean of each of distill_losses' figures over every whole window of the held-out stream."""
     mtp.eval()
-    width = cfg.seq_len + 2
-    windows = stream[: len(stream) // width * width].view(-1, width)
-    if not len(windows):
-        raise ValueError(f"the validation split has fewer than {width} tokens; use more files or a shorter seq_len")
+    windows = held_out_windows(stream, cfg)
     total = dict.fromkeys(("kl", "ce", "agree", "acc"), 0.0)
     for batch in windows.split(cfg.batch_size):
         for name, value in distill_losses(main, mtp, batch.to(cfg.device)).items():

@@ -87,14 +87,20 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@torch.no_grad()
-def evaluate(main, mtp, stream: torch.Tensor, cfg: TrainConfig, counter: LoadCounter | None = None) -> dict:
-    """Loss, perplexity and top-1 accuracy of both heads over every whole window of the held-out stream."""
-    main.eval(), mtp.eval()
+def held_out_windows(stream: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Every whole window of seq_len + 2 tokens of the held-out stream, [windows, seq_len + 2]."""
     width = cfg.seq_len + 2
     windows = stream[: len(stream) // width * width].view(-1, width)
     if not len(windows):
         raise ValueError(f"the validation split has fewer than {width} tokens; use more files or a shorter seq_len")
+    return windows
+
+
+@torch.no_grad()
+def evaluate(main, mtp, stream: torch.Tensor, cfg: TrainConfig, counter: LoadCounter | None = None) -> dict:
+    """Loss, perplexity and top-1 accuracy of both heads over every whole window of the held-out stream."""
+    main.eval(), mtp.eval()
+    windows = held_out_windows(stream, cfg)
     if counter:
         counter.take()
     total = {"loss": 0.0, "mtp_loss": 0.0, "acc": 0.0, "mtp_acc": 0.0}
